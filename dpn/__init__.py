@@ -1,0 +1,24 @@
+"""dpn: Dynamic Pyramid Networks for Hugging Face multimodal LLMs (arXiv 2503.20322)."""
+
+from dpn.api import apply_pyramid, get_pyramid_config, has_pyramid, load_pyramid, remove_pyramid, save_pyramid
+from dpn.cache import PyramidCache
+from dpn.config import PyramidConfig, PyramidStage
+from dpn.outputs import PyramidCausalLMOutput, PyramidRouting
+from dpn import flops
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PyramidCache",
+    "PyramidCausalLMOutput",
+    "PyramidConfig",
+    "PyramidRouting",
+    "PyramidStage",
+    "apply_pyramid",
+    "flops",
+    "get_pyramid_config",
+    "has_pyramid",
+    "load_pyramid",
+    "remove_pyramid",
+    "save_pyramid",
+]

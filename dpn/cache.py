@@ -1,0 +1,74 @@
+"""A KV cache whose decoder layers hold sequences of different lengths.
+
+After a pyramid stage the sequence is shorter, so the layers of each *segment* (the layers between
+two stages) cache their own, shorter, re-padded layout. ``PyramidCache`` is a ``DynamicCache``
+that also remembers, per segment, which cached keys are real tokens (``key_masks``) and how far
+that segment's rotary positions lag behind the input positions (``position_shift``), so decoding
+steps build masks and positions consistent with prefill. It travels through ``generate`` like
+any cache, so the pyramid keeps no per-call state on the model.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+
+
+class PyramidCache(DynamicCache):
+    def __init__(self, config=None, num_segments: int = 1) -> None:
+        super().__init__(config=config)
+        self.num_segments = num_segments
+        self.key_masks: list[torch.Tensor | None] = [None] * num_segments
+        self.position_shift: list[torch.Tensor | None] = [None] * num_segments
+
+    @property
+    def has_state(self) -> bool:
+        return self.key_masks[0] is not None
+
+    def past_mask(self, segment: int, batch_size: int, device: torch.device) -> torch.Tensor:
+        mask = self.key_masks[segment]
+        if mask is None:
+            return torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
+        return mask
+
+    def shift(self, segment: int) -> torch.Tensor | int:
+        shift = self.position_shift[segment]
+        return 0 if shift is None else shift
+
+    def append(self, segment: int, valid: torch.Tensor, shift: torch.Tensor | None) -> None:
+        """Record the validity of the keys this call added to ``segment`` and its new position shift."""
+        past = self.key_masks[segment]
+        self.key_masks[segment] = valid if past is None else torch.cat([past, valid], dim=1)
+        if shift is not None:
+            self.position_shift[segment] = shift
+
+    def _map_state(self, fn) -> None:
+        self.key_masks = [None if m is None else fn(m) for m in self.key_masks]
+        self.position_shift = [None if s is None else fn(s) for s in self.position_shift]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._map_state(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._map_state(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError(
+                "PyramidCache.crop takes a negative number of tokens to remove from the end; an absolute length is "
+                "ambiguous when segments hold different lengths"
+            )
+        super().crop(tokens_to_remove)
+        if tokens_to_remove:
+            self.key_masks = [None if m is None else m[:, :tokens_to_remove] for m in self.key_masks]
+
+    def reset(self) -> None:
+        super().reset()
+        self.key_masks = [None] * self.num_segments
+        self.position_shift = [None] * self.num_segments

@@ -1,0 +1,273 @@
+"""Configuration of a Dynamic Pyramid Network (DPN, arXiv 2503.20322).
+
+A :class:`PyramidConfig` says where the LLM pools its visual tokens (``stages``), which pooling
+strides each stage's router may pick (``experts``), and how the router and its loss behave. It is
+a plain dataclass saved as ``pyramid_config.json`` beside the router weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "pyramid_config.json"
+CONFIG_VERSION = 1
+
+POOLING_FUNCTIONS = ("max", "avg")
+ROUTER_INPUTS = ("last_prompt_token", "router_token")
+POSITION_MODES = ("renumber", "keep")
+ROUTING_LOSSES = ("hinge", "none")
+
+# The paper's schedule for a 32-layer LLM pools after layers 8, 16 and 24: at these fractions of depth.
+PAPER_STAGE_FRACTIONS = (0.25, 0.5, 0.75)
+# Expert set of the paper's released training script: keep, halve, quarter.
+PAPER_EXPERTS = ((1, 1), (1, 2), (2, 2))
+PAPER_TEMPERATURE = 10.0
+PAPER_MIN_TOKENS = 16
+PAPER_LOSS_TARGET = 1.5
+PAPER_LOSS_WEIGHT = 1e-3
+# Router bottleneck: Linear(d, d / 4).
+PAPER_ROUTER_REDUCTION = 4
+
+
+@dataclass
+class PyramidStage:
+    """One pooling point: after decoder layer ``layer`` (0-indexed), pool with one of ``experts``.
+
+    Each expert is a pooling window ``(kh, kw)`` that is also its stride; ``(1, 1)`` keeps every token.
+    """
+
+    layer: int
+    experts: list[tuple[int, int]]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise ValueError(f"stage layer must be an int, got {self.layer!r}")
+        if not self.experts:
+            raise ValueError(f"stage after layer {self.layer} has no experts; give at least one (kh, kw) stride")
+        experts = []
+        for expert in self.experts:
+            if isinstance(expert, int):
+                expert = (expert, expert)
+            if len(expert) != 2 or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in expert):
+                raise ValueError(f"expert {expert!r} must be a pair of positive ints (kh, kw)")
+            experts.append((int(expert[0]), int(expert[1])))
+        self.experts = experts
+
+
+@dataclass
+class PyramidConfig:
+    """Everything that defines a pyramid, independent of the model's weights.
+
+    Attributes:
+        stages: pooling points in increasing layer order.
+        pooling: ``"max"`` (the paper's choice) or ``"avg"`` pooling of each window.
+        router_input: the hidden state the router reads: ``"last_prompt_token"`` (the token just
+            before the answer) or ``"router_token"`` (the last occurrence of ``router_token_id``).
+        router_token_id: token id of a dedicated ``<ROUTER>`` token (only with ``router_token``).
+        router_temperature: probabilities are ``softmax(logits / router_temperature)``.
+        sample_in_training: in training mode, sample the expert from the router's probabilities;
+            otherwise (and always at inference) take the argmax.
+        scale_by_probability: multiply the pooled tokens by the chosen expert's probability (the
+            router's gradient path; applied at inference too so train and test match).
+        min_tokens_to_pool: an image with fewer tokens than this at a stage is left as it is.
+        positions: ``"renumber"`` gives the shortened sequence consecutive rotary positions (as in the
+            paper); ``"keep"`` gives each pooled token the position of its window's first token.
+        routing_loss: ``"hinge"`` (the paper's loss) or ``"none"``.
+        routing_loss_weight: total loss = LM loss + weight * routing loss.
+        routing_loss_target: the hinge's target for the mean confident compression per stage.
+        expert_scales: compression level of each expert (default: its index, i.e. 0, 1, 2, ...).
+        router_reduction: the router's hidden width is ``hidden_size // router_reduction``.
+    """
+
+    stages: list[PyramidStage]
+    pooling: str = "max"
+    router_input: str = "last_prompt_token"
+    router_token_id: int | None = None
+    router_temperature: float = PAPER_TEMPERATURE
+    sample_in_training: bool = True
+    scale_by_probability: bool = True
+    min_tokens_to_pool: int = PAPER_MIN_TOKENS
+    positions: str = "renumber"
+    routing_loss: str = "hinge"
+    routing_loss_weight: float = PAPER_LOSS_WEIGHT
+    routing_loss_target: float = PAPER_LOSS_TARGET
+    expert_scales: list[list[float]] | None = None
+    router_reduction: int = PAPER_ROUTER_REDUCTION
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        self.stages = [s if isinstance(s, PyramidStage) else PyramidStage(**s) for s in self.stages]
+        _check_choice("pooling", self.pooling, POOLING_FUNCTIONS)
+        _check_choice("router_input", self.router_input, ROUTER_INPUTS)
+        _check_choice("positions", self.positions, POSITION_MODES)
+        _check_choice("routing_loss", self.routing_loss, ROUTING_LOSSES)
+        if not self.stages:
+            raise ValueError("a pyramid needs at least one stage")
+        layers = [s.layer for s in self.stages]
+        if any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"stage layers must be strictly increasing, got {layers}")
+        if self.router_input == "router_token" and self.router_token_id is None:
+            raise ValueError("router_input='router_token' needs router_token_id (the id of your <ROUTER> token)")
+        if not self.router_temperature > 0:
+            raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}")
+        if self.min_tokens_to_pool < 0:
+            raise ValueError(f"min_tokens_to_pool must be >= 0, got {self.min_tokens_to_pool}")
+        if self.router_reduction < 1:
+            raise ValueError(f"router_reduction must be >= 1, got {self.router_reduction}")
+        if self.expert_scales is not None:
+            if len(self.expert_scales) != len(self.stages) or any(
+                len(sc) != len(st.experts) for sc, st in zip(self.expert_scales, self.stages)
+            ):
+                raise ValueError("expert_scales needs one list per stage with one scale per expert")
+        if self.version > CONFIG_VERSION:
+            raise ValueError(
+                f"pyramid config version {self.version} is newer than this dpn supports ({CONFIG_VERSION}); "
+                "upgrade dpn"
+            )
+
+    # ----------------------------------------------------------------------------------- presets
+    @classmethod
+    def paper_default(cls, model_config: Any, **overrides: Any) -> PyramidConfig:
+        """The paper's schedule scaled to the model's depth and checked against its visual grid.
+
+        Stages sit after 1/4, 1/2 and 3/4 of the decoder layers (layers 8, 16, 24 of a 32-layer LLM)
+        with experts keep / 1x2 / 2x2. An expert that would not divide the visual grid on some
+        routing path is dropped from that stage, so the preset is valid for any grid.
+        """
+        from dpn.models import get_adapter
+
+        adapter = get_adapter(model_config)
+        num_layers = adapter.num_layers(model_config)
+        grid = adapter.visual_grid(model_config)
+        layers = [layer for layer in stage_fraction_layers(num_layers, PAPER_STAGE_FRACTIONS) if layer < num_layers - 1]
+        if not layers:
+            raise ValueError(f"a {num_layers}-layer model is too shallow for a pyramid")
+        min_tokens = overrides.get("min_tokens_to_pool", PAPER_MIN_TOKENS)
+        stages: list[PyramidStage] = []
+        for layer in layers:
+            reachable = reachable_grids(grid, stages, min_tokens)
+            experts = [e for e in PAPER_EXPERTS if all(_divides(g, e, min_tokens) for g in reachable)]
+            stages.append(PyramidStage(layer=layer, experts=experts))
+        return cls(stages=stages, **overrides)
+
+    # ------------------------------------------------------------------------------- validation
+    def validate_for(self, num_layers: int, grid: tuple[int, int]) -> None:
+        """Raise ``ValueError`` if this pyramid cannot run on a model of this depth and visual grid."""
+        for stage in self.stages:
+            if not 0 <= stage.layer < num_layers - 1:
+                raise ValueError(
+                    f"stage layer {stage.layer} is out of range: the model has {num_layers} decoder layers, so a "
+                    f"stage must pool after a layer in 0..{num_layers - 2}"
+                )
+        stages_so_far: list[PyramidStage] = []
+        for stage in self.stages:
+            for g in reachable_grids(grid, stages_so_far, self.min_tokens_to_pool):
+                for expert in stage.experts:
+                    if not _divides(g, expert, self.min_tokens_to_pool):
+                        raise ValueError(
+                            f"expert {expert} of the stage after layer {stage.layer} does not divide the {g[0]}x{g[1]} "
+                            f"visual grid that earlier stages can produce from the model's {grid[0]}x{grid[1]} grid; "
+                            "choose strides that divide every reachable grid"
+                        )
+            stages_so_far.append(stage)
+
+    def scales(self, stage_index: int) -> list[float]:
+        if self.expert_scales is not None:
+            return list(self.expert_scales[stage_index])
+        return [float(i) for i in range(len(self.stages[stage_index].experts))]
+
+    # ------------------------------------------------------------------------------------- JSON
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["stages"] = [{"layer": s.layer, "experts": [list(e) for e in s.experts]} for s in self.stages]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PyramidConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown pyramid config keys {unknown}; known keys are {sorted(known)}")
+        if "stages" not in data:
+            raise ValueError("pyramid config has no 'stages'")
+        data = dict(data)
+        data["stages"] = [
+            PyramidStage(layer=s["layer"], experts=[tuple(e) for e in s["experts"]]) for s in data["stages"]
+        ]
+        return cls(**data)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the config as JSON. ``path`` may be a directory (then ``pyramid_config.json`` in it)."""
+        path = Path(path)
+        if path.is_dir() or not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+            path = path / CONFIG_NAME
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> PyramidConfig:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no pyramid config at {path}")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); is the file truncated?") from err
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must hold a JSON object")
+        return cls.from_dict(data)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _divides(grid: tuple[int, int], expert: tuple[int, int], min_tokens: int) -> bool:
+    if grid[0] * grid[1] < min_tokens:
+        return True  # too small to pool: left as it is
+    return grid[0] % expert[0] == 0 and grid[1] % expert[1] == 0
+
+
+def pooled_grid(grid: tuple[int, int], expert: tuple[int, int], min_tokens: int) -> tuple[int, int]:
+    """Grid after pooling with ``expert``; grids below ``min_tokens`` are not pooled."""
+    if grid[0] * grid[1] < min_tokens:
+        return grid
+    return grid[0] // expert[0], grid[1] // expert[1]
+
+
+def reachable_grids(
+    grid: tuple[int, int], stages: list[PyramidStage], min_tokens: int
+) -> set[tuple[int, int]]:
+    """Every grid an image can have after ``stages``, over all routing paths (paths that divide)."""
+    grids = {grid}
+    for stage in stages:
+        grids = {
+            pooled_grid(g, e, min_tokens) for g, e in product(grids, stage.experts) if _divides(g, e, min_tokens)
+        }
+    return grids
+
+
+def visual_tokens_after(grid: tuple[int, int], path: list[tuple[int, int]], min_tokens: int) -> list[int]:
+    """Visual tokens of one image before the first stage and after each stage of ``path``."""
+    counts = [grid[0] * grid[1]]
+    for expert in path:
+        grid = pooled_grid(grid, expert, min_tokens)
+        counts.append(grid[0] * grid[1])
+    return counts
+
+
+def stage_fraction_layers(num_layers: int, fractions: tuple[float, ...]) -> list[int]:
+    """0-indexed layers after which to pool, at the given fractions of depth."""
+    return sorted({max(0, math.floor(num_layers * f + 0.5) - 1) for f in fractions})
+
+
+__all__ = ["PyramidConfig", "PyramidStage", "CONFIG_NAME"]

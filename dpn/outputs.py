@@ -1,0 +1,59 @@
+"""What a pyramid forward returns: the usual LM outputs plus what the pyramid did to each sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import ModelOutput
+from transformers.cache_utils import Cache
+
+
+@dataclass
+class PyramidRouting:
+    """Per-sample record of one forward (one prefill chunk) through the pyramid.
+
+    Attributes:
+        experts: (batch, stages) chosen expert index per stage; -1 where the sample was not routed
+            (no image, or its images below ``min_tokens_to_pool``).
+        expert_probability: (batch, stages) probability of the chosen expert.
+        router_probs: one (batch, experts_of_stage) tensor per stage.
+        visual_tokens: (batch, stages + 1) visual tokens before the first stage and after each stage.
+        layer_tokens: (batch, layers) tokens each decoder layer processed for the sample.
+        flops: (batch,) LLM decoder FLOPs spent on the sample (see ``dpn.flops``).
+        vanilla_flops: (batch,) the same without the pyramid.
+    """
+
+    experts: torch.Tensor
+    expert_probability: torch.Tensor
+    router_probs: list[torch.Tensor]
+    visual_tokens: torch.Tensor
+    layer_tokens: torch.Tensor
+    flops: torch.Tensor
+    vanilla_flops: torch.Tensor
+
+    @property
+    def flops_ratio(self) -> torch.Tensor:
+        return self.flops / self.vanilla_flops.clamp(min=1)
+
+
+@dataclass
+class PyramidCausalLMOutput(ModelOutput):
+    """``LlavaCausalLMOutputWithPast`` fields plus the pyramid's.
+
+    ``logits``, ``labels`` and ``attention_mask`` are in the final (shortened, left-padded) layout:
+    ``labels`` are the input labels carried along with their tokens, so ``loss`` can be recomputed
+    from ``logits`` and ``labels`` as for any causal LM.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    routing_loss: torch.Tensor | None = None
+    routing: PyramidRouting | None = None
+    labels: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None

@@ -1,0 +1,97 @@
+"""Where the images sit in a padded batch, and 2D pooling of their visual tokens.
+
+An image is a contiguous run of ``rows * cols`` visual tokens laid out row-major. ``VisualSpans``
+lists every image of a batch (sample, start, grid shape) in the current sequence layout; the
+runtime updates it each time a stage shortens the sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class VisualSpans:
+    """One entry per image: its sample, first position in the (padded) sequence, and grid shape."""
+
+    sample: list[int] = field(default_factory=list)
+    start: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
+    cols: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sample)
+
+    def size(self, k: int) -> int:
+        return self.rows[k] * self.cols[k]
+
+    def tokens_per_sample(self, batch_size: int) -> list[int]:
+        counts = [0] * batch_size
+        for k, b in enumerate(self.sample):
+            counts[b] += self.size(k)
+        return counts
+
+    def token_index(self, spans: list[int], seq_len: int, device: torch.device) -> torch.Tensor:
+        """Flat (sample * seq_len + position) index of every token of ``spans``, shape (n, rows * cols).
+
+        All ``spans`` must share one grid shape.
+        """
+        size = self.size(spans[0])
+        base = torch.tensor([self.sample[k] * seq_len + self.start[k] for k in spans], device=device)
+        return base[:, None] + torch.arange(size, device=device)
+
+
+def find_visual_spans(image_mask: torch.Tensor, grid: tuple[int, int]) -> VisualSpans:
+    """Split each sample's runs of image tokens into images of ``grid`` tokens.
+
+    Raises ``ValueError`` when a run is not a whole number of grids: the visual tokens would not
+    form the 2D grid the pyramid pools.
+    """
+    spans = VisualSpans()
+    if not bool(image_mask.any()):
+        return spans
+    mask = image_mask.to(torch.int8)
+    before = F.pad(mask[:, :-1], (1, 0))
+    after = F.pad(mask[:, 1:], (0, 1))
+    starts = ((mask == 1) & (before == 0)).nonzero().tolist()
+    ends = ((mask == 1) & (after == 0)).nonzero().tolist()
+    size = grid[0] * grid[1]
+    for (b, first), (_, last) in zip(starts, ends):
+        length = last - first + 1
+        if length % size:
+            raise ValueError(
+                f"sample {b} has a run of {length} image tokens at position {first}, which is not a whole number of "
+                f"{grid[0]}x{grid[1]} = {size}-token image grids; the processor and the model's vision config disagree "
+                "(check image_size, patch_size and vision_feature_select_strategy)"
+            )
+        for image in range(length // size):
+            spans.sample.append(b)
+            spans.start.append(first + image * size)
+            spans.rows.append(grid[0])
+            spans.cols.append(grid[1])
+    return spans
+
+
+def pool_grid(tokens: torch.Tensor, kernel: tuple[int, int], pooling: str) -> torch.Tensor:
+    """Pool ``tokens`` of shape (n, rows, cols, d) with a ``kernel``-sized window and stride.
+
+    Returns (n, rows // kh, cols // kw, d). ``kernel == (1, 1)`` returns the tokens unchanged.
+    """
+    if kernel == (1, 1):
+        return tokens
+    channels_first = tokens.permute(0, 3, 1, 2)
+    if pooling == "max":
+        pooled = F.max_pool2d(channels_first, kernel_size=kernel, stride=kernel)
+    else:
+        pooled = F.avg_pool2d(channels_first, kernel_size=kernel, stride=kernel)
+    return pooled.permute(0, 2, 3, 1)
+
+
+def window_origins(rows: int, cols: int, kernel: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Row-major offset, inside a ``rows x cols`` grid, of the first token of each pooling window."""
+    out_rows = torch.arange(rows // kernel[0], device=device) * kernel[0]
+    out_cols = torch.arange(cols // kernel[1], device=device) * kernel[1]
+    return (out_rows[:, None] * cols + out_cols[None, :]).flatten()

@@ -1,0 +1,295 @@
+"""Invariants of the pyramid runtime (DESIGN.md section 4) on tiny random LLaVA models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dpn
+from dpn.config import PyramidStage, visual_tokens_after
+from helpers import GRID, IMAGE_TOKEN_ID, batch_of, make_prompt, pixels, tiny_llava
+
+MIXED_EXPERTS = [(1, 1), (1, 2), (2, 2)]
+
+
+def pyramid_config(experts=MIXED_EXPERTS, layers=(1, 2, 4), **kwargs) -> dpn.PyramidConfig:
+    return dpn.PyramidConfig(stages=[PyramidStage(layer=l, experts=list(experts)) for l in layers], **kwargs)
+
+
+def valid_logits(out, row: int) -> torch.Tensor:
+    return out.logits[row][out.attention_mask[row].bool()] if out.attention_mask is not None else out.logits[row]
+
+
+# ----------------------------------------------------------------------------- 1. identity == vanilla
+@pytest.mark.parametrize("backbone", ["llama", "qwen2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_identity_pyramid_matches_vanilla(backbone, attn):
+    model = tiny_llava(backbone, attn)
+    prompts = [make_prompt(3, 6, seed=1), make_prompt(3, 6, seed=2), make_prompt(5, 2, seed=3)]
+    batch = batch_of(prompts, padding_side="right")
+    batch["position_ids"] = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[labels == IMAGE_TOKEN_ID] = -100
+    images = pixels(3)
+    with torch.no_grad():
+        vanilla = model(**batch, pixel_values=images, labels=labels)
+    dpn.apply_pyramid(model, pyramid_config(experts=[(1, 1)]))
+    with torch.no_grad():
+        pyramid = model(**batch, pixel_values=images, labels=labels)
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(pyramid.logits[mask], vanilla.logits[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pyramid.loss, vanilla.loss, atol=1e-5, rtol=0)
+    assert pyramid.routing.visual_tokens.tolist() == [[64] * 4] * 3
+
+    model.train()  # in training the total adds the (unreachable) routing hinge; the LM loss is unchanged
+    with torch.no_grad():
+        trained = model(**batch, pixel_values=images, labels=labels)
+    torch.testing.assert_close(trained.lm_loss, vanilla.loss, atol=1e-5, rtol=0)
+    torch.testing.assert_close(trained.loss, trained.lm_loss + 1e-3 * trained.routing_loss)
+
+
+def test_remove_pyramid_restores_vanilla_exactly():
+    model = tiny_llava()
+    batch = batch_of([make_prompt(3, 4, seed=1)])
+    images = pixels(1)
+    with torch.no_grad():
+        before = model(**batch, pixel_values=images).logits
+        dpn.apply_pyramid(model, pyramid_config())
+        pooled = model(**batch, pixel_values=images, force_experts=2).logits
+        dpn.remove_pyramid(model)
+        after = model(**batch, pixel_values=images).logits
+    assert pooled.shape[1] < before.shape[1]
+    assert torch.equal(before, after)
+    assert not dpn.has_pyramid(model) and not any("pyramid" in k for k in model.state_dict())
+
+
+def test_apply_patches_only_that_instance():
+    model, other = tiny_llava(), tiny_llava()
+    dpn.apply_pyramid(model, pyramid_config())
+    assert "forward" in vars(model) and "forward" not in vars(other)
+    assert not dpn.has_pyramid(other)
+
+
+# ------------------------------------------------------------------------ 2. cached == recomputed
+@pytest.mark.parametrize("positions", ["renumber", "keep"])
+def test_generate_with_cache_matches_full_recompute(positions):
+    model = tiny_llava(seed=3)
+    dpn.apply_pyramid(model, pyramid_config(positions=positions))
+    batch = batch_of([make_prompt(3, 5, seed=1), make_prompt(7, 2, seed=2), make_prompt(1, 9, seed=3)])
+    images = pixels(3)
+    forced = torch.tensor([[1, 1, 2], [2, 0, 1], [-1, -1, -1]])  # the last sample follows its routers
+    new_tokens = 16
+    with torch.no_grad():
+        generated = model.generate(
+            **batch, pixel_values=images, force_experts=forced, max_new_tokens=new_tokens, do_sample=False,
+            pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+        )
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    prompt_length = ids.shape[1]
+    for step in range(new_tokens):
+        # Labels mark the generated tokens as the answer, so the routers read the last prompt token.
+        labels = torch.full_like(ids, -100)
+        labels[:, prompt_length:] = ids[:, prompt_length:]
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=images, labels=labels,
+                        force_experts=forced, use_cache=False)
+        torch.testing.assert_close(out.logits[:, -1], generated.logits[step], atol=1e-4, rtol=0)
+        next_token = out.logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, next_token], 1), torch.cat([mask, torch.ones_like(next_token)], 1)
+    assert torch.equal(ids, generated.sequences)
+    assert len(set(generated.sequences[:, prompt_length:].flatten().tolist())) > 3  # not a degenerate stream
+
+
+def test_generate_sampling_and_eos_stop():
+    model = tiny_llava(seed=3)
+    dpn.apply_pyramid(model, pyramid_config())
+    batch = batch_of([make_prompt(3, 5, seed=1), make_prompt(7, 2, seed=2)])
+    with torch.no_grad():
+        greedy = model.generate(**batch, pixel_values=pixels(2), max_new_tokens=8, do_sample=False, pad_token_id=0)
+        eos = int(greedy[0, batch["input_ids"].shape[1]])  # the first greedy token of sample 0 as EOS
+        stopped = model.generate(**batch, pixel_values=pixels(2), max_new_tokens=8, do_sample=False,
+                                 pad_token_id=0, eos_token_id=eos)
+        torch.manual_seed(0)
+        sampled = model.generate(**batch, pixel_values=pixels(2), max_new_tokens=8, do_sample=True, top_k=0,
+                                 pad_token_id=0)
+    prompt = batch["input_ids"].shape[1]
+    assert stopped[0, prompt] == eos and (stopped[0, prompt + 1:] == 0).all()
+    assert sampled.shape == (2, prompt + 8)
+
+
+# --------------------------------------------------------------------------- 3. batched == alone
+def test_padded_batch_matches_each_sample_alone():
+    model = tiny_llava(seed=4)
+    vanilla_reference = tiny_llava(seed=4)
+    dpn.apply_pyramid(model, pyramid_config())
+    prompts = [
+        make_prompt(2, 3, seed=1),
+        make_prompt(9, 1, seed=2),
+        make_prompt(4, 7, seed=3),
+        make_prompt(1, 2, images=2, seed=4),  # two images in one sample
+        [11, 12, 13, 14, 15, 16, 17],  # text only, inside an image batch
+    ]
+    image_counts = [1, 1, 1, 2, 0]
+    forced = torch.tensor([[0, 0, 0], [1, 2, 0], [2, 2, 1], [2, 1, 1], [-1, -1, -1]])
+    images = pixels(sum(image_counts))
+    image_slices = torch.split(images, image_counts)
+    for side in ("left", "right"):
+        batch = batch_of(prompts, padding_side=side)
+        with torch.no_grad():
+            together = model(**batch, pixel_values=images, force_experts=forced)
+        # Grids that fall below min_tokens_to_pool (16) are not routed at later stages (-1).
+        assert together.routing.experts.tolist() == [[0, 0, 0], [1, 2, -1], [2, 2, -1], [2, 1, -1], [-1, -1, -1]]
+        for row, prompt in enumerate(prompts):
+            alone_batch = batch_of([prompt])
+            with torch.no_grad():
+                alone = model(**alone_batch, pixel_values=image_slices[row] if image_counts[row] else None,
+                              force_experts=forced[row:row + 1])
+            torch.testing.assert_close(valid_logits(together, row), alone.logits[0], atol=1e-4, rtol=0)
+    # The text-only sample is untouched: identical to the model without a pyramid.
+    with torch.no_grad():
+        plain = vanilla_reference(**batch_of([prompts[-1]]))
+    torch.testing.assert_close(valid_logits(together, 4), plain.logits[0], atol=1e-5, rtol=0)
+    assert together.routing.experts[4].tolist() == [-1, -1, -1]
+
+
+def test_batched_generation_matches_alone():
+    model = tiny_llava(seed=5)
+    dpn.apply_pyramid(model, pyramid_config())
+    prompts = [make_prompt(2, 3, seed=1), make_prompt(9, 1, seed=2), make_prompt(4, 7, seed=3), make_prompt(6, 6, seed=4)]
+    images = pixels(4)
+    forced = torch.tensor([[0, 0, 0], [1, 2, 0], [2, 2, 1], [2, 1, 1]])
+    with torch.no_grad():
+        together = model.generate(**batch_of(prompts), pixel_values=images, force_experts=forced,
+                                  max_new_tokens=10, do_sample=False, pad_token_id=0)
+        for row, prompt in enumerate(prompts):
+            alone = model.generate(**batch_of([prompt]), pixel_values=images[row:row + 1],
+                                   force_experts=forced[row:row + 1], max_new_tokens=10, do_sample=False,
+                                   pad_token_id=0)
+            assert together[row, -10:].tolist() == alone[0, -10:].tolist()
+
+
+# ------------------------------------------------------------------------ 4. sequences really shrink
+@pytest.mark.parametrize("expert", [0, 1, 2])
+def test_forced_expert_token_counts_follow_grid_arithmetic(expert):
+    model = tiny_llava()
+    config = pyramid_config()
+    dpn.apply_pyramid(model, config)
+    text_before, text_after = 3, 5
+    batch = batch_of([make_prompt(text_before, text_after, seed=1)])
+    with torch.no_grad():
+        out = model(**batch, pixel_values=pixels(1), force_experts=expert, output_hidden_states=True)
+    path = [stage.experts[expert] for stage in config.stages]
+    expected_visual = visual_tokens_after(GRID, path, config.min_tokens_to_pool)
+    assert out.routing.visual_tokens[0].tolist() == expected_visual
+    text = text_before + 2 + text_after
+    boundaries = [0, *(s.layer + 1 for s in config.stages), 6]
+    expected_layers = []
+    for segment, visual in enumerate(expected_visual):
+        expected_layers += [text + visual] * (boundaries[segment + 1] - boundaries[segment])
+    assert out.routing.layer_tokens[0].tolist() == expected_layers
+    # hidden_states[i + 1] is the output of layer i: its length is what the layer really ran on.
+    assert [h.shape[1] for h in out.hidden_states[1:]] == expected_layers
+    assert out.logits.shape[1] == expected_layers[-1]
+    if expert > 0:
+        assert expected_layers[-1] < expected_layers[0]
+
+
+def test_non_square_grid_pools_when_strides_divide():
+    model = tiny_llava()
+    dpn.apply_pyramid(model, pyramid_config(experts=[(1, 2), (2, 1)], layers=(1, 3)))
+    batch = batch_of([make_prompt(2, 2, seed=1)])
+    with torch.no_grad():
+        out = model(**batch, pixel_values=pixels(1), force_experts=torch.tensor([[0, 0]]))
+    # 8x8 -> (1x2) 8x4 -> (1x2) 8x2
+    assert out.routing.visual_tokens[0].tolist() == [64, 32, 16]
+
+
+# ------------------------------------------------------------------------------ 5. router training
+def test_routers_get_gradients_in_training():
+    model = tiny_llava()
+    dpn.apply_pyramid(model, pyramid_config(routing_loss="none"))
+    model.train()
+    batch = batch_of([make_prompt(3, 5, seed=1), make_prompt(6, 2, seed=2)])
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100
+    torch.manual_seed(0)
+    out = model(**batch, pixel_values=pixels(2), labels=labels)
+    out.loss.backward()
+    for router in model.pyramid.routers:
+        # Only the LM loss flows here (no routing loss): through the probability scaling.
+        assert router.up.weight.grad is not None and router.up.weight.grad.abs().sum() > 0
+        assert router.down.weight.grad.abs().sum() > 0
+
+
+def test_training_samples_experts_and_inference_takes_argmax():
+    model = tiny_llava()
+    dpn.apply_pyramid(model, pyramid_config())
+    with torch.no_grad():
+        for router in model.pyramid.routers:
+            router.up.weight.zero_()  # uniform probabilities
+    batch = batch_of([make_prompt(3, 5, seed=s) for s in range(8)])
+    with torch.no_grad():
+        model.eval()
+        inference = model(**batch, pixel_values=pixels(8)).routing.experts
+        model.train()
+        torch.manual_seed(0)
+        training = model(**batch, pixel_values=pixels(8)).routing.experts
+    assert (inference[:, 0] == 0).all()  # argmax of a uniform distribution is the first expert
+    assert len(set(training[:, 0].tolist())) > 1
+
+
+def test_routing_loss_matches_hand_computation():
+    config = pyramid_config(layers=(1, 3))
+    pyramid = dpn.strategies.DynamicPyramid(config, hidden_size=8)
+    stage0 = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])  # s*p: 2*0.5 = 1.0 and 0*0.6 = 0 -> mean 0.5
+    stage1 = torch.tensor([[0.1, 0.1, 0.8]])  # 2*0.8 = 1.6 -> above the 1.5 target
+    # per stage: max(0, 1.5 - 0.5) = 1.0 and max(0, 1.5 - 1.6) = 0; mean over stages = 0.5
+    assert pyramid.routing_loss([stage0, stage1]).item() == pytest.approx(0.5)
+    # A stage nobody was routed at does not count.
+    assert pyramid.routing_loss([stage0, None]).item() == pytest.approx(1.0)
+
+
+def test_training_loss_adds_weighted_routing_loss_with_gradient():
+    model = tiny_llava()
+    dpn.apply_pyramid(model, pyramid_config(routing_loss_weight=0.5))
+    model.train()
+    batch = batch_of([make_prompt(3, 5, seed=1), make_prompt(6, 2, seed=2)])
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100
+    out = model(**batch, pixel_values=pixels(2), labels=labels)
+    expected = torch.stack([
+        torch.relu(1.5 - (probs.max(-1).indices.float() * probs.max(-1).values).mean())
+        for probs in out.routing.router_probs
+    ]).mean()
+    torch.testing.assert_close(out.routing_loss.detach(), expected)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.routing_loss)
+
+
+def test_gradient_checkpointing_trains():
+    model = tiny_llava()
+    model.activation_checkpointing_enable()
+    dpn.apply_pyramid(model, pyramid_config())
+    model.train()
+    batch = batch_of([make_prompt(3, 5, seed=1)])
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100
+    out = model(**batch, pixel_values=pixels(1), labels=labels, force_experts=2)
+    out.loss.backward()
+    assert model.pyramid.routers[0].up.weight.grad.abs().sum() > 0
+
+
+def test_labels_stay_aligned_with_their_tokens():
+    model = tiny_llava()
+    dpn.apply_pyramid(model, pyramid_config())
+    prompts = [make_prompt(3, 5, seed=1), make_prompt(8, 2, seed=2)]
+    batch = batch_of(prompts, padding_side="right")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[labels == IMAGE_TOKEN_ID] = -100
+    with torch.no_grad():
+        out = model(**batch, pixel_values=pixels(2), labels=labels, force_experts=2)
+    for row, prompt in enumerate(prompts):
+        text = [t for t in prompt if t != IMAGE_TOKEN_ID]
+        kept = out.labels[row][out.labels[row] != -100].tolist()
+        assert kept == text[1:]  # the first token has no predecessor and is never a target
+    recomputed = model.loss_function(logits=out.logits, labels=out.labels, vocab_size=96)
+    torch.testing.assert_close(out.loss, recomputed)
