@@ -102,7 +102,9 @@ def pyramid_forward(
     positions = _input_positions(position_ids, attention_mask, batch, length, past_length, device)
     if labels is not None and labels.shape != (batch, length):
         raise ValueError(f"labels have shape {tuple(labels.shape)} but the inputs are {(batch, length)}")
-    spans = find_visual_spans(image_mask & valid, adapter.visual_grid(self.config))
+    # As in the model's own forward, image tokens are visual only when the call brings images.
+    has_images = pixel_values is not None
+    spans = find_visual_spans(image_mask & valid, adapter.visual_grid(self.config)) if has_images else VisualSpans()
     forced = _forced_experts(force_experts, batch, config, device)
     chunk = Chunk(
         hidden=hidden,

@@ -13,14 +13,16 @@ PATCH = 4  # 8 x 8 = 64 visual tokens per image
 GRID = (IMAGE_SIZE // PATCH, IMAGE_SIZE // PATCH)
 
 
-def tiny_llava(backbone: str = "llama", attn: str = "sdpa", layers: int = 6, seed: int = 0) -> LlavaForConditionalGeneration:
+def tiny_llava(
+    backbone: str = "llama", attn: str = "sdpa", layers: int = 6, seed: int = 0, hidden: int = 64
+) -> LlavaForConditionalGeneration:
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
         image_size=IMAGE_SIZE, patch_size=PATCH, projection_dim=32,
     )
     text_kwargs = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD_TOKEN_ID,
     )
     text = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[backbone](**text_kwargs)
