@@ -137,7 +137,8 @@ class PyramidConfig:
 
         Stages sit after 1/4, 1/2 and 3/4 of the decoder layers (layers 8, 16, 24 of a 32-layer LLM)
         with experts keep / 1x2 / 2x2. An expert that would not divide the visual grid on some
-        routing path is dropped from that stage, so the preset is valid for any grid.
+        routing path is dropped from that stage (and a stage left with only 1x1 is dropped), so the
+        preset is valid for any grid.
         """
         from dpn.models import get_adapter
 
@@ -152,7 +153,8 @@ class PyramidConfig:
         for layer in layers:
             reachable = reachable_grids(grid, stages, min_tokens)
             experts = [e for e in PAPER_EXPERTS if all(_divides(g, e, min_tokens) for g in reachable)]
-            stages.append(PyramidStage(layer=layer, experts=experts))
+            if experts != [(1, 1)]:  # a stage that can only keep everything would do nothing
+                stages.append(PyramidStage(layer=layer, experts=experts))
         return cls(stages=stages, **overrides)
 
     # ------------------------------------------------------------------------------- validation

@@ -293,3 +293,20 @@ def test_labels_stay_aligned_with_their_tokens():
         assert kept == text[1:]  # the first token has no predecessor and is never a target
     recomputed = model.loss_function(logits=out.logits, labels=out.labels, vocab_size=96)
     torch.testing.assert_close(out.loss, recomputed)
+
+
+def test_beam_search_and_multiple_sequences_reorder_the_pyramid_cache():
+    model = tiny_llava(seed=3)
+    dpn.apply_pyramid(model, pyramid_config())
+    prompts = [make_prompt(3, 5, seed=1), make_prompt(7, 2, seed=2)]
+    images = pixels(2)
+    forced = torch.tensor([[2, 1, 1], [1, 2, 0]])
+    with torch.no_grad():
+        beams = model.generate(**batch_of(prompts), pixel_values=images, force_experts=forced, max_new_tokens=6,
+                               num_beams=3, do_sample=False, pad_token_id=0)
+        alone = model.generate(**batch_of(prompts[1:]), pixel_values=images[1:], force_experts=forced[1:],
+                               max_new_tokens=6, num_beams=3, do_sample=False, pad_token_id=0)
+        repeated = model.generate(**batch_of(prompts), pixel_values=images, max_new_tokens=4,
+                                  num_return_sequences=2, do_sample=True, pad_token_id=0)
+    assert beams[1, -6:].tolist() == alone[0, -6:].tolist()
+    assert repeated.shape[0] == 4

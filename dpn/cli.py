@@ -1,0 +1,164 @@
+"""The ``dpn`` command line.
+
+``dpn flops --preset llava-1.5-7b`` prints, for every routing path of the paper's schedule on a
+real geometry (config values written in code, no download), the visual tokens left after each
+stage and the LLM prefill FLOPs relative to the vanilla model. ``--trace`` also runs one forward
+of that geometry with random weights and prints how many tokens each decoder layer processed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from itertools import product
+
+from rich.console import Console
+from rich.table import Table
+
+from dpn.architectures import ARCHITECTURES, llava_config
+from dpn.config import PyramidConfig, visual_tokens_after
+from dpn.flops import decoder_flops, segment_layer_tokens, vision_flops
+from dpn.models import get_adapter
+
+GIGA = 1e9
+DEFAULT_TEXT_TOKENS = 64  # a typical LLaVA-1.5 prompt around one image
+
+
+def flops_rows(model_config, pyramid: PyramidConfig, text_tokens: int) -> list[dict]:
+    """One row per routing path: visual tokens per stage, LLM prefill FLOPs and ratio to vanilla."""
+    adapter = get_adapter(model_config)
+    text_config = adapter.text_config(model_config)
+    grid = adapter.visual_grid(model_config)
+    num_layers = adapter.num_layers(model_config)
+    layers = [stage.layer for stage in pyramid.stages]
+    vanilla = decoder_flops(text_config, [text_tokens + grid[0] * grid[1]] * num_layers)
+    rows = []
+    for path in product(*(stage.experts for stage in pyramid.stages)):
+        visual = visual_tokens_after(grid, list(path), pyramid.min_tokens_to_pool)
+        tokens = segment_layer_tokens(num_layers, layers, [text_tokens + v for v in visual])
+        flops = decoder_flops(text_config, tokens)
+        rows.append({
+            "experts": ["x".join(map(str, e)) for e in path],
+            "visual_tokens": visual,
+            "llm_gflops": flops / GIGA,
+            "ratio": flops / vanilla,
+        })
+    return rows
+
+
+def _flops_command(args: argparse.Namespace) -> int:
+    console = Console()
+    model_config = llava_config(args.preset)
+    pyramid = PyramidConfig.load(args.pyramid) if args.pyramid else PyramidConfig.paper_default(model_config)
+    adapter = get_adapter(model_config)
+    pyramid.validate_for(adapter.num_layers(model_config), adapter.visual_grid(model_config))
+    rows = flops_rows(model_config, pyramid, args.text_tokens)
+    text_config = adapter.text_config(model_config)
+    grid = adapter.visual_grid(model_config)
+    vanilla_tokens = args.text_tokens + grid[0] * grid[1]
+    vanilla = decoder_flops(text_config, [vanilla_tokens] * adapter.num_layers(model_config))
+    vision = vision_flops(model_config.vision_config, text_config.hidden_size)
+    if args.json:
+        print(json.dumps({
+            "preset": args.preset, "text_tokens": args.text_tokens, "grid": list(grid),
+            "stage_layers": [s.layer for s in pyramid.stages], "vanilla_llm_gflops": vanilla / GIGA,
+            "vision_gflops": vision / GIGA, "paths": rows,
+        }, indent=2))
+        return 0
+    console.print(
+        f"[bold]{args.preset}[/]: {adapter.num_layers(model_config)} layers, d={text_config.hidden_size}, "
+        f"{grid[0]}x{grid[1]} = {grid[0] * grid[1]} visual tokens + {args.text_tokens} text tokens, "
+        f"stages after layers {[s.layer for s in pyramid.stages]} (0-indexed)"
+    )
+    console.print(
+        f"vanilla LLM prefill: {vanilla / GIGA:.1f} GFLOPs; vision tower + projector: {vision / GIGA:.1f} GFLOPs "
+        "(unchanged by the pyramid). FLOPs count matmuls, dense attention (see dpn.flops); visual tokens "
+        "are per segment: before stage 0, then after each stage."
+    )
+    table = Table(title="LLM prefill FLOPs per routing path")
+    for i in range(len(pyramid.stages)):
+        table.add_column(f"stage {i}", justify="center")
+    table.add_column("visual tokens", justify="right")
+    table.add_column("LLM GFLOPs", justify="right")
+    table.add_column("ratio", justify="right")
+    table.add_column("saving", justify="right")
+    for row in rows:
+        table.add_row(
+            *row["experts"], " ".join(map(str, row["visual_tokens"])), f"{row['llm_gflops']:.1f}",
+            f"{row['ratio']:.3f}", f"{1 - row['ratio']:.1%}",
+        )
+    console.print(table)
+    if args.trace:
+        _trace(console, model_config, pyramid, args.text_tokens)
+    return 0
+
+
+def _trace(console: Console, model_config, pyramid: PyramidConfig, text_tokens: int) -> None:
+    """Run one forward with random weights and print the tokens each decoder layer processed."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from dpn.api import apply_pyramid
+
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(model_config).eval()
+    apply_pyramid(model, pyramid)
+    adapter = get_adapter(model_config)
+    grid = adapter.visual_grid(model_config)
+    vocab = adapter.text_config(model_config).vocab_size
+    image_token = adapter.image_token_id(model_config)
+    before = text_tokens // 2
+    text = torch.randint(0, vocab, (text_tokens,))
+    text[text == image_token] = 0
+    ids = torch.cat([text[:before], torch.full((grid[0] * grid[1],), image_token), text[before:]])[None]
+    size = model_config.vision_config.image_size
+    paths = {"router (random weights)": None, **{
+        f"all expert {i}": i for i in range(max(len(s.experts) for s in pyramid.stages))
+    }}
+    table = Table(title="tokens per decoder layer, one forward (text + visual)")
+    table.add_column("routing")
+    table.add_column("experts")
+    table.add_column("tokens per layer")
+    table.add_column("FLOPs ratio", justify="right")
+    for name, forced in paths.items():
+        if forced is not None:
+            forced = [min(forced, len(s.experts) - 1) for s in pyramid.stages]
+        with torch.no_grad():
+            out = model(input_ids=ids, pixel_values=torch.randn(1, 3, size, size), force_experts=forced)
+        routing = out.routing
+        table.add_row(
+            name, str(routing.experts[0].tolist()), " ".join(map(str, routing.layer_tokens[0].tolist())),
+            f"{routing.flops_ratio[0].item():.3f}",
+        )
+    console.print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dpn", description="Dynamic Pyramid Networks for multimodal LLMs")
+    commands = parser.add_subparsers(dest="command", required=True)
+    flops = commands.add_parser("flops", help="per-stage visual tokens and LLM FLOPs of a pyramid on a real geometry")
+    flops.add_argument("--preset", default="llava-1.5-7b", choices=sorted(ARCHITECTURES))
+    flops.add_argument("--pyramid", help="a pyramid_config.json (default: the paper's schedule for the preset)")
+    flops.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="text tokens around the image")
+    flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    flops.add_argument("--trace", action="store_true",
+                       help="also run one forward with random weights (small presets) and print tokens per layer")
+    flops.set_defaults(handler=_flops_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "text_tokens", 1) < 1:
+        print("dpn: --text-tokens must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"dpn: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

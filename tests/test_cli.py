@@ -1,0 +1,53 @@
+"""The dpn command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpn.cli import flops_rows, main
+from dpn.architectures import llava_config
+from dpn.config import PyramidConfig
+from dpn.flops import decoder_flops
+
+
+def test_flops_json_on_llava_7b_geometry(capsys):
+    assert main(["flops", "--preset", "llava-1.5-7b", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["grid"] == [24, 24] and report["stage_layers"] == [7, 15, 23]
+    assert len(report["paths"]) == 27
+    keep_all = next(p for p in report["paths"] if p["experts"] == ["1x1"] * 3)
+    strongest = next(p for p in report["paths"] if p["experts"] == ["2x2"] * 3)
+    assert keep_all["ratio"] == pytest.approx(1.0)
+    assert strongest["visual_tokens"] == [576, 144, 36, 9]
+    # Recompute the strongest path by hand: 64 text tokens, 576 visual tokens for 8 layers, 144 for 8, ...
+    text = llava_config("llava-1.5-7b").text_config
+    layers = [64 + 576] * 8 + [64 + 144] * 8 + [64 + 36] * 8 + [64 + 9] * 8
+    assert strongest["ratio"] == pytest.approx(decoder_flops(text, layers) / decoder_flops(text, [640] * 32))
+
+
+def test_flops_table_and_trace_on_tiny(capsys):
+    assert main(["flops", "--preset", "tiny", "--trace"]) == 0
+    out = capsys.readouterr().out
+    assert "LLM prefill FLOPs per routing path" in out and "tokens per decoder layer" in out
+
+
+def test_flops_with_a_user_pyramid_file(tmp_path, capsys):
+    PyramidConfig(stages=[{"layer": 3, "experts": [(1, 1), (4, 4)]}]).save(tmp_path)
+    assert main(["flops", "--preset", "llava-1.5-13b", "--pyramid", str(tmp_path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [p["visual_tokens"] for p in report["paths"]] == [[576, 576], [576, 36]]
+
+
+def test_flops_rows_agree_with_each_path():
+    config = llava_config("qwen2-0.5b")
+    rows = flops_rows(config, PyramidConfig.paper_default(config), text_tokens=10)
+    assert all(0 < r["ratio"] <= 1 for r in rows)
+    assert sorted(r["ratio"] for r in rows)[-1] == pytest.approx(1.0)
+
+
+def test_bad_pyramid_file_is_a_clear_cli_error(tmp_path, capsys):
+    PyramidConfig(stages=[{"layer": 3, "experts": [(5, 5)]}]).save(tmp_path)
+    assert main(["flops", "--preset", "llava-1.5-7b", "--pyramid", str(tmp_path)]) == 2
+    assert "does not divide the 24x24" in capsys.readouterr().err
