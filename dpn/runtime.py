@@ -24,7 +24,7 @@ from dpn.config import PyramidConfig
 from dpn.flops import decoder_flops
 from dpn.models import get_adapter
 from dpn.outputs import PyramidCausalLMOutput, PyramidRouting
-from dpn.spans import VisualSpans, find_visual_spans
+from dpn.spans import VisualSpans, find_visual_spans, ranks_within
 from dpn.strategies.base import StagePlan
 
 IGNORE_INDEX = -100
@@ -118,8 +118,7 @@ def pyramid_forward(
     layers = decoder.layers[: text_config.num_hidden_layers]
     layer_types = _layer_types(text_config)
     bounds = _segment_bounds(config, len(layers))
-    input_last = _last_valid(valid)
-    input_last_position = positions.gather(1, input_last[:, None]).squeeze(1)
+    prefill = length > 1 or len(spans) > 0  # decoding steps skip routing and bookkeeping
     plans: list[StagePlan] = []
     visual_counts = [spans.tokens_per_sample(batch)]
     segment_queries, segment_keys = [], []
@@ -127,7 +126,7 @@ def pyramid_forward(
     reshaped = False
 
     for segment, (first, end) in enumerate(bounds):
-        if segment > 0:
+        if segment > 0 and len(chunk.spans):
             stage = segment - 1
             plan = pyramid.plan(stage, chunk.hidden, chunk.spans, chunk.router_index, None if forced is None else forced[stage])
             plans.append(plan)
@@ -160,14 +159,17 @@ def pyramid_forward(
             if all_hidden is not None:
                 all_hidden += (hidden_states,)
         chunk = replace(chunk, hidden=hidden_states)
-        queries = chunk.valid.sum(1)
-        segment_queries.append(queries)
-        segment_keys.append(past_mask.sum(1) + queries)
+        if prefill:
+            queries = chunk.valid.sum(1)
+            segment_queries.append(queries)
+            segment_keys.append(past_mask.sum(1) + queries)
         if cache is not None:
             new_shift = None
             if reshaped and config.positions == "renumber":
-                last_position = chunk.positions.gather(1, _last_valid(chunk.valid)[:, None]).squeeze(1)
-                new_shift = shift + (input_last_position - last_position)
+                # Later tokens come with input positions; this segment's positions lag by what pooling removed.
+                input_last = positions.gather(1, _last_valid(valid)[:, None]).squeeze(1)
+                segment_last = chunk.positions.gather(1, _last_valid(chunk.valid)[:, None]).squeeze(1)
+                new_shift = shift + (input_last - segment_last)
             cache.append(segment, chunk.valid, new_shift)
 
     hidden_states = decoder.norm(chunk.hidden)
@@ -184,10 +186,8 @@ def pyramid_forward(
         loss = lm_loss + config.routing_loss_weight * routing_loss
 
     routing = None
-    if plans and (length > 1 or len(spans)):
-        routing = _routing_record(
-            text_config, config, plans, visual_counts, segment_queries, segment_keys, bounds, device
-        )
+    if prefill:
+        routing = _routing_record(text_config, config, plans, visual_counts, segment_queries, segment_keys, bounds)
     output = PyramidCausalLMOutput(
         loss=loss,
         logits=logits,
@@ -218,7 +218,7 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str) -> tuple[Chunk, bo
     spans = chunk.spans
     flat = chunk.hidden.reshape(batch * length, width)
     rows = plan.rows.to(flat.dtype)
-    old_index = torch.cat([spans.token_index([k], length, device).flatten() for k in plan.spans])
+    old_index = spans.token_index(plan.spans, length, device)
     new_sizes = [r * c for r, c in plan.grids]
     if all(spans.size(k) == n for k, n in zip(plan.spans, new_sizes)):
         hidden = flat.index_copy(0, old_index, rows).view(batch, length, width)
@@ -234,8 +234,7 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str) -> tuple[Chunk, bo
     span_start = torch.tensor([spans.start[k] for k in plan.spans], device=device)
     first_row = torch.cumsum(sizes, 0) - sizes
     row_sample = torch.repeat_interleave(span_sample, sizes)
-    row_rank = torch.arange(rows.shape[0], device=device) - torch.repeat_interleave(first_row, sizes)
-    row_key = (row_sample * stride + torch.repeat_interleave(span_start, sizes)) * stride + row_rank
+    row_key = (row_sample * stride + torch.repeat_interleave(span_start, sizes)) * stride + ranks_within(sizes)
     kept_sample = kept // length
     keys = torch.cat([(kept_sample * stride + kept % length) * stride, row_key])
     source = torch.cat([kept, batch * length + torch.arange(rows.shape[0], device=device)])
@@ -345,7 +344,6 @@ def _no_router(batch: int, device) -> torch.Tensor:
 
 def _router_index(config: PyramidConfig, input_ids, valid: torch.Tensor, labels) -> torch.Tensor:
     """Position whose hidden state each sample's routers read."""
-    batch = valid.shape[0]
     if config.router_input == "router_token":
         if input_ids is None:
             raise ValueError("router_input='router_token' needs input_ids to find the router token")
@@ -359,7 +357,7 @@ def _router_index(config: PyramidConfig, input_ids, valid: torch.Tensor, labels)
     supervised = (labels != IGNORE_INDEX) & valid
     has_answer = supervised.any(1)
     before_answer = (supervised.int().argmax(1) - 1).clamp(min=0)
-    return torch.where(has_answer, before_answer, last)[:batch]
+    return torch.where(has_answer, before_answer, last)
 
 
 def _forced_experts(force_experts: Any, batch: int, config: PyramidConfig, device) -> list[torch.Tensor] | None:
@@ -418,7 +416,11 @@ def _attention_masks(text_config, layer_types, first, end, hidden, key_mask, cac
     return masks
 
 
-def _routing_record(text_config, config, plans, visual_counts, segment_queries, segment_keys, bounds, device):
+def _routing_record(text_config, config, plans, visual_counts, segment_queries, segment_keys, bounds):
+    """Per-sample record of a prefill; ``plans`` is empty when the batch had no images."""
+    batch, device = segment_queries[0].shape[0], segment_queries[0].device
+    stages = len(config.stages)
+
     def per_layer(per_segment: list[torch.Tensor]) -> torch.Tensor:
         columns = [tokens for tokens, (first, end) in zip(per_segment, bounds) for _ in range(first, end)]
         return torch.stack(columns, dim=1)
@@ -428,10 +430,19 @@ def _routing_record(text_config, config, plans, visual_counts, segment_queries, 
     num_layers = layer_tokens.shape[1]
     vanilla_tokens = segment_queries[0][:, None].expand(-1, num_layers)
     vanilla_keys = segment_keys[0][:, None].expand(-1, num_layers)
+    if plans:
+        experts = torch.stack([p.experts for p in plans], dim=1)
+        probability = torch.stack([p.expert_probability for p in plans], dim=1).detach()
+        router_probs = [p.router_probs.detach() for p in plans]
+    else:
+        experts = torch.full((batch, stages), -1, dtype=torch.long, device=device)
+        probability = torch.zeros(batch, stages, device=device)
+        router_probs = [torch.zeros(batch, len(s.experts), device=device) for s in config.stages]
+        visual_counts = visual_counts * (stages + 1)
     return PyramidRouting(
-        experts=torch.stack([p.experts for p in plans], dim=1),
-        expert_probability=torch.stack([p.expert_probability for p in plans], dim=1).detach(),
-        router_probs=[p.router_probs.detach() for p in plans],
+        experts=experts,
+        expert_probability=probability,
+        router_probs=router_probs,
         visual_tokens=torch.tensor(visual_counts, device=device).T,
         layer_tokens=layer_tokens,
         flops=decoder_flops(text_config, layer_tokens, layer_keys),

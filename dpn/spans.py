@@ -35,13 +35,16 @@ class VisualSpans:
         return counts
 
     def token_index(self, spans: list[int], seq_len: int, device: torch.device) -> torch.Tensor:
-        """Flat (sample * seq_len + position) index of every token of ``spans``, shape (n, rows * cols).
+        """Flat (sample * seq_len + position) index of every token of ``spans``, concatenated in order."""
+        sizes = torch.tensor([self.size(k) for k in spans], device=device)
+        first = torch.tensor([self.sample[k] * seq_len + self.start[k] for k in spans], device=device)
+        return torch.repeat_interleave(first, sizes) + ranks_within(sizes)
 
-        All ``spans`` must share one grid shape.
-        """
-        size = self.size(spans[0])
-        base = torch.tensor([self.sample[k] * seq_len + self.start[k] for k in spans], device=device)
-        return base[:, None] + torch.arange(size, device=device)
+
+def ranks_within(sizes: torch.Tensor) -> torch.Tensor:
+    """For consecutive groups of ``sizes`` items, each item's rank inside its group: 0, 1, .., 0, 1, .."""
+    group_start = torch.cumsum(sizes, 0) - sizes
+    return torch.arange(int(sizes.sum()), device=sizes.device) - torch.repeat_interleave(group_start, sizes)
 
 
 def find_visual_spans(image_mask: torch.Tensor, grid: tuple[int, int]) -> VisualSpans:

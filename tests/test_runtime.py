@@ -310,3 +310,18 @@ def test_beam_search_and_multiple_sequences_reorder_the_pyramid_cache():
                                   num_return_sequences=2, do_sample=True, pad_token_id=0)
     assert beams[1, -6:].tolist() == alone[0, -6:].tolist()
     assert repeated.shape[0] == 4
+
+
+def test_text_only_batch_passes_through_and_decoding_steps_skip_routing():
+    model, vanilla = tiny_llava(seed=2), tiny_llava(seed=2)
+    dpn.apply_pyramid(model, pyramid_config())
+    batch = batch_of([[11, 12, 13, 14], [20, 21, 22, 23, 24, 25]])
+    with torch.no_grad():
+        out = model(**batch, use_cache=True)
+        expected = vanilla(**batch)
+        step = model(input_ids=torch.tensor([[30], [31]]), past_key_values=out.past_key_values,
+                     attention_mask=torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1))
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(out.logits[mask], expected.logits[mask], atol=1e-5, rtol=0)
+    assert (out.routing.experts == -1).all() and torch.allclose(out.routing.flops_ratio, torch.ones(2, dtype=torch.float64))
+    assert step.routing is None and step.logits.shape == (2, 1, 96)

@@ -108,7 +108,7 @@ class DynamicPyramid(nn.Module):
         flat = hidden.reshape(batch * seq_len, width)
         rows, representatives = [], []
         for (n_rows, n_cols, kh, kw), members in groups.items():
-            index = spans.token_index(members, seq_len, device)
+            index = spans.token_index(members, seq_len, device).view(len(members), n_rows * n_cols)
             tokens = flat[index].view(len(members), n_rows, n_cols, width)
             pooled = pool_grid(tokens, (kh, kw), self.config.pooling).reshape(len(members), -1, width)
             if scale is not None:
