@@ -1,6 +1,14 @@
 """dpn: Dynamic Pyramid Networks for Hugging Face multimodal LLMs (arXiv 2503.20322)."""
 
-from dpn.api import apply_pyramid, get_pyramid_config, has_pyramid, load_pyramid, remove_pyramid, save_pyramid
+from dpn.api import (
+    apply_pyramid,
+    get_pyramid_config,
+    has_pyramid,
+    load_pyramid,
+    load_pyramid_weights,
+    remove_pyramid,
+    save_pyramid,
+)
 from dpn.cache import PyramidCache
 from dpn.config import PyramidConfig, PyramidStage
 from dpn.outputs import PyramidCausalLMOutput, PyramidRouting
@@ -19,6 +27,7 @@ __all__ = [
     "get_pyramid_config",
     "has_pyramid",
     "load_pyramid",
+    "load_pyramid_weights",
     "remove_pyramid",
     "save_pyramid",
 ]

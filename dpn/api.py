@@ -10,6 +10,8 @@ transformers checkpoint.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import MethodType
 
@@ -48,11 +50,15 @@ def apply_pyramid(model: nn.Module, config: PyramidConfig) -> nn.Module:
         device=reference.device, dtype=reference.dtype
     )
     pyramid.train(model.training)
+    _attach(model, pyramid)
+    return model
+
+
+def _attach(model: nn.Module, pyramid: DynamicPyramid) -> None:
     model.add_module(PYRAMID_ATTRIBUTE, pyramid)
     model.forward = MethodType(pyramid_forward, model)
     # Keep `model.save_pretrained` a vanilla checkpoint; the pyramid saves beside it (save_pyramid).
     model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save or ()) | set(_pyramid_keys(pyramid))
-    return model
 
 
 def remove_pyramid(model: nn.Module) -> nn.Module:
@@ -65,6 +71,20 @@ def remove_pyramid(model: nn.Module) -> nn.Module:
     if "forward" in vars(model):
         del model.forward
     return model
+
+
+@contextmanager
+def pyramid_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` as the vanilla model inside the block; the same pyramid (same weights) returns after."""
+    if not has_pyramid(model):
+        yield model
+        return
+    pyramid = getattr(model, PYRAMID_ATTRIBUTE)
+    remove_pyramid(model)
+    try:
+        yield model
+    finally:
+        _attach(model, pyramid)
 
 
 def get_pyramid_config(model: nn.Module) -> PyramidConfig:
@@ -106,7 +126,27 @@ def load_pyramid(model: nn.Module, directory: str | Path) -> nn.Module:
     if has_pyramid(model):
         remove_pyramid(model)
     apply_pyramid(model, config)
-    pyramid = getattr(model, PYRAMID_ATTRIBUTE)
+    _load_weights_into(getattr(model, PYRAMID_ATTRIBUTE), state, weights)
+    return model
+
+
+def load_pyramid_weights(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Load saved router weights into the pyramid ``model`` already has (same config), in place.
+
+    Parameters keep their identity, so an optimizer built on them stays valid (resuming training).
+    """
+    if not has_pyramid(model):
+        raise ValueError("this model has no pyramid to load weights into")
+    directory = Path(directory)
+    saved = PyramidConfig.load(directory / CONFIG_NAME)
+    if saved != get_pyramid_config(model):
+        raise ValueError(f"the pyramid saved in {directory} has a different config from the model's")
+    state, _ = _read_weights(directory / WEIGHTS_NAME)
+    _load_weights_into(getattr(model, PYRAMID_ATTRIBUTE), state, directory / WEIGHTS_NAME)
+    return model
+
+
+def _load_weights_into(pyramid: DynamicPyramid, state: dict[str, torch.Tensor], weights: Path) -> None:
     own = pyramid.state_dict()
     if set(own) != set(state):
         raise ValueError(
@@ -116,7 +156,6 @@ def load_pyramid(model: nn.Module, directory: str | Path) -> nn.Module:
         if own[key].shape != tensor.shape:
             raise ValueError(f"{weights}: {key} has shape {tuple(tensor.shape)}, expected {tuple(own[key].shape)}")
     pyramid.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
-    return model
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -134,9 +134,63 @@ def _trace(console: Console, model_config, pyramid: PyramidConfig, text_tokens: 
     console.print(table)
 
 
+def _synth_command(args: argparse.Namespace) -> int:
+    from dpn.data.synthetic import generate
+
+    if min(args.n, args.val, args.test) < 0:
+        raise ValueError("split sizes must be >= 0")
+    out = generate(args.out, train=args.n, val=args.val, test=args.test, seed=args.seed)
+    print(f"wrote {args.n} train, {args.val} val and {args.test} test samples to {out}")
+    return 0
+
+
+def _train_command(args: argparse.Namespace) -> int:
+    from dpn.train import TrainOptions, train
+
+    options = TrainOptions(
+        data=args.data, output_dir=args.output, image_folder=args.image_folder, pyramid=args.pyramid,
+        init_from=args.init_from, freeze_vision=args.freeze_vision, max_steps=args.steps,
+        batch_size=args.batch_size, gradient_accumulation=args.grad_accum, learning_rate=args.lr,
+        router_learning_rate=args.router_lr, warmup_steps=args.warmup_steps, save_steps=args.save_steps,
+        logging_steps=args.logging_steps, seed=args.seed, max_length=args.max_length, limit=args.limit,
+    )
+    out = train(options)
+    print(f"model written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpn", description="Dynamic Pyramid Networks for multimodal LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write the synthetic fine-grained VQA benchmark (LLaVA format)")
+    synth.add_argument("--out", required=True, help="output directory")
+    synth.add_argument("--n", type=int, default=20000, help="training samples")
+    synth.add_argument("--val", type=int, default=500, help="validation samples")
+    synth.add_argument("--test", type=int, default=1000, help="test samples")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(handler=_synth_command)
+
+    trainer = commands.add_parser("train", help="train or fine-tune a LLaVA model, with or without a pyramid")
+    trainer.add_argument("--data", required=True, help="LLaVA-format JSON file")
+    trainer.add_argument("--image-folder", help="folder the JSON's image paths are relative to (default: its folder)")
+    trainer.add_argument("--output", required=True, help="output directory (resumes from its last checkpoint)")
+    trainer.add_argument("--pyramid", default="paper", help="none | paper | static:KHxKW | path to pyramid_config.json")
+    trainer.add_argument("--init-from", help="checkpoint to fine-tune (default: a fresh tiny LLaVA)")
+    trainer.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
+    trainer.add_argument("--steps", type=int, default=500, help="optimizer steps")
+    trainer.add_argument("--batch-size", type=int, default=32)
+    trainer.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
+    trainer.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (cosine schedule)")
+    trainer.add_argument("--router-lr", type=float, help="learning rate of the routers (default: --lr)")
+    trainer.add_argument("--warmup-steps", type=int, default=50)
+    trainer.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps")
+    trainer.add_argument("--logging-steps", type=int, default=10)
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.add_argument("--max-length", type=int, default=2048, help="longest tokenised sample")
+    trainer.add_argument("--limit", type=int, help="use only the first N samples")
+    trainer.set_defaults(handler=_train_command)
     flops = commands.add_parser("flops", help="per-stage visual tokens and LLM FLOPs of a pyramid on a real geometry")
     flops.add_argument("--preset", default="llava-1.5-7b", choices=sorted(ARCHITECTURES))
     flops.add_argument("--pyramid", help="a pyramid_config.json (default: the paper's schedule for the preset)")

@@ -157,6 +157,44 @@ class PyramidConfig:
                 stages.append(PyramidStage(layer=layer, experts=experts))
         return cls(stages=stages, **overrides)
 
+    @classmethod
+    def static(cls, model_config: Any, expert: tuple[int, int], **overrides: Any) -> PyramidConfig:
+        """The paper's stages with one fixed stride (the paper's "static" ablation).
+
+        A stage where ``expert`` would not divide the grid left by earlier stages is dropped.
+        """
+        paper = cls.paper_default(model_config, **overrides)
+        from dpn.models import get_adapter
+
+        grid = get_adapter(model_config).visual_grid(model_config)
+        stages: list[PyramidStage] = []
+        for stage in paper.stages:
+            grids = reachable_grids(grid, stages, paper.min_tokens_to_pool)
+            if all(_divides(g, expert, paper.min_tokens_to_pool) for g in grids):
+                stages.append(PyramidStage(layer=stage.layer, experts=[expert]))
+        if not stages:
+            raise ValueError(f"the static stride {expert} divides none of the model's pyramid stages")
+        overrides.setdefault("routing_loss", "none")  # one expert: nothing to route
+        return cls(stages=stages, **overrides)
+
+    @classmethod
+    def from_spec(cls, spec: str, model_config: Any) -> PyramidConfig | None:
+        """``none`` | ``paper`` | ``static:KHxKW`` (e.g. ``static:2x2``) | a path to a pyramid_config.json."""
+        if spec == "none":
+            return None
+        if spec == "paper":
+            return cls.paper_default(model_config)
+        if spec.startswith("static:"):
+            try:
+                kh, kw = (int(k) for k in spec.removeprefix("static:").lower().split("x"))
+            except ValueError as err:
+                raise ValueError(f"static pyramid spec {spec!r} must look like static:2x2") from err
+            return cls.static(model_config, (kh, kw))
+        path = Path(spec)
+        if path.exists():
+            return cls.load(path)
+        raise ValueError(f"pyramid spec {spec!r} is none, paper, static:KHxKW or an existing pyramid_config.json")
+
     # ------------------------------------------------------------------------------- validation
     def validate_for(self, num_layers: int, grid: tuple[int, int]) -> None:
         """Raise ``ValueError`` if this pyramid cannot run on a model of this depth and visual grid."""

@@ -1,0 +1,209 @@
+"""A procedurally generated fine-grained VQA benchmark, written in the LLaVA data format.
+
+Each image has a background colour, one large shape in the middle, and four small objects, one
+in each corner: three small shapes and one digit drawn with Pillow's built-in font. Questions come
+in families tagged with a difficulty:
+
+- easy: global properties (the background colour, the large shape's colour);
+- medium: coarse properties (the large shape's kind, which side the digit is on);
+- hard: details of small objects (colour or kind of the object in a given corner, counting small
+  circles, reading the digit, left/right of two small objects).
+
+Everything is deterministic from the seed. The output is a JSON list per split in the LLaVA
+format (``{id, image, conversations: [{from: human, value: "<image>\\n..."}, {from: gpt, value}]}``
+plus ``difficulty`` and ``family``) and an image folder, so the same loader serves real data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFont
+
+IMAGE_SIZE = 96
+LARGE_RADIUS = (17, 22)  # half-size of the large shape, in pixels
+SMALL_SIZE = 11  # side of a small object, in pixels
+CORNER_MARGIN = (2, 13)  # a small object's offset from the image edge, in pixels
+DIGIT_FONT_SIZE = 15
+COLORS = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 230),
+    "yellow": (235, 210, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+    "white": (250, 250, 250),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+    "cyan": (40, 210, 220),
+}
+SHAPES = ("circle", "square", "triangle")
+CORNERS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
+DIGIT_KIND = "number"
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+
+# family -> (difficulty, question templates)
+FAMILIES = {
+    "background_color": ("easy", ["What color is the background?", "Which color is the background of the image?"]),
+    "large_color": ("easy", ["What color is the big shape?", "What is the color of the large shape?"]),
+    "large_shape": ("medium", ["What shape is the big object?", "Which shape is the large object?"]),
+    "digit_side": ("medium", ["Is the number on the left or the right?", "On which side is the digit, left or right?"]),
+    "small_color": ("hard", ["What color is the small object in the {corner} corner?"]),
+    "small_kind": ("hard", ["What is the small object in the {corner} corner?"]),
+    "count_circles": ("hard", ["How many small circles are there?", "Count the small circles."]),
+    "read_digit": ("hard", ["What digit is written in the image?", "Which number is shown?"]),
+    "relative": ("hard", ["Is the small {a} object left or right of the small {b} object?"]),
+}
+
+
+@dataclass
+class SmallObject:
+    kind: str  # a shape name or DIGIT_KIND
+    color: str
+    corner: str
+    digit: int | None = None
+
+
+@dataclass
+class Scene:
+    background: str
+    large_shape: str
+    large_color: str
+    small: list[SmallObject]
+
+
+def random_scene(rng: random.Random) -> Scene:
+    background, large_color, *small_colors = rng.sample(list(COLORS), 6)
+    corners = list(CORNERS)
+    digit_corner = rng.choice(corners)
+    small = []
+    for corner, color in zip(corners, small_colors):
+        if corner == digit_corner:
+            small.append(SmallObject(DIGIT_KIND, color, corner, digit=rng.randrange(10)))
+        else:
+            small.append(SmallObject(rng.choice(SHAPES), color, corner))
+    return Scene(background, rng.choice(SHAPES), large_color, small)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int], color) -> None:
+    x0, y0, x1, y1 = box
+    if kind == "circle":
+        draw.ellipse(box, fill=color)
+    elif kind == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
+
+
+def render(scene: Scene, rng: random.Random) -> Image.Image:
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), COLORS[scene.background])
+    draw = ImageDraw.Draw(image)
+    center = IMAGE_SIZE // 2
+    radius = rng.randint(*LARGE_RADIUS)
+    cx, cy = center + rng.randint(-3, 3), center + rng.randint(-3, 3)
+    _draw_shape(draw, scene.large_shape, (cx - radius, cy - radius, cx + radius, cy + radius), COLORS[scene.large_color])
+    font = ImageFont.load_default(size=DIGIT_FONT_SIZE)
+    for obj in scene.small:
+        right, bottom = CORNERS[obj.corner]
+        offset_x, offset_y = rng.randint(*CORNER_MARGIN), rng.randint(*CORNER_MARGIN)
+        x0 = IMAGE_SIZE - SMALL_SIZE - offset_x if right else offset_x
+        y0 = IMAGE_SIZE - SMALL_SIZE - offset_y if bottom else offset_y
+        if obj.kind == DIGIT_KIND:
+            left, top, text_right, text_bottom = font.getbbox(str(obj.digit))
+            x = x0 + (SMALL_SIZE - (text_right - left)) / 2 - left
+            y = y0 + (SMALL_SIZE - (text_bottom - top)) / 2 - top
+            draw.text((x, y), str(obj.digit), fill=COLORS[obj.color], font=font)
+        else:
+            _draw_shape(draw, obj.kind, (x0, y0, x0 + SMALL_SIZE - 1, y0 + SMALL_SIZE - 1), COLORS[obj.color])
+    return image
+
+
+def ask(scene: Scene, family: str, rng: random.Random) -> tuple[str, str]:
+    """A question of ``family`` about ``scene`` and its one-word answer."""
+    template = rng.choice(FAMILIES[family][1])
+    by_corner = {obj.corner: obj for obj in scene.small}
+    digit = next(obj for obj in scene.small if obj.kind == DIGIT_KIND)
+    if family == "background_color":
+        return template, scene.background
+    if family == "large_color":
+        return template, scene.large_color
+    if family == "large_shape":
+        return template, scene.large_shape
+    if family == "digit_side":
+        return template, "right" if CORNERS[digit.corner][0] else "left"
+    if family in ("small_color", "small_kind"):
+        corner = rng.choice(list(CORNERS))
+        obj = by_corner[corner]
+        return template.format(corner=corner), obj.color if family == "small_color" else obj.kind
+    if family == "count_circles":
+        return template, str(sum(obj.kind == "circle" for obj in scene.small))
+    if family == "read_digit":
+        return template, str(digit.digit)
+    if family == "relative":
+        while True:
+            a, b = rng.sample(scene.small, 2)
+            if CORNERS[a.corner][0] != CORNERS[b.corner][0]:
+                break
+        side = "left" if CORNERS[a.corner][0] < CORNERS[b.corner][0] else "right"
+        return template.format(a=a.color, b=b.color), side
+    raise ValueError(f"unknown question family {family!r}; known: {sorted(FAMILIES)}")
+
+
+def generate_split(out_dir: Path, split: str, size: int, seed: int, families: list[str] | None = None) -> list[dict]:
+    """Write ``size`` samples of ``split`` (images under ``out_dir/images/split``) and return the records."""
+    families = families or list(FAMILIES)
+    rng = random.Random(seed * 1000 + SPLIT_SEEDS.get(split, len(SPLIT_SEEDS)))
+    image_dir = out_dir / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in range(size):
+        scene = random_scene(rng)
+        family = families[index % len(families)]
+        question, answer = ask(scene, family, rng)
+        image_path = image_dir / f"{index:06d}.png"
+        render(scene, rng).save(image_path)
+        records.append({
+            "id": f"{split}-{index:06d}",
+            "image": str(image_path.relative_to(out_dir)),
+            "conversations": [
+                {"from": "human", "value": f"<image>\n{question}"},
+                {"from": "gpt", "value": answer},
+            ],
+            "difficulty": FAMILIES[family][0],
+            "family": family,
+        })
+    rng.shuffle(records)
+    (out_dir / f"{split}.json").write_text(json.dumps(records, indent=1))
+    return records
+
+
+def generate(out_dir: str | Path, train: int, val: int, test: int, seed: int = 0, progress: bool = True) -> Path:
+    """Write the train / val / test splits into ``out_dir``; return it."""
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sizes = {"train": train, "val": val, "test": test}
+    for split in tqdm(sizes, desc="benchmark splits", disable=not progress):
+        generate_split(out_dir, split, sizes[split], seed)
+    (out_dir / "benchmark.json").write_text(json.dumps({"seed": seed, "sizes": sizes, "image_size": IMAGE_SIZE}, indent=1))
+    return out_dir
+
+
+def answer_vocabulary() -> list[str]:
+    """Every answer the benchmark can produce (used to seed the tiny tokenizer's corpus)."""
+    return sorted({*COLORS, *SHAPES, DIGIT_KIND, "left", "right", *(str(d) for d in range(10))})
+
+
+def question_corpus() -> list[str]:
+    """Every question template, filled in, for the tiny tokenizer's corpus."""
+    lines = []
+    for _, templates in FAMILIES.values():
+        for template in templates:
+            for corner in CORNERS:
+                for a in COLORS:
+                    lines.append(template.format(corner=corner, a=a, b=a))
+    return sorted(set(lines))

@@ -1,0 +1,255 @@
+"""Evaluation: accuracy and efficiency of a model (with or without a pyramid) on LLaVA-format data.
+
+For each test sample the model answers greedily; the answer is compared with the reference after
+normalisation (lower case, punctuation and articles dropped). Alongside accuracy (overall and per
+``difficulty`` / ``family`` tag) it records what the pyramid did: the expert per stage, visual
+tokens kept per stage, and the LLM prefill FLOPs ratio to the vanilla model. It also measures the
+prefill latency of the same batches with and without the pyramid.
+
+Predictions are appended to ``predictions.jsonl`` as they are made; an interrupted evaluation
+picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from dpn.api import apply_pyramid, has_pyramid, load_pyramid, pyramid_disabled
+from dpn.config import CONFIG_NAME, PyramidConfig
+from dpn.data.llava import LlavaCollator, LlavaDataset
+from dpn.models import get_adapter
+
+PREDICTIONS = "predictions.jsonl"
+SUMMARY = "summary.json"
+ARTICLES = {"a", "an", "the"}
+LATENCY_BATCHES = 4  # batches timed for the latency ratio
+LATENCY_REPEATS = 5
+
+
+def normalize_answer(text: str) -> str:
+    words = re.sub(r"[^0-9a-z ]+", " ", text.lower()).split()
+    return " ".join(w for w in words if w not in ARTICLES)
+
+
+@dataclass
+class EvalOptions:
+    model: str
+    data: str
+    output_dir: str
+    image_folder: str | None = None
+    pyramid: str = "saved"  # saved | none | paper | static:KHxKW | path to pyramid_config.json
+    batch_size: int = 32
+    max_new_tokens: int = 8
+    limit: int | None = None
+    measure_latency: bool = True
+    plot: bool = True
+    progress: bool = True
+
+
+def load_for_eval(model_dir: str, pyramid: str):
+    """Model, processor and the pyramid to evaluate with (``saved`` uses the one saved beside it)."""
+    from dpn import zoo
+
+    model, processor = zoo.load(model_dir)
+    model.eval()
+    if pyramid == "saved":
+        if (Path(model_dir) / CONFIG_NAME).is_file():
+            load_pyramid(model, model_dir)
+    else:
+        config = PyramidConfig.from_spec(pyramid, model.config)
+        if config is not None:
+            apply_pyramid(model, config)
+    return model, processor
+
+
+@torch.no_grad()
+def greedy_answer(model, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int, pad_token_id: int):
+    """Greedy decoding with the KV cache; returns (new token ids, the prefill output).
+
+    The same computation as ``model.generate(do_sample=False)`` (the tests check it), but it keeps
+    the prefill output, whose ``routing`` says what the pyramid did.
+    """
+    attention_mask = batch["attention_mask"]
+    prefill = model(**batch, use_cache=True)
+    cache = prefill.past_key_values
+    next_token = prefill.logits[:, -1].argmax(-1)
+    finished = torch.zeros_like(next_token, dtype=torch.bool)
+    tokens = []
+    position = attention_mask.long().sum(-1)
+    for _ in range(max_new_tokens):
+        next_token = torch.where(finished, pad_token_id, next_token)
+        tokens.append(next_token)
+        finished |= next_token == eos_token_id
+        if bool(finished.all()):
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+        out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position[:, None],
+                    past_key_values=cache, use_cache=True)
+        position = position + 1
+        cache = out.past_key_values
+        next_token = out.logits[:, -1].argmax(-1)
+    return torch.stack(tokens, dim=1), prefill
+
+
+def _prefill_seconds(model, batch) -> float:
+    times = []
+    for _ in range(LATENCY_REPEATS + 1):  # the first run warms up
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**batch, use_cache=False, logits_to_keep=1)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def evaluate(options: EvalOptions) -> dict[str, Any]:
+    """Evaluate, write ``predictions.jsonl``, ``summary.json`` and plots; return the summary."""
+    output_dir = Path(options.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model, processor = load_for_eval(options.model, options.pyramid)
+    device = next(model.parameters()).device
+    adapter = get_adapter(model)
+    grid = adapter.visual_grid(model.config)
+    dataset = LlavaDataset(
+        options.data, options.image_folder, processor, image_tokens=grid[0] * grid[1],
+        image_token_id=adapter.image_token_id(model.config), for_generation=True, limit=options.limit,
+    )
+    tokenizer = processor.tokenizer
+    collate = LlavaCollator(pad_token_id=tokenizer.pad_token_id, padding_side="left", with_labels=False)
+
+    predictions_path = output_dir / PREDICTIONS
+    done = _read_predictions(predictions_path)
+    todo = [i for i, record in enumerate(dataset.records) if _record_id(record, i) not in done]
+    latency = {"pyramid": [], "vanilla": []}
+    batches = range(0, len(todo), options.batch_size)
+    with predictions_path.open("a") as sink:
+        for number, start in enumerate(tqdm(batches, desc="evaluating", disable=not options.progress)):
+            indices = todo[start:start + options.batch_size]
+            batch = {k: v.to(device) for k, v in collate([dataset[i] for i in indices]).items()}
+            tokens, prefill = greedy_answer(
+                model, batch, options.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
+            )
+            if options.measure_latency and has_pyramid(model) and number < LATENCY_BATCHES:
+                latency["pyramid"].append(_prefill_seconds(model, batch))
+                with pyramid_disabled(model):
+                    latency["vanilla"].append(_prefill_seconds(model, batch))
+            for row, index in enumerate(indices):
+                record = dataset.records[index]
+                result = _result(record, index, tokenizer.decode(tokens[row], skip_special_tokens=True), prefill, row)
+                sink.write(json.dumps(result) + "\n")
+                done[result["id"]] = result
+            sink.flush()
+
+    results = [done[_record_id(r, i)] for i, r in enumerate(dataset.records) if _record_id(r, i) in done]
+    summary = summarize(results)
+    summary["model"] = options.model
+    summary["pyramid"] = PyramidConfig.to_dict(model.pyramid.config) if has_pyramid(model) else None
+    if latency["pyramid"]:
+        summary["prefill_latency_ratio"] = sum(latency["pyramid"]) / sum(latency["vanilla"])
+        summary["prefill_seconds_per_batch"] = {k: statistics.median(v) for k, v in latency.items()}
+        summary["latency_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    (output_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
+    if options.plot:
+        plot_routing(results, output_dir / "routing.png")
+    return summary
+
+
+def _record_id(record: dict, index: int) -> str:
+    return str(record.get("id", index))
+
+
+def _read_predictions(path: Path) -> dict[str, dict]:
+    done: dict[str, dict] = {}
+    if not path.is_file():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by an interruption: that sample is evaluated again
+        done[result["id"]] = result
+    return done
+
+
+def _result(record: dict, index: int, prediction: str, prefill, row: int) -> dict[str, Any]:
+    reference = record["conversations"][-1]["value"] if record["conversations"][-1]["from"] in ("gpt", "assistant") else ""
+    result = {
+        "id": _record_id(record, index),
+        "difficulty": record.get("difficulty", "all"),
+        "family": record.get("family", "all"),
+        "prediction": prediction.strip(),
+        "reference": reference,
+        "correct": normalize_answer(prediction) == normalize_answer(reference),
+    }
+    routing = getattr(prefill, "routing", None)
+    if routing is not None:
+        result["experts"] = routing.experts[row].tolist()
+        result["visual_tokens"] = routing.visual_tokens[row].tolist()
+        result["flops_ratio"] = float(routing.flops_ratio[row])
+    return result
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy, kept visual tokens and FLOPs ratio, overall and per difficulty and family."""
+    def stats(group: list[dict]) -> dict[str, Any]:
+        out: dict[str, Any] = {"n": len(group), "accuracy": sum(r["correct"] for r in group) / max(1, len(group))}
+        routed = [r for r in group if "visual_tokens" in r]
+        if routed:
+            stages = len(routed[0]["visual_tokens"])
+            out["visual_tokens"] = [statistics.mean(r["visual_tokens"][s] for r in routed) for s in range(stages)]
+            out["flops_ratio"] = statistics.mean(r["flops_ratio"] for r in routed)
+        return out
+
+    by_difficulty, by_family = defaultdict(list), defaultdict(list)
+    for result in results:
+        by_difficulty[result["difficulty"]].append(result)
+        by_family[result["family"]].append(result)
+    return {
+        "overall": stats(results),
+        "difficulty": {k: stats(v) for k, v in sorted(by_difficulty.items())},
+        "family": {k: stats(v) for k, v in sorted(by_family.items())},
+    }
+
+
+def plot_routing(results: list[dict[str, Any]], path: Path) -> Path | None:
+    """Bar charts of each stage's expert shares per difficulty."""
+    routed = [r for r in results if "experts" in r]
+    if not routed:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = len(routed[0]["experts"])
+    difficulties = sorted({r["difficulty"] for r in routed})
+    experts = sorted({e for r in routed for e in r["experts"] if e >= 0}) or [0]
+    figure, axes = plt.subplots(1, stages, figsize=(4 * stages, 3.2), squeeze=False)
+    width = 0.8 / len(difficulties)
+    for stage in range(stages):
+        axis = axes[0][stage]
+        for k, difficulty in enumerate(difficulties):
+            chosen = [r["experts"][stage] for r in routed if r["difficulty"] == difficulty and r["experts"][stage] >= 0]
+            shares = [chosen.count(e) / max(1, len(chosen)) for e in experts]
+            axis.bar([e + k * width for e in experts], shares, width=width, label=difficulty)
+        axis.set_title(f"stage {stage}")
+        axis.set_xticks([e + 0.4 - width / 2 for e in experts], [f"expert {e}" for e in experts])
+        axis.set_ylim(0, 1)
+        axis.set_ylabel("share of samples")
+    axes[0][0].legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
