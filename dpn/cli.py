@@ -11,40 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from itertools import product
 
 from rich.console import Console
 from rich.table import Table
 
 from dpn.architectures import ARCHITECTURES, llava_config
-from dpn.config import PyramidConfig, visual_tokens_after
-from dpn.flops import decoder_flops, segment_layer_tokens, vision_flops
+from dpn.config import PyramidConfig
+from dpn.flops import GIGA, decoder_flops, path_flops, vision_flops
 from dpn.models import get_adapter
 
-GIGA = 1e9
 DEFAULT_TEXT_TOKENS = 64  # a typical LLaVA-1.5 prompt around one image
-
-
-def flops_rows(model_config, pyramid: PyramidConfig, text_tokens: int) -> list[dict]:
-    """One row per routing path: visual tokens per stage, LLM prefill FLOPs and ratio to vanilla."""
-    adapter = get_adapter(model_config)
-    text_config = adapter.text_config(model_config)
-    grid = adapter.visual_grid(model_config)
-    num_layers = adapter.num_layers(model_config)
-    layers = [stage.layer for stage in pyramid.stages]
-    vanilla = decoder_flops(text_config, [text_tokens + grid[0] * grid[1]] * num_layers)
-    rows = []
-    for path in product(*(stage.experts for stage in pyramid.stages)):
-        visual = visual_tokens_after(grid, list(path), pyramid.min_tokens_to_pool)
-        tokens = segment_layer_tokens(num_layers, layers, [text_tokens + v for v in visual])
-        flops = decoder_flops(text_config, tokens)
-        rows.append({
-            "experts": ["x".join(map(str, e)) for e in path],
-            "visual_tokens": visual,
-            "llm_gflops": flops / GIGA,
-            "ratio": flops / vanilla,
-        })
-    return rows
 
 
 def _flops_command(args: argparse.Namespace) -> int:
@@ -53,7 +29,7 @@ def _flops_command(args: argparse.Namespace) -> int:
     pyramid = PyramidConfig.load(args.pyramid) if args.pyramid else PyramidConfig.paper_default(model_config)
     adapter = get_adapter(model_config)
     pyramid.validate_for(adapter.num_layers(model_config), adapter.visual_grid(model_config))
-    rows = flops_rows(model_config, pyramid, args.text_tokens)
+    rows = path_flops(model_config, pyramid, args.text_tokens)
     text_config = adapter.text_config(model_config)
     grid = adapter.visual_grid(model_config)
     vanilla_tokens = args.text_tokens + grid[0] * grid[1]
@@ -139,7 +115,9 @@ def _synth_command(args: argparse.Namespace) -> int:
 
     if min(args.n, args.val, args.test) < 0:
         raise ValueError("split sizes must be >= 0")
-    out = generate(args.out, train=args.n, val=args.val, test=args.test, seed=args.seed)
+    if not 0 <= args.captions <= 1:
+        raise ValueError("--captions is a fraction between 0 and 1")
+    out = generate(args.out, train=args.n, val=args.val, test=args.test, seed=args.seed, captions=args.captions)
     print(f"wrote {args.n} train, {args.val} val and {args.test} test samples to {out}")
     return 0
 
@@ -159,6 +137,41 @@ def _train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_command(args: argparse.Namespace) -> int:
+    from dpn.evaluate import EvalOptions, evaluate
+
+    summary = evaluate(EvalOptions(
+        model=args.model, data=args.data, output_dir=args.output, image_folder=args.image_folder,
+        pyramid=args.pyramid, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
+        measure_latency=not args.no_latency,
+    ))
+    console = Console()
+    table = Table(title=f"{args.model} on {args.data}")
+    for column in ("split", "n", "accuracy", "kept visual tokens", "FLOPs ratio"):
+        table.add_column(column, justify="right")
+    for name, group in [("all", summary["overall"]), *summary["difficulty"].items()]:
+        visual = group.get("visual_tokens")
+        table.add_row(name, str(group["n"]), f"{group['accuracy']:.1%}",
+                      " -> ".join(f"{v:.1f}" for v in visual) if visual else "-",
+                      f"{group['flops_ratio']:.3f}" if "flops_ratio" in group else "-")
+    console.print(table)
+    if "prefill_latency_ratio" in summary:
+        console.print(f"prefill latency with / without the pyramid: {summary['prefill_latency_ratio']:.2f} "
+                      f"({summary['latency_device']})")
+    console.print(f"results in {args.output}")
+    return 0
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    from dpn.demo import DemoOptions, run_demo
+
+    run_demo(DemoOptions(
+        out_dir=args.out, from_scratch=args.from_scratch, train_samples=args.train_samples,
+        test_samples=args.test_samples, finetune_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+    ))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpn", description="Dynamic Pyramid Networks for multimodal LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--val", type=int, default=500, help="validation samples")
     synth.add_argument("--test", type=int, default=1000, help="test samples")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--captions", type=float, default=0.5,
+                       help="share of training images that also get a caption sample (train split only)")
     synth.set_defaults(handler=_synth_command)
 
     trainer = commands.add_parser("train", help="train or fine-tune a LLaVA model, with or without a pyramid")
@@ -191,6 +206,28 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--max-length", type=int, default=2048, help="longest tokenised sample")
     trainer.add_argument("--limit", type=int, help="use only the first N samples")
     trainer.set_defaults(handler=_train_command)
+
+    evaluator = commands.add_parser("eval", help="accuracy and efficiency on LLaVA-format data (resumable)")
+    evaluator.add_argument("--model", required=True, help="model directory (its saved pyramid is used, if any)")
+    evaluator.add_argument("--data", required=True, help="LLaVA-format JSON file")
+    evaluator.add_argument("--image-folder", help="folder the JSON's image paths are relative to (default: its folder)")
+    evaluator.add_argument("--output", required=True, help="results directory (an interrupted run resumes)")
+    evaluator.add_argument("--pyramid", default="saved", help="saved | none | paper | static:KHxKW | pyramid_config.json")
+    evaluator.add_argument("--batch-size", type=int, default=32)
+    evaluator.add_argument("--max-new-tokens", type=int, default=8)
+    evaluator.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    evaluator.add_argument("--no-latency", action="store_true", help="skip the prefill latency measurement")
+    evaluator.set_defaults(handler=_eval_command)
+
+    demo = commands.add_parser("demo", help="benchmark, fine-tune with/without DPN and static, evaluate, compare")
+    demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.add_argument("--from-scratch", action="store_true", help="train the base model here instead of the shipped one")
+    demo.add_argument("--train-samples", type=int, default=4000)
+    demo.add_argument("--test-samples", type=int, default=500)
+    demo.add_argument("--steps", type=int, default=150, help="fine-tuning steps per variant")
+    demo.add_argument("--batch-size", type=int, default=32)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(handler=_demo_command)
     flops = commands.add_parser("flops", help="per-stage visual tokens and LLM FLOPs of a pyramid on a real geometry")
     flops.add_argument("--preset", default="llava-1.5-7b", choices=sorted(ARCHITECTURES))
     flops.add_argument("--pyramid", help="a pyramid_config.json (default: the paper's schedule for the preset)")

@@ -171,15 +171,19 @@ def _record_id(record: dict, index: int) -> str:
 
 
 def _read_predictions(path: Path) -> dict[str, dict]:
+    """Results already written; a line cut short by an interruption is dropped (and re-evaluated)."""
     done: dict[str, dict] = {}
     if not path.is_file():
         return done
+    complete = []
     for line in path.read_text().splitlines():
         try:
             result = json.loads(line)
         except json.JSONDecodeError:
-            continue  # a line cut short by an interruption: that sample is evaluated again
+            continue
         done[result["id"]] = result
+        complete.append(line)
+    path.write_text("".join(f"{line}\n" for line in complete))
     return done
 
 

@@ -20,10 +20,12 @@ depend on the pyramid.
 
 from __future__ import annotations
 
+from itertools import product
 from typing import Any
 
 import torch
 
+GIGA = 1e9
 FLOPS_PER_MAC = 2
 GATED_MLP_MATRICES = 3  # gate, up and down projections
 
@@ -85,3 +87,29 @@ def segment_layer_tokens(num_layers: int, stage_layers: list[int], segment_token
         counts.extend([tokens] * (end - first))
         first = end
     return counts
+
+
+def path_flops(model_config: Any, pyramid: Any, text_tokens: int) -> list[dict]:
+    """One row per routing path of ``pyramid``: experts, visual tokens per segment, LLM prefill
+    GFLOPs and the ratio to the vanilla model, for one image and ``text_tokens`` text tokens."""
+    from dpn.config import visual_tokens_after
+    from dpn.models import get_adapter
+
+    adapter = get_adapter(model_config)
+    text_config = adapter.text_config(model_config)
+    grid = adapter.visual_grid(model_config)
+    num_layers = adapter.num_layers(model_config)
+    layers = [stage.layer for stage in pyramid.stages]
+    vanilla = decoder_flops(text_config, [text_tokens + grid[0] * grid[1]] * num_layers)
+    rows = []
+    for path in product(*(stage.experts for stage in pyramid.stages)):
+        visual = visual_tokens_after(grid, list(path), pyramid.min_tokens_to_pool)
+        flops = decoder_flops(text_config, segment_layer_tokens(num_layers, layers, [text_tokens + v for v in visual]))
+        rows.append({
+            "path": list(path),
+            "experts": ["x".join(map(str, e)) for e in path],
+            "visual_tokens": visual,
+            "llm_gflops": flops / GIGA,
+            "ratio": flops / vanilla,
+        })
+    return rows

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from dpn.cli import flops_rows, main
+from dpn.cli import main
+from dpn.flops import path_flops
 from dpn.architectures import llava_config
 from dpn.config import PyramidConfig
 from dpn.flops import decoder_flops
@@ -40,9 +41,9 @@ def test_flops_with_a_user_pyramid_file(tmp_path, capsys):
     assert [p["visual_tokens"] for p in report["paths"]] == [[576, 576], [576, 36]]
 
 
-def test_flops_rows_agree_with_each_path():
+def test_path_flops_agree_with_each_path():
     config = llava_config("qwen2-0.5b")
-    rows = flops_rows(config, PyramidConfig.paper_default(config), text_tokens=10)
+    rows = path_flops(config, PyramidConfig.paper_default(config), text_tokens=10)
     assert all(0 < r["ratio"] <= 1 for r in rows)
     assert sorted(r["ratio"] for r in rows)[-1] == pytest.approx(1.0)
 

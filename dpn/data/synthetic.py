@@ -44,6 +44,8 @@ SHAPES = ("circle", "square", "triangle")
 CORNERS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
 DIGIT_KIND = "number"
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+CAPTION_PROMPT = "Describe the image."
+TRAIN_CAPTIONS = 0.5  # share of training images that also get a caption sample
 
 # family -> (difficulty, question templates)
 FAMILIES = {
@@ -152,8 +154,24 @@ def ask(scene: Scene, family: str, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"unknown question family {family!r}; known: {sorted(FAMILIES)}")
 
 
-def generate_split(out_dir: Path, split: str, size: int, seed: int, families: list[str] | None = None) -> list[dict]:
-    """Write ``size`` samples of ``split`` (images under ``out_dir/images/split``) and return the records."""
+def describe(scene: Scene) -> str:
+    """A dense caption naming every object and where it is (LLaVA's stage-1 style supervision)."""
+    parts = [f"Background: {scene.background}.", f"Big shape: {scene.large_color} {scene.large_shape}."]
+    for obj in scene.small:
+        kind = f"number {obj.digit}" if obj.kind == DIGIT_KIND else obj.kind
+        parts.append(f"{obj.corner.capitalize()}: {obj.color} {kind}.")
+    return " ".join(parts)
+
+
+def generate_split(
+    out_dir: Path, split: str, size: int, seed: int, families: list[str] | None = None, captions: float = 0.0
+) -> list[dict]:
+    """Write ``size`` samples of ``split`` (images under ``out_dir/images/split``) and return the records.
+
+    With ``captions`` > 0, that fraction of the images also gets a caption sample ("Describe the
+    image." -> every object and its place, tagged ``difficulty: caption``): dense supervision that
+    teaches a model trained from scratch to see the small objects. Evaluation splits use none.
+    """
     families = families or list(FAMILIES)
     rng = random.Random(seed * 1000 + SPLIT_SEEDS.get(split, len(SPLIT_SEEDS)))
     image_dir = out_dir / "images" / split
@@ -175,32 +193,48 @@ def generate_split(out_dir: Path, split: str, size: int, seed: int, families: li
             "difficulty": FAMILIES[family][0],
             "family": family,
         })
+        if captions and rng.random() < captions:
+            records.append({
+                "id": f"{split}-{index:06d}-caption",
+                "image": str(image_path.relative_to(out_dir)),
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
+                    {"from": "gpt", "value": describe(scene)},
+                ],
+                "difficulty": "caption",
+                "family": "caption",
+            })
     rng.shuffle(records)
     (out_dir / f"{split}.json").write_text(json.dumps(records, indent=1))
     return records
 
 
-def generate(out_dir: str | Path, train: int, val: int, test: int, seed: int = 0, progress: bool = True) -> Path:
-    """Write the train / val / test splits into ``out_dir``; return it."""
+def generate(
+    out_dir: str | Path, train: int, val: int, test: int, seed: int = 0, progress: bool = True,
+    captions: float = TRAIN_CAPTIONS,
+) -> Path:
+    """Write the train / val / test splits into ``out_dir`` (captions in train only); return it."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = {"train": train, "val": val, "test": test}
     for split in tqdm(sizes, desc="benchmark splits", disable=not progress):
-        generate_split(out_dir, split, sizes[split], seed)
-    (out_dir / "benchmark.json").write_text(json.dumps({"seed": seed, "sizes": sizes, "image_size": IMAGE_SIZE}, indent=1))
+        generate_split(out_dir, split, sizes[split], seed, captions=captions if split == "train" else 0.0)
+    info = {"seed": seed, "sizes": sizes, "image_size": IMAGE_SIZE, "train_captions": captions}
+    (out_dir / "benchmark.json").write_text(json.dumps(info, indent=1))
     return out_dir
 
 
 def answer_vocabulary() -> list[str]:
     """Every answer the benchmark can produce (used to seed the tiny tokenizer's corpus)."""
-    return sorted({*COLORS, *SHAPES, DIGIT_KIND, "left", "right", *(str(d) for d in range(10))})
+    return sorted({*COLORS, *SHAPES, DIGIT_KIND, "left", "right", *(str(d) for d in range(10)),
+                   "Background:", "Big shape:", *(f"{c.capitalize()}:" for c in CORNERS)})
 
 
 def question_corpus() -> list[str]:
     """Every question template, filled in, for the tiny tokenizer's corpus."""
-    lines = []
+    lines = [CAPTION_PROMPT]
     for _, templates in FAMILIES.values():
         for template in templates:
             for corner in CORNERS:

@@ -50,7 +50,25 @@ def test_answers_follow_the_scene():
 
 
 def test_cli_writes_splits(tmp_path, capsys):
-    assert main(["data", "synth", "--out", str(tmp_path), "--n", "9", "--val", "3", "--test", "4"]) == 0
+    assert main(["data", "synth", "--out", str(tmp_path), "--n", "9", "--val", "3", "--test", "4", "--captions", "0"]) == 0
     sizes = {split: len(json.loads((tmp_path / f"{split}.json").read_text())) for split in ("train", "val", "test")}
     assert sizes == {"train": 9, "val": 3, "test": 4}
     assert "wrote 9 train" in capsys.readouterr().out
+
+
+def test_captions_only_where_asked(tmp_path):
+    from dpn.data.synthetic import CAPTION_PROMPT, describe
+
+    plain = generate_split(tmp_path / "plain", "test", 20, seed=0)
+    with_captions = generate_split(tmp_path / "captions", "train", 20, seed=0, captions=0.5)
+    assert not any(r["family"] == "caption" for r in plain)
+    captions = [r for r in with_captions if r["family"] == "caption"]
+    assert 3 <= len(captions) <= 17 and all(r["difficulty"] == "caption" for r in captions)
+    questions = {r["image"] for r in with_captions if r["family"] != "caption"}
+    assert len(questions) == 20 and all(r["image"] in questions for r in captions)  # captions reuse images
+    assert captions[0]["conversations"][0]["value"] == f"<image>\n{CAPTION_PROMPT}"
+    rng = random.Random(1)
+    scene = random_scene(rng)
+    text = describe(scene)
+    assert text.startswith(f"Background: {scene.background}. Big shape: {scene.large_color} {scene.large_shape}.")
+    assert all(f"{o.corner.capitalize()}: {o.color}" in text for o in scene.small)

@@ -1,0 +1,181 @@
+"""``dpn demo``: watch DPN work on a fresh CPU machine in minutes, with the real pipeline.
+
+1. write the synthetic fine-grained VQA benchmark (LLaVA format);
+2. take the base tiny LLaVA: the shipped checkpoint (``dpn/assets/tiny-llava-base``, produced by
+   ``dpn train --pyramid none``; its command, seed and log sit beside it) or, with
+   ``--from-scratch``, train it here;
+3. fine-tune it three ways with the same data, steps and seed: without a pyramid, with DPN (the
+   paper's schedule), and with a static pyramid whose FLOPs come closest to what DPN spent;
+4. evaluate all of them, plus the base model without and with the most aggressive static pooling
+   (training-free), and print one table: accuracy overall / easy / hard, kept visual tokens, LLM
+   FLOPs ratio and measured prefill latency ratio. Results and plots go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from transformers import LlavaConfig
+
+from dpn.config import PyramidConfig, PyramidStage
+from dpn.data.synthetic import generate
+from dpn.evaluate import EvalOptions, evaluate
+from dpn.flops import path_flops
+from dpn.train import TrainOptions, train
+
+BASE_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-llava-base"
+# Text tokens of a benchmark prompt around its image (for choosing the static schedule).
+PROMPT_TEXT_TOKENS = 20
+
+
+@dataclass
+class DemoOptions:
+    out_dir: str = "runs/demo"
+    from_scratch: bool = False
+    train_samples: int = 4000
+    test_samples: int = 500
+    finetune_steps: int = 150
+    base_steps: int = 3000
+    base_train_samples: int = 40000
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    router_learning_rate: float = 1e-3
+    seed: int = 0
+    progress: bool = True
+
+
+def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    start = time.perf_counter()
+    out = Path(options.out_dir)
+    data = out / "data"
+    if not (data / "test.json").is_file():
+        console.print(f"[bold]1/4[/] writing the benchmark to {data}")
+        train_samples = max(options.train_samples, options.base_train_samples if options.from_scratch else 0)
+        generate(data, train=train_samples, val=0, test=options.test_samples, seed=options.seed,
+                 progress=options.progress)
+    base = _base_model(options, out, data, console)
+
+    def finetune(name: str, pyramid: str) -> Path:
+        return train(TrainOptions(
+            data=str(data / "train.json"), output_dir=str(out / name), pyramid=pyramid, init_from=str(base),
+            max_steps=options.finetune_steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
+            router_learning_rate=options.router_learning_rate, warmup_steps=max(1, options.finetune_steps // 10),
+            save_steps=max(1, options.finetune_steps // 2), logging_steps=max(1, options.finetune_steps // 10),
+            seed=options.seed, limit=options.train_samples, progress=options.progress,
+        ))
+
+    def score(name: str, model: Path, pyramid: str) -> dict[str, Any]:
+        return evaluate(EvalOptions(
+            model=str(model), data=str(data / "test.json"), output_dir=str(out / "eval" / name), pyramid=pyramid,
+            batch_size=options.batch_size, progress=options.progress,
+        ))
+
+    console.print("[bold]3/4[/] fine-tuning: no pyramid, DPN, then static at DPN's FLOPs; evaluating each")
+    schedules = static_schedules(base)
+    strongest = _schedule_file(min(schedules, key=lambda s: s[1])[0], out, "strongest")
+    results: dict[str, dict[str, Any]] = {}
+    results["base"] = score("base", base, "none")
+    results[f"base + static {_path_name(strongest)}, no training"] = score("base-static", base, str(strongest))
+    results["fine-tuned, no pyramid"] = score("vanilla", finetune("vanilla", "none"), "saved")
+    results["fine-tuned, DPN"] = score("dpn", finetune("dpn", "paper"), "saved")
+    dpn_flops = results["fine-tuned, DPN"]["overall"]["flops_ratio"]
+    matching = _schedule_file(min(schedules, key=lambda s: abs(s[1] - dpn_flops))[0], out, "matching")
+    results[f"fine-tuned, static {_path_name(matching)}"] = score("static", finetune("static", str(matching)), "saved")
+
+    console.print("[bold]4/4[/] results")
+    table = results_table(results)
+    console.print(table)
+    elapsed = time.perf_counter() - start
+    report = {"elapsed_seconds": elapsed, "options": options.__dict__, "results": results}
+    (out / "results.json").write_text(json.dumps(report, indent=1))
+    (out / "results.md").write_text(results_markdown(results, elapsed))
+    console.print(f"wall time {elapsed / 60:.1f} min; routing plot: {out / 'eval' / 'dpn' / 'routing.png'}; "
+                  f"table: {out / 'results.md'}")
+    return report
+
+
+def _base_model(options: DemoOptions, out: Path, data: Path, console: Console) -> Path:
+    if not options.from_scratch:
+        if not (BASE_CHECKPOINT / "model.safetensors").is_file():
+            raise FileNotFoundError(f"the shipped base checkpoint is missing at {BASE_CHECKPOINT}; use --from-scratch")
+        console.print(f"[bold]2/4[/] base model: the shipped checkpoint {BASE_CHECKPOINT}")
+        return BASE_CHECKPOINT
+    console.print(f"[bold]2/4[/] training the base model from scratch ({options.base_steps} steps)")
+    return train(TrainOptions(
+        data=str(data / "train.json"), output_dir=str(out / "base"), pyramid="none", max_steps=options.base_steps,
+        batch_size=options.batch_size, learning_rate=5e-4, warmup_steps=50, save_steps=250, logging_steps=25,
+        seed=options.seed, progress=options.progress,
+    ))
+
+
+def static_schedules(model_dir: Path) -> list[tuple[PyramidConfig, float]]:
+    """Every fixed (one expert per stage) schedule over the paper's stages, with its LLM FLOPs
+    ratio for a benchmark-sized prompt. The all-1x1 schedule (no pooling) is left out."""
+    config = LlavaConfig.from_pretrained(model_dir)
+    paper = PyramidConfig.paper_default(config)
+    schedules = []
+    for row in path_flops(config, paper, PROMPT_TEXT_TOKENS):
+        if any(expert != (1, 1) for expert in row["path"]):
+            stages = [PyramidStage(s.layer, [e]) for s, e in zip(paper.stages, row["path"])]
+            schedules.append((PyramidConfig(stages=stages, routing_loss="none"), row["ratio"]))
+    return schedules
+
+
+def _schedule_file(schedule: PyramidConfig, out: Path, name: str) -> Path:
+    return schedule.save(out / "schedules" / f"{name}.json")
+
+
+def _path_name(schedule_file: Path) -> str:
+    stages = PyramidConfig.load(schedule_file).stages
+    return "/".join("x".join(map(str, s.experts[0])) for s in stages)
+
+
+COLUMNS = ("accuracy", "easy", "medium", "hard", "kept visual tokens", "FLOPs ratio", "latency ratio")
+
+
+def _row(summary: dict[str, Any]) -> list[str]:
+    by = summary["difficulty"]
+    overall = summary["overall"]
+    visual = overall.get("visual_tokens")
+    return [
+        f"{overall['accuracy']:.1%}",
+        *(f"{by[d]['accuracy']:.1%}" if d in by else "-" for d in ("easy", "medium", "hard")),
+        f"{visual[-1]:.1f} / {visual[0]:.0f}" if visual else "all",
+        f"{overall['flops_ratio']:.3f}" if "flops_ratio" in overall else "1.000",
+        f"{summary['prefill_latency_ratio']:.2f}" if "prefill_latency_ratio" in summary else "1.00",
+    ]
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> Table:
+    table = Table(title="tiny LLaVA on the synthetic fine-grained VQA benchmark")
+    table.add_column("model")
+    for column in COLUMNS:
+        table.add_column(column, justify="right")
+    for name, summary in results.items():
+        table.add_row(name, *_row(summary))
+    return table
+
+
+def results_markdown(results: dict[str, dict[str, Any]], elapsed: float) -> str:
+    lines = ["| model | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(_row(summary)) + " |" for name, summary in results.items()]
+    hard = {name: s["difficulty"].get("hard", {}).get("visual_tokens") for name, s in results.items()}
+    easy = {name: s["difficulty"].get("easy", {}).get("visual_tokens") for name, s in results.items()}
+    notes = [
+        "",
+        "Kept visual tokens: mean after the last stage / before the first. FLOPs ratio: LLM prefill, analytic "
+        "(dpn.flops). Latency ratio: measured prefill time with / without the pyramid, same batches, this machine.",
+    ]
+    for name in results:
+        if hard[name] and easy[name]:
+            notes.append(f"- {name}: kept visual tokens hard {hard[name][-1]:.1f} vs easy {easy[name][-1]:.1f} "
+                         f"(ratio {hard[name][-1] / max(easy[name][-1], 1e-9):.2f})")
+    notes.append(f"\nWall time: {elapsed / 60:.1f} min.")
+    return "\n".join(lines + notes) + "\n"

@@ -1,0 +1,32 @@
+"""A few-step smoke run of the whole demo pipeline: benchmark, base, fine-tunes, evaluations, table."""
+
+from __future__ import annotations
+
+import json
+
+from rich.console import Console
+
+from dpn.demo import BASE_CHECKPOINT, DemoOptions, run_demo, static_schedules
+
+
+def test_demo_pipeline_end_to_end(tmp_path):
+    options = DemoOptions(
+        out_dir=str(tmp_path / "demo"), from_scratch=True, train_samples=12, test_samples=6, finetune_steps=2,
+        base_steps=2, base_train_samples=16, batch_size=4, progress=False,
+    )
+    report = run_demo(options, console=Console(file=open(tmp_path / "console.txt", "w"), width=200))
+    names = list(report["results"])
+    assert names[:4] == ["base", names[1], "fine-tuned, no pyramid", "fine-tuned, DPN"]
+    assert names[1].startswith("base + static") and names[4].startswith("fine-tuned, static")
+    dpn_summary = report["results"]["fine-tuned, DPN"]
+    assert dpn_summary["overall"]["n"] == 6 and 0 < dpn_summary["overall"]["flops_ratio"] <= 1
+    assert (tmp_path / "demo" / "eval" / "dpn" / "routing.png").is_file()
+    table = (tmp_path / "demo" / "results.md").read_text()
+    assert table.startswith("| model | accuracy |") and "fine-tuned, DPN" in table
+    assert json.loads((tmp_path / "demo" / "results.json").read_text())["results"].keys() == report["results"].keys()
+
+
+def test_static_schedules_cover_every_fixed_path():
+    schedules = static_schedules(BASE_CHECKPOINT)
+    assert len(schedules) == 3 ** 2 - 1  # two stages with three experts each, all-1x1 left out
+    assert all(0 < ratio < 1 for _, ratio in schedules)

@@ -1,0 +1,80 @@
+"""Evaluation: greedy answers, metrics per difficulty, incremental results that resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dpn
+from dpn import zoo
+from dpn.data.llava import LlavaCollator, LlavaDataset
+from dpn.data.synthetic import generate_split
+from dpn.evaluate import EvalOptions, evaluate, greedy_answer, normalize_answer, summarize
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    generate_split(root, "test", 12, seed=0)
+    model, processor = zoo.build_tiny(seed=0)
+    dpn.apply_pyramid(model, dpn.PyramidConfig.paper_default(model.config))
+    zoo.save_tiny(model, processor, root / "model")
+    dpn.save_pyramid(model, root / "model")
+    return root, model.eval(), processor
+
+
+@pytest.mark.parametrize("raw, expected", [(" Red.", "red"), ("The circle!", "circle"), ("3", "3"), ("top  Left", "top left")])
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_greedy_answer_matches_generate(setup):
+    root, model, processor = setup
+    dataset = LlavaDataset(root / "test.json", None, processor, 144, model.config.image_token_id, for_generation=True)
+    batch = LlavaCollator(processor.tokenizer.pad_token_id, "left", with_labels=False)([dataset[i] for i in range(4)])
+    eos = processor.tokenizer.eos_token_id
+    tokens, prefill = greedy_answer(model, batch, 6, eos, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=6, do_sample=False, eos_token_id=eos,
+                                   pad_token_id=processor.tokenizer.pad_token_id)
+    new = generated[:, batch["input_ids"].shape[1]:]
+    assert torch.equal(tokens[:, : new.shape[1]], new)
+    assert prefill.routing.experts.shape == (4, 2)
+
+
+def test_evaluate_writes_results_and_resumes(setup, tmp_path):
+    root, _, _ = setup
+    options = dict(model=str(root / "model"), data=str(root / "test.json"), output_dir=str(tmp_path),
+                   batch_size=4, max_new_tokens=3, progress=False)
+    first = evaluate(EvalOptions(**options, limit=8))
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and first["overall"]["n"] == 8
+    assert first["pyramid"]["stages"][0]["layer"] == 1 and first["prefill_latency_ratio"] > 0
+    assert (tmp_path / "routing.png").stat().st_size > 0
+    (tmp_path / "predictions.jsonl").write_text("\n".join(lines) + "\n" + lines[0][:10])  # a line cut by a kill
+    second = evaluate(EvalOptions(**options))
+    lines_after = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert lines_after[:8] == lines  # earlier results kept, only the rest evaluated
+    assert second["overall"]["n"] == 12 and len({json.loads(l)["id"] for l in lines_after if l.endswith("}")}) == 12
+    assert set(second["difficulty"]) <= {"easy", "medium", "hard"}
+    assert len(second["overall"]["visual_tokens"]) == 3 and 0 < second["overall"]["flops_ratio"] <= 1
+
+
+def test_evaluate_without_the_pyramid(setup, tmp_path):
+    root, _, _ = setup
+    summary = evaluate(EvalOptions(model=str(root / "model"), data=str(root / "test.json"), output_dir=str(tmp_path),
+                                   pyramid="none", limit=4, max_new_tokens=2, progress=False))
+    assert summary["pyramid"] is None and "visual_tokens" not in summary["overall"]
+
+
+def test_summarize_counts_per_difficulty():
+    results = [
+        {"difficulty": "easy", "family": "a", "correct": True, "visual_tokens": [144, 36], "flops_ratio": 0.5},
+        {"difficulty": "hard", "family": "b", "correct": False, "visual_tokens": [144, 144], "flops_ratio": 1.0},
+        {"difficulty": "hard", "family": "b", "correct": True, "visual_tokens": [144, 72], "flops_ratio": 0.75},
+    ]
+    summary = summarize(results)
+    assert summary["overall"]["accuracy"] == pytest.approx(2 / 3)
+    assert summary["difficulty"]["hard"]["visual_tokens"] == [144, 108] and summary["family"]["b"]["n"] == 2
