@@ -62,32 +62,18 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
                  progress=options.progress)
     base = _base_model(options, out, data, console)
 
-    def finetune(name: str, pyramid: str) -> Path:
-        return train(TrainOptions(
-            data=str(data / "train.json"), output_dir=str(out / name), pyramid=pyramid, init_from=str(base),
-            max_steps=options.finetune_steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
-            router_learning_rate=options.router_learning_rate, warmup_steps=max(1, options.finetune_steps // 10),
-            save_steps=max(1, options.finetune_steps // 2), logging_steps=max(1, options.finetune_steps // 10),
-            seed=options.seed, limit=options.train_samples, progress=options.progress,
-        ))
-
-    def score(name: str, model: Path, pyramid: str) -> dict[str, Any]:
-        return evaluate(EvalOptions(
-            model=str(model), data=str(data / "test.json"), output_dir=str(out / "eval" / name), pyramid=pyramid,
-            batch_size=options.batch_size, progress=options.progress,
-        ))
-
     console.print("[bold]3/4[/] fine-tuning: no pyramid, DPN, then static at DPN's FLOPs; evaluating each")
     schedules = static_schedules(base)
     strongest = _schedule_file(min(schedules, key=lambda s: s[1])[0], out, "strongest")
     results: dict[str, dict[str, Any]] = {}
-    results["base"] = score("base", base, "none")
-    results[f"base + static {_path_name(strongest)}, no training"] = score("base-static", base, str(strongest))
-    results["fine-tuned, no pyramid"] = score("vanilla", finetune("vanilla", "none"), "saved")
-    results["fine-tuned, DPN"] = score("dpn", finetune("dpn", "paper"), "saved")
+    results["base"] = _score(options, "base", base, "none")
+    results[f"base + static {_path_name(strongest)}, no training"] = _score(options, "base-static", base, str(strongest))
+    results["fine-tuned, no pyramid"] = _score(options, "vanilla", _finetune(options, base, "vanilla", "none"), "saved")
+    results["fine-tuned, DPN"] = _score(options, "dpn", _finetune(options, base, "dpn", "paper"), "saved")
     dpn_flops = results["fine-tuned, DPN"]["overall"]["flops_ratio"]
     matching = _schedule_file(min(schedules, key=lambda s: abs(s[1] - dpn_flops))[0], out, "matching")
-    results[f"fine-tuned, static {_path_name(matching)}"] = score("static", finetune("static", str(matching)), "saved")
+    static = _finetune(options, base, "static", str(matching))
+    results[f"fine-tuned, static {_path_name(matching)}"] = _score(options, "static", static, "saved")
 
     console.print("[bold]4/4[/] results")
     table = results_table(results)
@@ -99,6 +85,26 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     console.print(f"wall time {elapsed / 60:.1f} min; routing plot: {out / 'eval' / 'dpn' / 'routing.png'}; "
                   f"table: {out / 'results.md'}")
     return report
+
+
+def _finetune(options: DemoOptions, base: Path, name: str, pyramid: str) -> Path:
+    """Fine-tune ``base`` with ``pyramid``: every variant gets the same data, steps and seed."""
+    out = Path(options.out_dir)
+    return train(TrainOptions(
+        data=str(out / "data" / "train.json"), output_dir=str(out / name), pyramid=pyramid, init_from=str(base),
+        max_steps=options.finetune_steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
+        router_learning_rate=options.router_learning_rate, warmup_steps=max(1, options.finetune_steps // 10),
+        save_steps=max(1, options.finetune_steps // 2), logging_steps=max(1, options.finetune_steps // 10),
+        seed=options.seed, limit=options.train_samples, progress=options.progress,
+    ))
+
+
+def _score(options: DemoOptions, name: str, model: Path, pyramid: str) -> dict[str, Any]:
+    out = Path(options.out_dir)
+    return evaluate(EvalOptions(
+        model=str(model), data=str(out / "data" / "test.json"), output_dir=str(out / "eval" / name),
+        pyramid=pyramid, batch_size=options.batch_size, progress=options.progress,
+    ))
 
 
 def _base_model(options: DemoOptions, out: Path, data: Path, console: Console) -> Path:
