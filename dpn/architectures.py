@@ -9,6 +9,8 @@ from typing import Any, Callable
 
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config
 
+from dpn import zoo
+
 # CLIP ViT-L/14 as used by LLaVA-1.5 (336 px -> 24 x 24 patches).
 CLIP_L = dict(
     hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
@@ -22,15 +24,6 @@ VICUNA_13B = dict(
     vocab_size=32064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
     num_attention_heads=40, num_key_value_heads=40, max_position_embeddings=4096, rms_norm_eps=1e-5,
 )
-# The tiny reference geometry of DESIGN.md section 5: CLIP 3 x 128 (48 px / 4 -> 12 x 12) + Llama 6 x 192.
-TINY_CLIP = dict(
-    hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=4,
-    patch_size=4, projection_dim=128,
-)
-TINY_LLAMA = dict(
-    vocab_size=1024, hidden_size=192, intermediate_size=512, num_hidden_layers=6,
-    num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=1024,
-)
 QWEN2_05B = dict(
     vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -38,9 +31,9 @@ QWEN2_05B = dict(
 )
 
 
-def _llava(text_config: Any, image_size: int, image_token_id: int, vision: dict = CLIP_L) -> LlavaConfig:
+def _llava(text_config: Any, image_size: int, image_token_id: int) -> LlavaConfig:
     return LlavaConfig(
-        vision_config=CLIPVisionConfig(image_size=image_size, **vision),
+        vision_config=CLIPVisionConfig(image_size=image_size, **CLIP_L),
         text_config=text_config,
         image_token_id=image_token_id,
         vision_feature_layer=-2,
@@ -49,8 +42,8 @@ def _llava(text_config: Any, image_size: int, image_token_id: int, vision: dict 
 
 
 ARCHITECTURES: dict[str, Callable[[], LlavaConfig]] = {
-    # Tiny: 144 visual tokens; small enough to run on a CPU in milliseconds.
-    "tiny": lambda: _llava(LlamaConfig(**TINY_LLAMA), 48, 3, vision=TINY_CLIP),
+    # The tiny reference model of dpn.zoo: CLIP 3 x 128 (96 px / 8 -> 12 x 12 = 144 tokens) + Llama 6 x 192.
+    "tiny": lambda: zoo.llava_config(),
     # LLaVA-1.5-7B: CLIP-L/336 (576 visual tokens) + Vicuna-7B.
     "llava-1.5-7b": lambda: _llava(LlamaConfig(**VICUNA_7B), 336, 32000),
     # LLaVA-1.5-13B: CLIP-L/336 + Vicuna-13B.

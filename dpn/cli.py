@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
 from dpn.architectures import ARCHITECTURES, llava_config
+from dpn.bench import ROUTINGS
 from dpn.config import PyramidConfig
 from dpn.flops import GIGA, decoder_flops, path_flops, vision_flops
 from dpn.models import get_adapter
@@ -172,6 +174,25 @@ def _demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_command(args: argparse.Namespace) -> int:
+    import json as json_module
+
+    from dpn.bench import BenchOptions, report_markdown, report_table, run_bench
+
+    options = BenchOptions(
+        presets=args.preset or ["tiny"], batch_sizes=args.batch_size or [1, 16], routings=args.routing or list(ROUTINGS),
+        repeats=args.repeats, warmup=args.warmup, dtype=args.dtype, attention=args.attn,
+        text_tokens=args.text_tokens, decode_tokens=args.decode_tokens, train_step=not args.no_train_step,
+    )
+    report = run_bench(options)
+    Console(width=max(Console().width, 200)).print(report_table(report))
+    if args.json:
+        Path(args.json).write_text(json_module.dumps(report, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(report_markdown(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpn", description="Dynamic Pyramid Networks for multimodal LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +249,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo_command)
+
+    bench = commands.add_parser("bench", help="measured prefill/decode/training speed vs the FLOPs bound")
+    bench.add_argument("--preset", action="append", choices=sorted(ARCHITECTURES), help="repeatable (default: tiny)")
+    bench.add_argument("--batch-size", action="append", type=int, help="repeatable (default: 1 and 16)")
+    bench.add_argument("--routing", action="append", choices=ROUTINGS, help="repeatable (default: all)")
+    bench.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
+    bench.add_argument("--warmup", type=int, default=2)
+    bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    bench.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    bench.add_argument("--text-tokens", type=int, default=64)
+    bench.add_argument("--decode-tokens", type=int, default=16)
+    bench.add_argument("--no-train-step", action="store_true", help="skip the forward+backward timing")
+    bench.add_argument("--json", help="write the full report as JSON")
+    bench.add_argument("--markdown", help="write the table as markdown")
+    bench.set_defaults(handler=_bench_command)
     flops = commands.add_parser("flops", help="per-stage visual tokens and LLM FLOPs of a pyramid on a real geometry")
     flops.add_argument("--preset", default="llava-1.5-7b", choices=sorted(ARCHITECTURES))
     flops.add_argument("--pyramid", help="a pyramid_config.json (default: the paper's schedule for the preset)")

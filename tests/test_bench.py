@@ -1,0 +1,48 @@
+"""`dpn bench` smoke run: output structure and theoretical ratios that agree with dpn.flops. No timing asserts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dpn.architectures import llava_config
+from dpn.bench import BenchOptions, report_markdown, run_bench
+from dpn.cli import main
+from dpn.config import PyramidConfig
+from dpn.flops import path_flops
+
+
+@pytest.fixture(scope="module")
+def report():
+    options = BenchOptions(presets=["tiny"], batch_sizes=[2], repeats=2, warmup=0, decode_tokens=2, text_tokens=16)
+    return run_bench(options)
+
+
+def test_rows_cover_every_routing_with_positive_measurements(report):
+    assert report["device"] and report["dtype"] == "float32"
+    assert [r["routing"] for r in report["rows"]] == ["weakest", "mixed", "strongest"]
+    for row in report["rows"]:
+        for key in ("prefill_ms", "vanilla_prefill_ms", "decode_tokens_per_s", "train_step_ms"):
+            assert row[key] > 0
+        assert row["efficiency"] == pytest.approx(row["measured_speedup"] / row["theoretical_speedup"])
+
+
+def test_theoretical_speedups_agree_with_dpn_flops(report):
+    config = llava_config("tiny")
+    paths = {tuple(r["experts"]): r for r in path_flops(config, PyramidConfig.paper_default(config), text_tokens=16)}
+    weakest, _, strongest = report["rows"]
+    assert weakest["theoretical_speedup"] == pytest.approx(1.0)
+    assert strongest["flops_ratio"] == pytest.approx(paths[("2x2", "2x2")]["ratio"])
+    assert strongest["visual_tokens"] == [144, 36, 9]
+
+
+def test_cli_writes_json_and_markdown(tmp_path, capsys):
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    args = ["bench", "--preset", "tiny", "--batch-size", "1", "--routing", "strongest", "--repeats", "1",
+            "--warmup", "0", "--decode-tokens", "1", "--text-tokens", "8", "--no-train-step",
+            "--json", str(out_json), "--markdown", str(out_md)]
+    assert main(args) == 0
+    report = json.loads(out_json.read_text())
+    assert len(report["rows"]) == 1 and report["rows"][0]["train_step_ms"] is None
+    assert out_md.read_text() == report_markdown(report) and "| tiny | 1 | strongest |" in out_md.read_text()
