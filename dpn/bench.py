@@ -5,6 +5,8 @@ latency (time to first token), decode throughput and peak memory, with and witho
 and a training step (forward + backward). Each row reports the measured speedup over the vanilla
 model, the theoretical speedup from ``dpn.flops`` (the FLOPs the forward actually spent), and
 their ratio, the **efficiency**: 1.0 means the runtime turns every FLOP saved into time saved.
+The theoretical speedup counts the vision tower and projector on both sides (prefill time includes
+them and the pyramid does not change them); ``flops_ratio`` is the LLM's alone.
 
 Timing: warm-up runs first, then the median of ``repeats`` runs; on GPU each run is bracketed by
 ``torch.cuda.synchronize()``. Routing is forced (random routers mean nothing): ``weakest`` (every
@@ -15,6 +17,7 @@ sample in one batch).
 
 from __future__ import annotations
 
+import ctypes
 import platform
 import statistics
 import time
@@ -27,6 +30,7 @@ import torch
 from dpn.api import apply_pyramid, pyramid_disabled
 from dpn.architectures import llava_config
 from dpn.config import PyramidConfig
+from dpn.flops import vision_flops
 from dpn.models import get_adapter
 
 ROUTINGS = ("weakest", "mixed", "strongest")
@@ -54,27 +58,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(run, repeats: int, warmup: int, device: torch.device) -> float:
+def _seconds(run, device: torch.device) -> float:
+    """Wall time of ``run()``, or the seconds it returns when it times itself (decoding after a prefill)."""
+    _sync(device)
+    start = time.perf_counter()
+    own = run()
+    _sync(device)
+    return own if isinstance(own, float) else time.perf_counter() - start
+
+
+def _paired_medians(run_vanilla, run_pyramid, repeats: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """Median seconds of two runs timed alternately, so drift (allocator, clocks) hits both alike."""
     for _ in range(warmup):
-        run()
-    times = []
+        run_vanilla()
+        run_pyramid()
+    vanilla, pyramid = [], []
     for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        vanilla.append(_seconds(run_vanilla, device))
+        pyramid.append(_seconds(run_pyramid, device))
+    return statistics.median(vanilla), statistics.median(pyramid)
 
 
 def _reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
-    try:  # Linux: writing 5 resets the process's peak resident set size (VmHWM)
+    try:  # give freed heap back to the OS, then reset the peak resident set size (Linux: VmHWM)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
         Path("/proc/self/clear_refs").write_text("5")
     except OSError:
         pass
+
+
+def _peak_memory_of(run, device: torch.device) -> float | None:
+    _reset_peak_memory(device)
+    run()
+    return _peak_memory_mib(device)
 
 
 def _peak_memory_mib(device: torch.device) -> float | None:
@@ -133,81 +152,80 @@ def forced_experts(pyramid: PyramidConfig, routing: str, batch_size: int, seed: 
     raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
 
 
-def _decode_tokens_per_second(model, batch, steps: int, repeats: int, warmup: int, device, **kwargs) -> float:
-    """Greedy decoding after a (untimed) prefill: new tokens per second over the whole batch."""
-    times = []
-    for run in range(warmup + repeats):
-        with torch.no_grad():
-            out = model(**batch, use_cache=True, logits_to_keep=1, **kwargs)
-            cache, mask = out.past_key_values, batch["attention_mask"]
-            position = mask.sum(-1, keepdim=True)
+def _decode_seconds(model, batch, steps: int, **kwargs) -> float:
+    """Seconds for ``steps`` greedy decoding steps after an untimed prefill."""
+    with torch.no_grad():
+        out = model(**batch, use_cache=True, logits_to_keep=1, **kwargs)
+        cache, mask = out.past_key_values, batch["attention_mask"]
+        position = mask.sum(-1, keepdim=True)
+        token = out.logits[:, -1:].argmax(-1)
+        device = token.device
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+                        use_cache=True, logits_to_keep=1)
+            position = position + 1
+            cache = out.past_key_values
             token = out.logits[:, -1:].argmax(-1)
-            _sync(device)
-            start = time.perf_counter()
-            for _ in range(steps):
-                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
-                            use_cache=True, logits_to_keep=1)
-                position = position + 1
-                cache = out.past_key_values
-                token = out.logits[:, -1:].argmax(-1)
-            _sync(device)
-        if run >= warmup:
-            times.append(time.perf_counter() - start)
-    return batch["input_ids"].shape[0] * steps / statistics.median(times)
+        _sync(device)
+        return time.perf_counter() - start
 
 
-def _train_step_seconds(model, batch, repeats: int, warmup: int, device, **kwargs) -> float:
-    labels = batch["input_ids"].clone()
-    labels[:, : -max(1, labels.shape[1] // 8)] = -100
-
-    def run():
-        model.zero_grad(set_to_none=True)
-        out = model(**batch, labels=labels, use_cache=False, **kwargs)
-        out.loss.backward()
-
-    model.train()
-    try:
-        return _median_seconds(run, repeats, warmup, device)
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.eval()
+def _train_step(model, batch, labels, **kwargs) -> None:
+    model.zero_grad(set_to_none=True)
+    model(**batch, labels=labels, use_cache=False, **kwargs).loss.backward()
 
 
 def bench_preset(preset: str, options: BenchOptions, device: torch.device) -> list[dict[str, Any]]:
     dtype = getattr(torch, options.dtype)
     model = build_model(preset, dtype, options.attention, device)
+    adapter = get_adapter(model)
     pyramid = PyramidConfig.paper_default(model.config, sample_in_training=False)
     apply_pyramid(model, pyramid)
+    timing = dict(repeats=options.repeats, warmup=options.warmup, device=device)
     rows = []
     for batch_size in options.batch_sizes:
         batch = make_batch(model, batch_size, options.text_tokens, device, dtype, options.seed)
-        timing = dict(repeats=options.repeats, warmup=options.warmup, device=device)
-        with pyramid_disabled(model):
-            _reset_peak_memory(device)
-            vanilla_prefill = _median_seconds(lambda: _prefill(model, batch), **timing)
-            vanilla_memory = _peak_memory_mib(device)
-            vanilla_decode = _decode_tokens_per_second(model, batch, options.decode_tokens, **timing)
-            vanilla_train = _train_step_seconds(model, batch, **timing) if options.train_step else None
+        labels = batch["input_ids"].clone()
+        labels[:, : -max(1, labels.shape[1] // 8)] = -100
+        vision = batch_size * vision_flops(model.config.vision_config, adapter.hidden_size(model.config))
+        vanilla_memory = _peak_memory_of(lambda: _vanilla(_prefill, model, batch), device)
         for routing in options.routings:
             forced = forced_experts(pyramid, routing, batch_size, options.seed).to(device)
             with torch.no_grad():
                 record = model(**batch, use_cache=False, logits_to_keep=1, force_experts=forced).routing
-            theoretical = float(record.vanilla_flops.sum() / record.flops.sum())
-            _reset_peak_memory(device)
-            prefill = _median_seconds(lambda: _prefill(model, batch, force_experts=forced), **timing)
-            memory = _peak_memory_mib(device)
-            decode = _decode_tokens_per_second(model, batch, options.decode_tokens, force_experts=forced, **timing)
-            train = _train_step_seconds(model, batch, force_experts=forced, **timing) if options.train_step else None
+            # Prefill time includes the vision tower, which the pyramid leaves alone: count it on both sides.
+            theoretical = float((vision + record.vanilla_flops.sum()) / (vision + record.flops.sum()))
+            vanilla_prefill, prefill = _paired_medians(
+                lambda: _vanilla(_prefill, model, batch), lambda: _prefill(model, batch, force_experts=forced), **timing
+            )
+            memory = _peak_memory_of(lambda: _prefill(model, batch, force_experts=forced), device)
+            steps = options.decode_tokens
+            vanilla_decode, decode = _paired_medians(
+                lambda: _vanilla(_decode_seconds, model, batch, steps),
+                lambda: _decode_seconds(model, batch, steps, force_experts=forced), **timing,
+            )
+            vanilla_train = train = None
+            if options.train_step:
+                model.train()
+                vanilla_train, train = _paired_medians(
+                    lambda: _vanilla(_train_step, model, batch, labels),
+                    lambda: _train_step(model, batch, labels, force_experts=forced), **timing,
+                )
+                model.zero_grad(set_to_none=True)
+                model.eval()
             measured = vanilla_prefill / prefill
             rows.append({
                 "preset": preset, "batch_size": batch_size, "routing": routing,
                 "visual_tokens": record.visual_tokens.float().mean(0).tolist(),
-                "flops_ratio": 1 / theoretical,
+                "flops_ratio": float(record.flops.sum() / record.vanilla_flops.sum()),
                 "prefill_ms": prefill * 1e3, "vanilla_prefill_ms": vanilla_prefill * 1e3,
                 "measured_speedup": measured, "theoretical_speedup": theoretical,
                 "efficiency": measured / theoretical,
-                "decode_tokens_per_s": decode, "vanilla_decode_tokens_per_s": vanilla_decode,
+                "decode_tokens_per_s": batch_size * steps / decode,
+                "vanilla_decode_tokens_per_s": batch_size * steps / vanilla_decode,
                 "peak_memory_mib": memory, "vanilla_peak_memory_mib": vanilla_memory,
                 "train_step_ms": None if train is None else train * 1e3,
                 "vanilla_train_step_ms": None if vanilla_train is None else vanilla_train * 1e3,
@@ -215,6 +233,12 @@ def bench_preset(preset: str, options: BenchOptions, device: torch.device) -> li
             })
     del model
     return rows
+
+
+def _vanilla(run, model, *args):
+    """``run(model, *args)`` with the pyramid taken off for the call."""
+    with pyramid_disabled(model):
+        return run(model, *args)
 
 
 def _prefill(model, batch, **kwargs) -> None:
@@ -273,3 +297,39 @@ def report_markdown(report: dict[str, Any]) -> str:
     lines = [header, "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(cell(row) for _, cell in COLUMNS) + " |" for row in report["rows"]]
     return "\n".join(lines) + "\n"
+
+
+PAGE_HEADER = """# Benchmarks
+
+Regenerate a section (on the machine it names) with:
+
+    {command}
+
+Each section is one machine; running the command on another machine adds or replaces that
+machine's section only. Columns: FLOPs ratio = LLM prefill FLOPs with / without the pyramid
+(`dpn.flops`, the FLOPs each forward really spent); speedup measured = vanilla / pyramid prefill
+time (median of the timed runs, after warm-up); speedup FLOPs = vanilla / pyramid prefill FLOPs,
+vision tower included on both sides (its time is in the measurement); efficiency =
+measured / FLOPs speedup; decode = greedy tokens per second over the batch after the prefill;
+train step = forward + backward time ratio. Routing is forced: `weakest` keeps every token (the
+runtime's own overhead), `strongest` pools with the last expert at every stage, `mixed` draws each
+sample's experts at random (different routing per sample in one batch).
+"""
+
+
+def update_markdown_page(path: Path, report: dict[str, Any], command: str, date: str) -> str:
+    """Write ``report`` as this machine's section of the page at ``path``, keeping other sections."""
+    key = f"{report['device']} | {report['dtype']} | {report['attention']}"
+    start, end = f"<!-- dpn-bench: {key} -->", f"<!-- /dpn-bench: {key} -->"
+    section = (
+        f"{start}\n## {report['device']}, {report['dtype']}, {report['attention']} attention\n\n"
+        f"Measured {date} with torch {report['torch']}.\n\n{report_markdown(report)}{end}"
+    )
+    page = path.read_text() if path.is_file() else PAGE_HEADER.format(command=command)
+    if start in page and end in page:
+        before, rest = page.split(start, 1)
+        page = before + section + rest.split(end, 1)[1]
+    else:
+        page = page.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(page)
+    return page

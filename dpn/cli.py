@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -177,7 +178,7 @@ def _demo_command(args: argparse.Namespace) -> int:
 def _bench_command(args: argparse.Namespace) -> int:
     import json as json_module
 
-    from dpn.bench import BenchOptions, report_markdown, report_table, run_bench
+    from dpn.bench import BenchOptions, report_table, run_bench, update_markdown_page
 
     options = BenchOptions(
         presets=args.preset or ["tiny"], batch_sizes=args.batch_size or [1, 16], routings=args.routing or list(ROUTINGS),
@@ -189,7 +190,8 @@ def _bench_command(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json_module.dumps(report, indent=1))
     if args.markdown:
-        Path(args.markdown).write_text(report_markdown(report))
+        command = "dpn bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "dpn bench"
+        update_markdown_page(Path(args.markdown), report, command, time.strftime("%Y-%m-%d"))
     return 0
 
 
@@ -262,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode-tokens", type=int, default=16)
     bench.add_argument("--no-train-step", action="store_true", help="skip the forward+backward timing")
     bench.add_argument("--json", help="write the full report as JSON")
-    bench.add_argument("--markdown", help="write the table as markdown")
+    bench.add_argument("--markdown", help="add or replace this machine's section of a markdown page (docs/BENCHMARKS.md)")
     bench.set_defaults(handler=_bench_command)
     flops = commands.add_parser("flops", help="per-stage visual tokens and LLM FLOPs of a pyramid on a real geometry")
     flops.add_argument("--preset", default="llava-1.5-7b", choices=sorted(ARCHITECTURES))

@@ -105,7 +105,8 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
 
 def build_processor(tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:
     image_processor = CLIPImageProcessorPil(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, do_center_crop=False, do_resize=True,
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        do_center_crop=False, do_resize=True,
         image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True,
     )
     return LlavaProcessor(

@@ -7,10 +7,10 @@ import json
 import pytest
 
 from dpn.architectures import llava_config
-from dpn.bench import BenchOptions, report_markdown, run_bench
+from dpn.bench import BenchOptions, report_markdown, run_bench, update_markdown_page
 from dpn.cli import main
 from dpn.config import PyramidConfig
-from dpn.flops import path_flops
+from dpn.flops import path_flops, vision_flops
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,10 @@ def test_theoretical_speedups_agree_with_dpn_flops(report):
     weakest, _, strongest = report["rows"]
     assert weakest["theoretical_speedup"] == pytest.approx(1.0)
     assert strongest["flops_ratio"] == pytest.approx(paths[("2x2", "2x2")]["ratio"])
+    vanilla_llm = paths[("1x1", "1x1")]["llm_gflops"] * 1e9
+    vision = vision_flops(config.vision_config, config.text_config.hidden_size)
+    expected = (vision + vanilla_llm) / (vision + strongest["flops_ratio"] * vanilla_llm)
+    assert strongest["theoretical_speedup"] == pytest.approx(expected)
     assert strongest["visual_tokens"] == [144, 36, 9]
 
 
@@ -45,4 +49,12 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     assert main(args) == 0
     report = json.loads(out_json.read_text())
     assert len(report["rows"]) == 1 and report["rows"][0]["train_step_ms"] is None
-    assert out_md.read_text() == report_markdown(report) and "| tiny | 1 | strongest |" in out_md.read_text()
+    page = out_md.read_text()
+    assert page.startswith("# Benchmarks") and report_markdown(report) in page and "| tiny | 1 | strongest |" in page
+    # A second machine's section is added beside, the same machine's is replaced.
+    other = {**report, "device": "NVIDIA H100"}
+    update_markdown_page(out_md, other, "dpn bench", "2026-01-01")
+    update_markdown_page(out_md, report, "dpn bench", "2026-01-02")
+    page = out_md.read_text()
+    assert page.count("## NVIDIA H100") == 1 and page.count(f"## {report['device']}") == 1
+    assert "2026-01-02" in page
