@@ -21,10 +21,6 @@ class PyramidCache(DynamicCache):
         self.key_masks: list[torch.Tensor | None] = [None] * num_segments
         self.position_shift: list[torch.Tensor | None] = [None] * num_segments
 
-    @property
-    def has_state(self) -> bool:
-        return self.key_masks[0] is not None
-
     def past_mask(self, segment: int, batch_size: int, device: torch.device) -> torch.Tensor:
         mask = self.key_masks[segment]
         if mask is None:

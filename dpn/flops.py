@@ -60,10 +60,6 @@ def decoder_flops(config: Any, layer_tokens, kv_tokens=None):
     return sum(decoder_layer_flops(config, q, kv) for q, kv in zip(layer_tokens, kv_tokens))
 
 
-def lm_head_flops(config: Any, tokens: int) -> int:
-    return FLOPS_PER_MAC * tokens * config.hidden_size * config.vocab_size
-
-
 def vision_flops(vision_config: Any, text_hidden_size: int, num_images: int = 1) -> int:
     """Vision tower (all layers, as transformers runs them) plus the two-layer MLP projector."""
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
