@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import platform
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,8 +29,10 @@ import torch
 from dpn.api import apply_pyramid, pyramid_disabled
 from dpn.architectures import llava_config
 from dpn.config import PyramidConfig
+from dpn.evaluate import greedy_continue
 from dpn.flops import vision_flops
 from dpn.models import get_adapter
+from dpn.timing import paired_medians, sync
 
 ROUTINGS = ("weakest", "mixed", "strongest")
 DEFAULT_TEXT_TOKENS = 64
@@ -51,32 +52,6 @@ class BenchOptions:
     decode_tokens: int = DEFAULT_DECODE_TOKENS
     train_step: bool = True
     seed: int = 0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _seconds(run, device: torch.device) -> float:
-    """Wall time of ``run()``, or the seconds it returns when it times itself (decoding after a prefill)."""
-    _sync(device)
-    start = time.perf_counter()
-    own = run()
-    _sync(device)
-    return own if isinstance(own, float) else time.perf_counter() - start
-
-
-def _paired_medians(run_vanilla, run_pyramid, repeats: int, warmup: int, device: torch.device) -> tuple[float, float]:
-    """Median seconds of two runs timed alternately, so drift (allocator, clocks) hits both alike."""
-    for _ in range(warmup):
-        run_vanilla()
-        run_pyramid()
-    vanilla, pyramid = [], []
-    for _ in range(repeats):
-        vanilla.append(_seconds(run_vanilla, device))
-        pyramid.append(_seconds(run_pyramid, device))
-    return statistics.median(vanilla), statistics.median(pyramid)
 
 
 def _reset_peak_memory(device: torch.device) -> None:
@@ -155,21 +130,12 @@ def forced_experts(pyramid: PyramidConfig, routing: str, batch_size: int, seed: 
 def _decode_seconds(model, batch, steps: int, **kwargs) -> float:
     """Seconds for ``steps`` greedy decoding steps after an untimed prefill."""
     with torch.no_grad():
-        out = model(**batch, use_cache=True, logits_to_keep=1, **kwargs)
-        cache, mask = out.past_key_values, batch["attention_mask"]
-        position = mask.sum(-1, keepdim=True)
-        token = out.logits[:, -1:].argmax(-1)
-        device = token.device
-        _sync(device)
+        prefill = model(**batch, use_cache=True, logits_to_keep=1, **kwargs)
+        device = prefill.logits.device
+        sync(device)
         start = time.perf_counter()
-        for _ in range(steps):
-            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-            out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
-                        use_cache=True, logits_to_keep=1)
-            position = position + 1
-            cache = out.past_key_values
-            token = out.logits[:, -1:].argmax(-1)
-        _sync(device)
+        greedy_continue(model, prefill, batch["attention_mask"], steps + 1)  # the first token comes from the prefill
+        sync(device)
         return time.perf_counter() - start
 
 
@@ -198,19 +164,19 @@ def bench_preset(preset: str, options: BenchOptions, device: torch.device) -> li
                 record = model(**batch, use_cache=False, logits_to_keep=1, force_experts=forced).routing
             # Prefill time includes the vision tower, which the pyramid leaves alone: count it on both sides.
             theoretical = float((vision + record.vanilla_flops.sum()) / (vision + record.flops.sum()))
-            vanilla_prefill, prefill = _paired_medians(
+            vanilla_prefill, prefill = paired_medians(
                 lambda: _vanilla(_prefill, model, batch), lambda: _prefill(model, batch, force_experts=forced), **timing
             )
             memory = _peak_memory_of(lambda: _prefill(model, batch, force_experts=forced), device)
             steps = options.decode_tokens
-            vanilla_decode, decode = _paired_medians(
+            vanilla_decode, decode = paired_medians(
                 lambda: _vanilla(_decode_seconds, model, batch, steps),
                 lambda: _decode_seconds(model, batch, steps, force_experts=forced), **timing,
             )
             vanilla_train = train = None
             if options.train_step:
                 model.train()
-                vanilla_train, train = _paired_medians(
+                vanilla_train, train = paired_medians(
                     lambda: _vanilla(_train_step, model, batch, labels),
                     lambda: _train_step(model, batch, labels, force_experts=forced), **timing,
                 )

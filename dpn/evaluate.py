@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import re
 import statistics
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +27,7 @@ from dpn.api import apply_pyramid, has_pyramid, load_pyramid, pyramid_disabled
 from dpn.config import CONFIG_NAME, PyramidConfig
 from dpn.data.llava import LlavaCollator, LlavaDataset
 from dpn.models import get_adapter
+from dpn.timing import paired_medians
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
@@ -73,45 +73,48 @@ def load_for_eval(model_dir: str, pyramid: str):
 
 
 @torch.no_grad()
-def greedy_answer(model, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int, pad_token_id: int):
-    """Greedy decoding with the KV cache; returns (new token ids, the prefill output).
+def greedy_continue(model, prefill, attention_mask: torch.Tensor, steps: int,
+                    eos_token_id: int | None = None, pad_token_id: int = 0) -> torch.Tensor:
+    """Greedy decoding with the KV cache from a prefill output: (batch, <= steps) new token ids.
 
-    The same computation as ``model.generate(do_sample=False)`` (the tests check it), but it keeps
-    the prefill output, whose ``routing`` says what the pyramid did.
+    Finished sequences (after ``eos_token_id``) continue with ``pad_token_id``; decoding stops
+    when all are finished.
     """
-    attention_mask = batch["attention_mask"]
-    prefill = model(**batch, use_cache=True)
     cache = prefill.past_key_values
     next_token = prefill.logits[:, -1].argmax(-1)
     finished = torch.zeros_like(next_token, dtype=torch.bool)
-    tokens = []
     position = attention_mask.long().sum(-1)
-    for _ in range(max_new_tokens):
+    tokens = []
+    for step in range(steps):
         next_token = torch.where(finished, pad_token_id, next_token)
         tokens.append(next_token)
-        finished |= next_token == eos_token_id
-        if bool(finished.all()):
+        if eos_token_id is not None:
+            finished |= next_token == eos_token_id
+        if step == steps - 1 or bool(finished.all()):
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position[:, None],
-                    past_key_values=cache, use_cache=True)
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
         position = position + 1
         cache = out.past_key_values
         next_token = out.logits[:, -1].argmax(-1)
-    return torch.stack(tokens, dim=1), prefill
+    return torch.stack(tokens, dim=1)
 
 
-def _prefill_seconds(model, batch) -> float:
-    times = []
-    for _ in range(LATENCY_REPEATS + 1):  # the first run warms up
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+@torch.no_grad()
+def greedy_answer(model, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int, pad_token_id: int):
+    """Greedy answers and the prefill output, whose ``routing`` says what the pyramid did.
+
+    The same computation as ``model.generate(do_sample=False)`` (the tests check it).
+    """
+    prefill = model(**batch, use_cache=True, logits_to_keep=1)
+    tokens = greedy_continue(model, prefill, batch["attention_mask"], max_new_tokens, eos_token_id, pad_token_id)
+    return tokens, prefill
+
+
+def _prefill(model, batch) -> None:
+    with torch.no_grad():
         model(**batch, use_cache=False, logits_to_keep=1)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
 
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
@@ -142,9 +145,12 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
                 model, batch, options.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
             )
             if options.measure_latency and has_pyramid(model) and number < LATENCY_BATCHES:
-                latency["pyramid"].append(_prefill_seconds(model, batch))
-                with pyramid_disabled(model):
-                    latency["vanilla"].append(_prefill_seconds(model, batch))
+                vanilla, pyramid = paired_medians(
+                    lambda: _without_pyramid(model, batch), lambda: _prefill(model, batch),
+                    repeats=LATENCY_REPEATS, warmup=1, device=device,
+                )
+                latency["vanilla"].append(vanilla)
+                latency["pyramid"].append(pyramid)
             for row, index in enumerate(indices):
                 record = dataset.records[index]
                 result = _result(record, index, tokenizer.decode(tokens[row], skip_special_tokens=True), prefill, row)
@@ -164,6 +170,11 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     if options.plot:
         plot_routing(results, output_dir / "routing.png")
     return summary
+
+
+def _without_pyramid(model, batch) -> None:
+    with pyramid_disabled(model):
+        _prefill(model, batch)
 
 
 def _record_id(record: dict, index: int) -> str:

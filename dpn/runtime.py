@@ -119,6 +119,8 @@ def pyramid_forward(
     layer_types = _layer_types(text_config)
     bounds = _segment_bounds(config, len(layers))
     prefill = length > 1 or len(spans) > 0  # decoding steps skip routing and bookkeeping
+    track_shift = cache is not None and config.positions == "renumber" and len(spans) > 0
+    input_last = positions.gather(1, _last_valid(valid)[:, None]).squeeze(1) if track_shift else None
     plans: list[StagePlan] = []
     visual_counts = [spans.tokens_per_sample(batch)]
     segment_queries, segment_keys = [], []
@@ -165,9 +167,8 @@ def pyramid_forward(
             segment_keys.append(past_mask.sum(1) + queries)
         if cache is not None:
             new_shift = None
-            if reshaped and config.positions == "renumber":
+            if reshaped and track_shift:
                 # Later tokens come with input positions; this segment's positions lag by what pooling removed.
-                input_last = positions.gather(1, _last_valid(valid)[:, None]).squeeze(1)
                 segment_last = chunk.positions.gather(1, _last_valid(chunk.valid)[:, None]).squeeze(1)
                 new_shift = shift + (input_last - segment_last)
             cache.append(segment, chunk.valid, new_shift)
