@@ -32,6 +32,8 @@ from dpn.train import TrainOptions, train
 BASE_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-llava-base"
 # Text tokens of a benchmark prompt around its image (for choosing the static schedule).
 PROMPT_TEXT_TOKENS = 20
+# Questions per image in the base model's training conversations (see dpn.data.synthetic).
+BASE_TURNS = 5
 
 
 @dataclass
@@ -57,8 +59,7 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     data = out / "data"
     if not (data / "test.json").is_file():
         console.print(f"[bold]1/4[/] writing the benchmark to {data}")
-        train_samples = max(options.train_samples, options.base_train_samples if options.from_scratch else 0)
-        generate(data, train=train_samples, val=0, test=options.test_samples, seed=options.seed,
+        generate(data, train=options.train_samples, val=0, test=options.test_samples, seed=options.seed,
                  progress=options.progress)
     base = _base_model(options, out, data, console)
 
@@ -114,8 +115,13 @@ def _base_model(options: DemoOptions, out: Path, data: Path, console: Console) -
         console.print(f"[bold]2/4[/] base model: the shipped checkpoint {BASE_CHECKPOINT}")
         return BASE_CHECKPOINT
     console.print(f"[bold]2/4[/] training the base model from scratch ({options.base_steps} steps)")
+    base_data = out / "base-data"
+    if not (base_data / "train.json").is_file():
+        # Multi-turn conversations: several answers per encoded image, the dense supervision a base needs.
+        generate(base_data, train=options.base_train_samples, val=0, test=0, seed=options.seed + 1,
+                 turns=BASE_TURNS, progress=options.progress)
     return train(TrainOptions(
-        data=str(data / "train.json"), output_dir=str(out / "base"), pyramid="none", max_steps=options.base_steps,
+        data=str(base_data / "train.json"), output_dir=str(out / "base"), pyramid="none", max_steps=options.base_steps,
         batch_size=options.batch_size, learning_rate=5e-4, warmup_steps=50, save_steps=250, logging_steps=25,
         seed=options.seed, progress=options.progress,
     ))

@@ -9,9 +9,13 @@ in families tagged with a difficulty:
 - hard: details of small objects (colour or kind of the object in a given corner, counting small
   circles, reading the digit, left/right of two small objects).
 
+Small objects are 16 px (two patches of the tiny model) wide: sharp at full resolution, blurred
+into one token with their surroundings once the grid is pooled 2x2 twice.
+
 Everything is deterministic from the seed. The output is a JSON list per split in the LLaVA
 format (``{id, image, conversations: [{from: human, value: "<image>\\n..."}, {from: gpt, value}]}``
 plus ``difficulty`` and ``family``) and an image folder, so the same loader serves real data.
+Training images may carry a multi-turn conversation instead of one question (``turns``).
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 IMAGE_SIZE = 96
 LARGE_RADIUS = (17, 22)  # half-size of the large shape, in pixels
-SMALL_SIZE = 11  # side of a small object, in pixels
-CORNER_MARGIN = (2, 13)  # a small object's offset from the image edge, in pixels
-DIGIT_FONT_SIZE = 15
+SMALL_SIZE = 16  # side of a small object, in pixels: two patches wide, so pooling 2x2 twice blurs it
+CORNER_MARGIN = (2, 7)  # a small object's offset from the image edge, in pixels
+DIGIT_FONT_SIZE = 20  # glyphs about 12 x 14 pixels, inside the small object's box
 COLORS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -44,8 +48,6 @@ SHAPES = ("circle", "square", "triangle")
 CORNERS = {"top left": (0, 0), "top right": (1, 0), "bottom left": (0, 1), "bottom right": (1, 1)}
 DIGIT_KIND = "number"
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
-CAPTION_PROMPT = "Describe the image."
-TRAIN_CAPTIONS = 0.5  # share of training images that also get a caption sample
 
 # family -> (difficulty, question templates)
 FAMILIES = {
@@ -154,87 +156,72 @@ def ask(scene: Scene, family: str, rng: random.Random) -> tuple[str, str]:
     raise ValueError(f"unknown question family {family!r}; known: {sorted(FAMILIES)}")
 
 
-def describe(scene: Scene) -> str:
-    """A dense caption naming every object and where it is (LLaVA's stage-1 style supervision)."""
-    parts = [f"Background: {scene.background}.", f"Big shape: {scene.large_color} {scene.large_shape}."]
-    for obj in scene.small:
-        kind = f"number {obj.digit}" if obj.kind == DIGIT_KIND else obj.kind
-        parts.append(f"{obj.corner.capitalize()}: {obj.color} {kind}.")
-    return " ".join(parts)
-
-
 def generate_split(
-    out_dir: Path, split: str, size: int, seed: int, families: list[str] | None = None, captions: float = 0.0
+    out_dir: Path, split: str, size: int, seed: int, families: list[str] | None = None, turns: int = 1
 ) -> list[dict]:
-    """Write ``size`` samples of ``split`` (images under ``out_dir/images/split``) and return the records.
+    """Write ``size`` images of ``split`` (under ``out_dir/images/split``) and return their records.
 
-    With ``captions`` > 0, that fraction of the images also gets a caption sample ("Describe the
-    image." -> every object and its place, tagged ``difficulty: caption``): dense supervision that
-    teaches a model trained from scratch to see the small objects. Evaluation splits use none.
+    With ``turns`` = 1 each image gets one question, families in rotation: the shape of an
+    evaluation sample, and of the fine-tuning data a per-sample router learns from. With
+    ``turns`` > 1 each image gets a multi-turn conversation about that many different families
+    (tagged ``difficulty: multi``), like LLaVA's instruction data: many answers per encoded image,
+    the dense supervision that trains a base model from scratch in CPU time.
     """
     families = families or list(FAMILIES)
+    if not 1 <= turns <= len(families):
+        raise ValueError(f"turns must be between 1 and the number of question families ({len(families)}), got {turns}")
     rng = random.Random(seed * 1000 + SPLIT_SEEDS.get(split, len(SPLIT_SEEDS)))
     image_dir = out_dir / "images" / split
     image_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for index in range(size):
         scene = random_scene(rng)
-        family = families[index % len(families)]
-        question, answer = ask(scene, family, rng)
+        asked = [families[index % len(families)]] if turns == 1 else rng.sample(families, turns)
+        conversation = []
+        for family in asked:
+            question, answer = ask(scene, family, rng)
+            prefix = "<image>\n" if not conversation else ""
+            conversation += [{"from": "human", "value": prefix + question}, {"from": "gpt", "value": answer}]
         image_path = image_dir / f"{index:06d}.png"
         render(scene, rng).save(image_path)
         records.append({
             "id": f"{split}-{index:06d}",
             "image": str(image_path.relative_to(out_dir)),
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"},
-                {"from": "gpt", "value": answer},
-            ],
-            "difficulty": FAMILIES[family][0],
-            "family": family,
+            "conversations": conversation,
+            "difficulty": FAMILIES[asked[0]][0] if turns == 1 else "multi",
+            "family": "+".join(asked),
         })
-        if captions and rng.random() < captions:
-            records.append({
-                "id": f"{split}-{index:06d}-caption",
-                "image": str(image_path.relative_to(out_dir)),
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{CAPTION_PROMPT}"},
-                    {"from": "gpt", "value": describe(scene)},
-                ],
-                "difficulty": "caption",
-                "family": "caption",
-            })
-    rng.shuffle(records)
     (out_dir / f"{split}.json").write_text(json.dumps(records, indent=1))
     return records
 
 
 def generate(
-    out_dir: str | Path, train: int, val: int, test: int, seed: int = 0, progress: bool = True,
-    captions: float = TRAIN_CAPTIONS,
+    out_dir: str | Path, train: int, val: int, test: int, seed: int = 0, progress: bool = True, turns: int = 1,
 ) -> Path:
-    """Write the train / val / test splits into ``out_dir`` (captions in train only); return it."""
+    """Write the train / val / test splits into ``out_dir`` and return it.
+
+    ``turns`` questions per training image (see ``generate_split``); val and test always ask one.
+    """
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = {"train": train, "val": val, "test": test}
     for split in tqdm(sizes, desc="benchmark splits", disable=not progress):
-        generate_split(out_dir, split, sizes[split], seed, captions=captions if split == "train" else 0.0)
-    info = {"seed": seed, "sizes": sizes, "image_size": IMAGE_SIZE, "train_captions": captions}
+        generate_split(out_dir, split, sizes[split], seed, turns=turns if split == "train" else 1)
+    info = {"seed": seed, "sizes": sizes, "image_size": IMAGE_SIZE, "train_turns": turns}
     (out_dir / "benchmark.json").write_text(json.dumps(info, indent=1))
     return out_dir
 
 
 def answer_vocabulary() -> list[str]:
     """Every answer the benchmark can produce (used to seed the tiny tokenizer's corpus)."""
-    return sorted({*COLORS, *SHAPES, DIGIT_KIND, "left", "right", *(str(d) for d in range(10)),
-                   "Background:", "Big shape:", *(f"{c.capitalize()}:" for c in CORNERS)})
+    return sorted({*COLORS, *SHAPES, DIGIT_KIND, "left", "right", *(str(d) for d in range(10))})
 
 
 def question_corpus() -> list[str]:
     """Every question template, filled in, for the tiny tokenizer's corpus."""
-    lines = [CAPTION_PROMPT]
+    lines = []
     for _, templates in FAMILIES.values():
         for template in templates:
             for corner in CORNERS:

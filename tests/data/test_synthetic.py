@@ -50,25 +50,32 @@ def test_answers_follow_the_scene():
 
 
 def test_cli_writes_splits(tmp_path, capsys):
-    assert main(["data", "synth", "--out", str(tmp_path), "--n", "9", "--val", "3", "--test", "4", "--captions", "0"]) == 0
-    sizes = {split: len(json.loads((tmp_path / f"{split}.json").read_text())) for split in ("train", "val", "test")}
-    assert sizes == {"train": 9, "val": 3, "test": 4}
+    assert main(["data", "synth", "--out", str(tmp_path), "--n", "9", "--val", "3", "--test", "4", "--turns", "3"]) == 0
+    splits = {split: json.loads((tmp_path / f"{split}.json").read_text()) for split in ("train", "val", "test")}
+    assert {split: len(records) for split, records in splits.items()} == {"train": 9, "val": 3, "test": 4}
+    assert all(len(r["conversations"]) == 6 for r in splits["train"])
+    assert all(len(r["conversations"]) == 2 for r in splits["test"] + splits["val"])
     assert "wrote 9 train" in capsys.readouterr().out
 
 
-def test_captions_only_where_asked(tmp_path):
-    from dpn.data.synthetic import CAPTION_PROMPT, describe
+def test_multi_turn_conversations_ask_distinct_families(tmp_path):
+    records = generate_split(tmp_path, "train", 30, seed=0, turns=4)
+    for record in records:
+        turns = record["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * 4
+        assert turns[0]["value"].startswith("<image>\n")
+        assert not any("<image>" in t["value"] for t in turns[1:])  # one image per conversation
+        assert all(t["value"] in answer_vocabulary() for t in turns[1::2])
+        families = record["family"].split("+")
+        assert len(set(families)) == 4 and set(families) <= set(FAMILIES)
+        assert record["difficulty"] == "multi"
+    # the families vary from image to image
+    assert len({r["family"] for r in records}) > 20
 
-    plain = generate_split(tmp_path / "plain", "test", 20, seed=0)
-    with_captions = generate_split(tmp_path / "captions", "train", 20, seed=0, captions=0.5)
-    assert not any(r["family"] == "caption" for r in plain)
-    captions = [r for r in with_captions if r["family"] == "caption"]
-    assert 3 <= len(captions) <= 17 and all(r["difficulty"] == "caption" for r in captions)
-    questions = {r["image"] for r in with_captions if r["family"] != "caption"}
-    assert len(questions) == 20 and all(r["image"] in questions for r in captions)  # captions reuse images
-    assert captions[0]["conversations"][0]["value"] == f"<image>\n{CAPTION_PROMPT}"
-    rng = random.Random(1)
-    scene = random_scene(rng)
-    text = describe(scene)
-    assert text.startswith(f"Background: {scene.background}. Big shape: {scene.large_color} {scene.large_shape}.")
-    assert all(f"{o.corner.capitalize()}: {o.color}" in text for o in scene.small)
+
+def test_turns_out_of_range_is_an_error(tmp_path):
+    import pytest
+
+    for turns in (0, len(FAMILIES) + 1):
+        with pytest.raises(ValueError, match="turns must be between 1"):
+            generate_split(tmp_path, "train", 2, seed=0, turns=turns)
