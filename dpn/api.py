@@ -23,18 +23,18 @@ from torch import nn
 from dpn.config import CONFIG_NAME, PyramidConfig
 from dpn.models import get_adapter
 from dpn.runtime import pyramid_forward
-from dpn.strategies.dpn import DynamicPyramid
+from dpn.strategies import Strategy, build_strategy
 
 WEIGHTS_NAME = "pyramid_model.safetensors"
 PYRAMID_ATTRIBUTE = "pyramid"
 
 
 def has_pyramid(model: nn.Module) -> bool:
-    return isinstance(getattr(model, PYRAMID_ATTRIBUTE, None), DynamicPyramid)
+    return isinstance(getattr(model, PYRAMID_ATTRIBUTE, None), Strategy)
 
 
 def apply_pyramid(model: nn.Module, config: PyramidConfig) -> nn.Module:
-    """Turn ``model`` (in place) into a DPN model and return it.
+    """Turn ``model`` (in place) into a DPN model, or one running any strategy of ``dpn.config``, and return it.
 
     Raises ``ValueError`` if the architecture is unsupported, a stage is out of range, or a stride
     does not divide the visual grid on some routing path.
@@ -46,7 +46,7 @@ def apply_pyramid(model: nn.Module, config: PyramidConfig) -> nn.Module:
     adapter = get_adapter(model)
     config.validate_for(adapter.num_layers(model.config), adapter.visual_grid(model.config))
     reference = adapter.decoder(model).get_input_embeddings().weight
-    pyramid = DynamicPyramid(config, adapter.hidden_size(model.config)).to(
+    pyramid = build_strategy(config, adapter.hidden_size(model.config)).to(
         device=reference.device, dtype=reference.dtype
     )
     pyramid.train(model.training)
@@ -54,7 +54,7 @@ def apply_pyramid(model: nn.Module, config: PyramidConfig) -> nn.Module:
     return model
 
 
-def _attach(model: nn.Module, pyramid: DynamicPyramid) -> None:
+def _attach(model: nn.Module, pyramid: Strategy) -> None:
     model.add_module(PYRAMID_ATTRIBUTE, pyramid)
     model.forward = MethodType(pyramid_forward, model)
     # Keep `model.save_pretrained` a vanilla checkpoint; the pyramid saves beside it (save_pyramid).
@@ -146,7 +146,7 @@ def load_pyramid_weights(model: nn.Module, directory: str | Path) -> nn.Module:
     return model
 
 
-def _load_weights_into(pyramid: DynamicPyramid, state: dict[str, torch.Tensor], weights: Path) -> None:
+def _load_weights_into(pyramid: Strategy, state: dict[str, torch.Tensor], weights: Path) -> None:
     own = pyramid.state_dict()
     if set(own) != set(state):
         raise ValueError(
@@ -178,5 +178,5 @@ def _fingerprint(model: nn.Module) -> dict[str, str]:
     }
 
 
-def _pyramid_keys(pyramid: DynamicPyramid) -> list[str]:
+def _pyramid_keys(pyramid: Strategy) -> list[str]:
     return [f"{PYRAMID_ATTRIBUTE}.{key}" for key in pyramid.state_dict()]

@@ -27,6 +27,11 @@ class PyramidCache(DynamicCache):
             return torch.zeros(batch_size, 0, dtype=torch.bool, device=device)
         return mask
 
+    def input_length(self) -> int:
+        """Tokens cached in the input's own layout (segment 0; it may own no layer, e.g. projector pooling)."""
+        mask = self.key_masks[0]
+        return 0 if mask is None else mask.shape[1]
+
     def shift(self, segment: int) -> torch.Tensor | int:
         shift = self.position_shift[segment]
         return 0 if shift is None else shift

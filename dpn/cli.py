@@ -19,6 +19,7 @@ from rich.table import Table
 
 from dpn.architectures import ARCHITECTURES, llava_config
 from dpn.bench import ROUTINGS
+from dpn.config import SPEC_HELP
 from dpn.config import PyramidConfig
 from dpn.flops import GIGA, decoder_flops, path_flops, vision_flops
 from dpn.models import get_adapter
@@ -92,9 +93,8 @@ def _trace(console: Console, model_config, pyramid: PyramidConfig, text_tokens: 
     text[text == image_token] = 0
     ids = torch.cat([text[:before], torch.full((grid[0] * grid[1],), image_token), text[before:]])[None]
     size = model_config.vision_config.image_size
-    paths = {"router (random weights)": None, **{
-        f"all expert {i}": i for i in range(max(len(s.experts) for s in pyramid.stages))
-    }}
+    experts = 0 if pyramid.selects_tokens else max(len(s.experts) for s in pyramid.stages)
+    paths = {"as configured (random weights)": None, **{f"all expert {i}": i for i in range(experts)}}
     table = Table(title="tokens per decoder layer, one forward (text + visual)")
     table.add_column("routing")
     table.add_column("experts")
@@ -118,9 +118,7 @@ def _synth_command(args: argparse.Namespace) -> int:
 
     if min(args.n, args.val, args.test) < 0:
         raise ValueError("split sizes must be >= 0")
-    if not 0 <= args.captions <= 1:
-        raise ValueError("--captions is a fraction between 0 and 1")
-    out = generate(args.out, train=args.n, val=args.val, test=args.test, seed=args.seed, captions=args.captions)
+    out = generate(args.out, train=args.n, val=args.val, test=args.test, seed=args.seed, turns=args.turns)
     print(f"wrote {args.n} train, {args.val} val and {args.test} test samples to {out}")
     return 0
 
@@ -146,7 +144,8 @@ def _eval_command(args: argparse.Namespace) -> int:
     summary = evaluate(EvalOptions(
         model=args.model, data=args.data, output_dir=args.output, image_folder=args.image_folder,
         pyramid=args.pyramid, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
-        measure_latency=not args.no_latency,
+        router_bias=args.router_bias, budget=args.budget, calibration_data=args.calibration_data,
+        calibration_samples=args.calibration_samples, measure_latency=not args.no_latency,
     ))
     console = Console()
     table = Table(title=f"{args.model} on {args.data}")
@@ -158,6 +157,10 @@ def _eval_command(args: argparse.Namespace) -> int:
                       " -> ".join(f"{v:.1f}" for v in visual) if visual else "-",
                       f"{group['flops_ratio']:.3f}" if "flops_ratio" in group else "-")
     console.print(table)
+    if "calibration" in summary:
+        calibration = summary["calibration"]
+        console.print(f"router bias {calibration['router_bias']:.3f} gives {calibration['flops_ratio']:.3f} x FLOPs on "
+                      f"{calibration['samples']} calibration samples (target {calibration['target']})")
     if "prefill_latency_ratio" in summary:
         console.print(f"prefill latency with / without the pyramid: {summary['prefill_latency_ratio']:.2f} "
                       f"({summary['latency_device']})")
@@ -171,6 +174,20 @@ def _demo_command(args: argparse.Namespace) -> int:
     run_demo(DemoOptions(
         out_dir=args.out, from_scratch=args.from_scratch, train_samples=args.train_samples,
         test_samples=args.test_samples, finetune_steps=args.steps, batch_size=args.batch_size, seed=args.seed,
+    ))
+    return 0
+
+
+def _compare_command(args: argparse.Namespace) -> int:
+    from dpn.compare import CompareOptions, run_compare
+
+    command = "dpn compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "dpn compare"
+    run_compare(CompareOptions(
+        base=args.base, train_data=args.train_data, test_data=args.test_data, out_dir=args.out, seeds=args.seeds,
+        steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, router_learning_rate=args.router_lr,
+        train_limit=args.train_limit, test_limit=args.test_limit, fastv_ratios=args.fastv, pdrop_ratios=args.pdrop,
+        static_strides=args.static, projector_strides=args.projector, dpn_budgets=args.dpn_budget,
+        ablations=not args.no_ablations, markdown=args.markdown, image_dir=args.image_dir, command=command,
     ))
     return 0
 
@@ -206,15 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--val", type=int, default=500, help="validation samples")
     synth.add_argument("--test", type=int, default=1000, help="test samples")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--captions", type=float, default=0.5,
-                       help="share of training images that also get a caption sample (train split only)")
+    synth.add_argument("--turns", type=int, default=1,
+                       help="questions per training image (a multi-turn conversation; val and test ask one)")
     synth.set_defaults(handler=_synth_command)
 
     trainer = commands.add_parser("train", help="train or fine-tune a LLaVA model, with or without a pyramid")
     trainer.add_argument("--data", required=True, help="LLaVA-format JSON file")
     trainer.add_argument("--image-folder", help="folder the JSON's image paths are relative to (default: its folder)")
     trainer.add_argument("--output", required=True, help="output directory (resumes from its last checkpoint)")
-    trainer.add_argument("--pyramid", default="paper", help="none | paper | static:KHxKW | path to pyramid_config.json")
+    trainer.add_argument("--pyramid", default="paper", help=SPEC_HELP)
     trainer.add_argument("--init-from", help="checkpoint to fine-tune (default: a fresh tiny LLaVA)")
     trainer.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
     trainer.add_argument("--steps", type=int, default=500, help="optimizer steps")
@@ -235,10 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--data", required=True, help="LLaVA-format JSON file")
     evaluator.add_argument("--image-folder", help="folder the JSON's image paths are relative to (default: its folder)")
     evaluator.add_argument("--output", required=True, help="results directory (an interrupted run resumes)")
-    evaluator.add_argument("--pyramid", default="saved", help="saved | none | paper | static:KHxKW | pyramid_config.json")
+    evaluator.add_argument("--pyramid", default="saved", help=f"saved (the one beside the model) | {SPEC_HELP}")
     evaluator.add_argument("--batch-size", type=int, default=32)
     evaluator.add_argument("--max-new-tokens", type=int, default=8)
     evaluator.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    evaluator.add_argument("--budget", type=float,
+                           help="DPN: calibrate the router bias so the LLM FLOPs are this fraction of vanilla's")
+    evaluator.add_argument("--router-bias", type=float, help="DPN: set the router bias (> 0 compresses more)")
+    evaluator.add_argument("--calibration-data", help="LLaVA-format JSON for --budget (default: --data)")
+    evaluator.add_argument("--calibration-samples", type=int, default=128)
     evaluator.add_argument("--no-latency", action="store_true", help="skip the prefill latency measurement")
     evaluator.set_defaults(handler=_eval_command)
 
@@ -251,6 +273,29 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch-size", type=int, default=32)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo_command)
+
+    compare = commands.add_parser("compare", help="every strategy at several budgets: table and Pareto plots")
+    compare.add_argument("--base", required=True, help="model every variant is fine-tuned from")
+    compare.add_argument("--train-data", required=True, help="LLaVA-format JSON for fine-tuning")
+    compare.add_argument("--test-data", required=True, help="LLaVA-format JSON to evaluate on")
+    compare.add_argument("--out", default="runs/compare", help="runs directory (an interrupted compare resumes)")
+    compare.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    compare.add_argument("--steps", type=int, default=150, help="fine-tuning steps per variant and seed")
+    compare.add_argument("--batch-size", type=int, default=32)
+    compare.add_argument("--lr", type=float, default=1e-4)
+    compare.add_argument("--router-lr", type=float, default=1e-3)
+    compare.add_argument("--train-limit", type=int, help="fine-tune on the first N samples")
+    compare.add_argument("--test-limit", type=int, help="evaluate on the first N samples")
+    compare.add_argument("--fastv", type=float, nargs="+", default=[0.75, 0.5, 0.25], help="FastV keep ratios")
+    compare.add_argument("--pdrop", type=float, nargs="+", default=[0.75, 0.5, 0.25], help="PyramidDrop keep ratios")
+    compare.add_argument("--static", nargs="+", default=["1x2", "2x2"], help="static strides")
+    compare.add_argument("--projector", nargs="+", default=["2x2", "3x3"], help="projector-side pooling strides")
+    compare.add_argument("--dpn-budget", type=float, nargs="+", default=[0.8, 0.6],
+                         help="FLOPs targets for DPN's calibrated router bias")
+    compare.add_argument("--no-ablations", action="store_true", help="skip the DPN ablations")
+    compare.add_argument("--markdown", help="write the results page here (default: OUT/RESULTS.md)")
+    compare.add_argument("--image-dir", help="write the plots here (default: OUT)")
+    compare.set_defaults(handler=_compare_command)
 
     bench = commands.add_parser("bench", help="measured prefill/decode/training speed vs the FLOPs bound")
     bench.add_argument("--preset", action="append", choices=sorted(ARCHITECTURES), help="repeatable (default: tiny)")

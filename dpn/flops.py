@@ -87,7 +87,8 @@ def segment_layer_tokens(num_layers: int, stage_layers: list[int], segment_token
 
 def path_flops(model_config: Any, pyramid: Any, text_tokens: int) -> list[dict]:
     """One row per routing path of ``pyramid``: experts, visual tokens per segment, LLM prefill
-    GFLOPs and the ratio to the vanilla model, for one image and ``text_tokens`` text tokens."""
+    GFLOPs and the ratio to the vanilla model, for one image and ``text_tokens`` text tokens.
+    A token-selection strategy (fastv, pdrop) has a single path."""
     from dpn.config import visual_tokens_after
     from dpn.models import get_adapter
 
@@ -98,6 +99,16 @@ def path_flops(model_config: Any, pyramid: Any, text_tokens: int) -> list[dict]:
     layers = [stage.layer for stage in pyramid.stages]
     vanilla = decoder_flops(text_config, [text_tokens + grid[0] * grid[1]] * num_layers)
     rows = []
+    if pyramid.selects_tokens:  # one path: each stage keeps its ratio of what is left
+        from dpn.strategies.selection import kept_count
+
+        visual = [grid[0] * grid[1]]
+        for stage in pyramid.stages:
+            visual.append(kept_count(visual[-1], stage.keep_ratio))
+        flops = decoder_flops(text_config, segment_layer_tokens(num_layers, layers, [text_tokens + v for v in visual]))
+        labels = [f"keep {stage.keep_ratio:g}" for stage in pyramid.stages]
+        return [{"path": labels, "experts": labels, "visual_tokens": visual, "llm_gflops": flops / GIGA,
+                 "ratio": flops / vanilla}]
     for path in product(*(stage.experts for stage in pyramid.stages)):
         visual = visual_tokens_after(grid, list(path), pyramid.min_tokens_to_pool)
         flops = decoder_flops(text_config, segment_layer_tokens(num_layers, layers, [text_tokens + v for v in visual]))

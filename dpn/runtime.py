@@ -2,10 +2,11 @@
 
 ``pyramid_forward`` replaces the ``forward`` of one model instance (see ``dpn.apply_pyramid``). It
 embeds the batch with the model's own code, then loops over the stock decoder layers. The layers
-between two stages form a *segment*. After each segment the strategy (``DynamicPyramid``) pools
-each sample's images on their grid, and ``shrink`` rebuilds the batch: each sample keeps its text
-tokens and its pooled visual tokens in order, padding is dropped, and the batch is left-padded to
-its longest member. Attention masks (``create_causal_mask``) and rotary embeddings are rebuilt per
+between two stages form a *segment*. After each segment the strategy (``dpn.strategies``) plans new
+tokens for each sample's images (pooled on their grid, or a selected subset), and ``shrink``
+rebuilds the batch: each sample keeps its text tokens and its new visual tokens in order, padding
+is dropped, and the batch is left-padded to its longest member. A stage at layer -1 (projector-side
+compression) acts on the embeddings, before the first layer. Attention masks (``create_causal_mask``) and rotary embeddings are rebuilt per
 segment, labels travel with their tokens, and the ``PyramidCache`` keeps each segment's layout for
 decoding. Everything about the call (routing, token counts, FLOPs) is returned in the output.
 """
@@ -16,6 +17,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_utils import slice_logits_to_keep
 
@@ -25,9 +28,13 @@ from dpn.flops import decoder_flops
 from dpn.models import get_adapter
 from dpn.outputs import PyramidCausalLMOutput, PyramidRouting
 from dpn.spans import VisualSpans, find_visual_spans, ranks_within
-from dpn.strategies.base import StagePlan
+from dpn.strategies import BudgetInputs, StageInput, StagePlan
 
 IGNORE_INDEX = -100
+# Length grouping (``length_groups``): samples within 10% of their group's longest share a group;
+# grouping is used when it cuts the token rows computed by at least 15%.
+PADDING_TOLERANCE = 0.1
+MIN_GROUPING_SAVING = 0.15
 MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
@@ -96,7 +103,7 @@ def pyramid_forward(
     if use_cache is None:
         use_cache = bool(getattr(text_config, "use_cache", True)) and not self.training
     cache = _prepare_cache(past_key_values, use_cache, self.config, num_segments)
-    past_length = cache.get_seq_length(0) if cache is not None else 0
+    past_length = cache.input_length() if cache is not None else 0
 
     valid = _chunk_validity(attention_mask, batch, length, past_length, device)
     positions = _input_positions(position_ids, attention_mask, batch, length, past_length, device)
@@ -105,7 +112,7 @@ def pyramid_forward(
     # As in the model's own forward, image tokens are visual only when the call brings images.
     has_images = pixel_values is not None
     spans = find_visual_spans(image_mask & valid, adapter.visual_grid(self.config)) if has_images else VisualSpans()
-    forced = _forced_experts(force_experts, batch, config, device)
+    forced = _forced_experts(force_experts, batch, pyramid, device)
     chunk = Chunk(
         hidden=hidden,
         valid=valid,
@@ -126,11 +133,18 @@ def pyramid_forward(
     segment_queries, segment_keys = [], []
     all_hidden = (hidden,) if output_hidden_states else None
     reshaped = False
+    last_layer_input, position_embeddings = None, None
 
     for segment, (first, end) in enumerate(bounds):
         if segment > 0 and len(chunk.spans):
             stage = segment - 1
-            plan = pyramid.plan(stage, chunk.hidden, chunk.spans, chunk.router_index, None if forced is None else forced[stage])
+            stage_layer = config.stages[stage].layer
+            plan = pyramid.plan(stage, StageInput(
+                hidden=chunk.hidden, spans=chunk.spans, query_index=chunk.router_index, valid=chunk.valid,
+                forced=None if forced is None else forced[stage],
+                layer=layers[stage_layer] if stage_layer >= 0 else None,
+                layer_input=last_layer_input, position_embeddings=position_embeddings,
+            ))
             plans.append(plan)
             chunk, changed = shrink(chunk, plan, config.positions)
             reshaped = reshaped or changed
@@ -143,23 +157,34 @@ def pyramid_forward(
             else torch.zeros(batch, 0, dtype=torch.bool, device=device)
         )
         key_mask = torch.cat([past_mask, chunk.valid], dim=1)
-        masks = _attention_masks(
-            text_config, layer_types, first, end, chunk.hidden, key_mask, cache, segment_positions
-        )
         position_embeddings = decoder.rotary_emb(chunk.hidden, segment_positions)
-        hidden_states = chunk.hidden
-        for index in range(first, end):
-            hidden_states = layers[index](
-                hidden_states,
-                attention_mask=masks[layer_types[index]],
-                position_embeddings=position_embeddings,
-                position_ids=segment_positions,
-                past_key_values=cache,
-                use_cache=use_cache,
-                **kwargs,
+        groups = None
+        if reshaped and all_hidden is None and past_mask.shape[1] == 0 and end > first and config.group_by_length:
+            if all(layer_types[index] == "full_attention" for index in range(first, end)):
+                groups = length_groups(chunk.valid)
+        if groups is not None:
+            hidden_states, last_layer_input = _run_length_groups(
+                self.config, text_config, layer_types, layers, (first, end), chunk, segment_positions, groups,
+                cache, use_cache, decoder.rotary_emb, kwargs,
             )
-            if all_hidden is not None:
-                all_hidden += (hidden_states,)
+        else:
+            masks = _attention_masks(
+                text_config, layer_types, first, end, chunk.hidden, key_mask, cache, segment_positions
+            )
+            hidden_states = chunk.hidden
+            for index in range(first, end):
+                last_layer_input = hidden_states
+                hidden_states = layers[index](
+                    hidden_states,
+                    attention_mask=masks[layer_types[index]],
+                    position_embeddings=position_embeddings,
+                    position_ids=segment_positions,
+                    past_key_values=cache,
+                    use_cache=use_cache,
+                    **kwargs,
+                )
+                if all_hidden is not None:
+                    all_hidden += (hidden_states,)
         chunk = replace(chunk, hidden=hidden_states)
         if prefill:
             queries = chunk.valid.sum(1)
@@ -181,7 +206,11 @@ def pyramid_forward(
         lm_loss = self.loss_function(
             logits=logits, labels=chunk.labels, vocab_size=text_config.vocab_size, **kwargs
         )
-    routing_loss = pyramid.routing_loss([p.router_probs[p.routed] for p in plans]) if plans else None
+    routing_loss = None
+    if plans:
+        text_tokens = valid.sum(1) - torch.tensor(visual_counts[0], device=device)
+        budget = BudgetInputs(text_config, len(layers), text_tokens, torch.tensor(visual_counts[0], device=device))
+        routing_loss = pyramid.routing_loss(plans, budget)
     loss = lm_loss
     if lm_loss is not None and routing_loss is not None and pyramid.training:
         loss = lm_loss + config.routing_loss_weight * routing_loss
@@ -293,6 +322,69 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str) -> tuple[Chunk, bo
     return Chunk(hidden, valid, positions, labels, new_spans, router_index), True
 
 
+# ------------------------------------------------------------------------------ length groups
+def length_groups(valid: torch.Tensor) -> list[tuple[torch.Tensor, int]] | None:
+    """Split a left-padded batch into groups of similar length, or None when that saves little.
+
+    After a stage with per-sample routing, one sample that kept every token sets the padded length
+    of the whole batch, and every layer would run at that length. Groups of samples whose lengths
+    are within ``PADDING_TOLERANCE`` of their longest run separately, each padded to its own longest.
+    Returns (sample indices, padded length) per group, when the token rows computed fall by at least
+    ``MIN_GROUPING_SAVING``.
+    """
+    batch, width = valid.shape
+    lengths = valid.sum(1)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    groups, start = [], 0
+    for i in range(1, batch + 1):
+        if i == batch or sorted_lengths[i] < sorted_lengths[start] * (1 - PADDING_TOLERANCE):
+            groups.append((order[start:i], max(1, sorted_lengths[start])))
+            start = i
+    rows = sum(len(members) * length for members, length in groups)
+    if len(groups) == 1 or rows > (1 - MIN_GROUPING_SAVING) * batch * width:
+        return None
+    return groups
+
+
+def _run_length_groups(model_config, text_config, layer_types, layers, bounds, chunk: Chunk, positions, groups,
+                       cache, use_cache: bool, rotary, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one segment's layers group by group (see ``length_groups``); returns the segment's output
+    and the last layer's input in the full left-padded layout, and fills ``cache`` as one call would."""
+    first, end = bounds
+    length = chunk.hidden.shape[1]
+    outputs, last_inputs, group_caches = [], [], []
+    for members, group_length in groups:
+        window = slice(length - group_length, length)
+        hidden = chunk.hidden[members, window]
+        group_positions = positions[members, window]
+        group_cache = DynamicCache(config=model_config) if cache is not None else None
+        masks = _attention_masks(text_config, layer_types, first, end, hidden, chunk.valid[members, window],
+                                 group_cache, group_positions)
+        embeddings = rotary(hidden, group_positions)
+        for index in range(first, end):
+            layer_input = hidden
+            hidden = layers[index](hidden, attention_mask=masks[layer_types[index]], position_embeddings=embeddings,
+                                   position_ids=group_positions, past_key_values=group_cache, use_cache=use_cache,
+                                   **kwargs)
+        left = (0, 0, length - group_length, 0)  # pad the sequence dimension on the left
+        outputs.append(F.pad(hidden, left))
+        last_inputs.append(F.pad(layer_input, left))
+        group_caches.append((group_cache, left))
+    order = torch.cat([members for members, _ in groups])
+
+    def merge(parts: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.cat(parts)
+        return stacked.new_zeros(stacked.shape).index_copy(0, order, stacked)
+
+    if cache is not None and use_cache:
+        for index in range(first, end):
+            keys = merge([F.pad(c.layers[index].keys, left) for c, left in group_caches])
+            values = merge([F.pad(c.layers[index].values, left) for c, left in group_caches])
+            cache.update(keys, values, index)
+    return merge(outputs), merge(last_inputs)
+
+
 # ------------------------------------------------------------------------------------- helpers
 def _prepare_cache(past_key_values: Any, use_cache: bool, model_config: Any, num_segments: int):
     if isinstance(past_key_values, PyramidCache):
@@ -361,10 +453,13 @@ def _router_index(config: PyramidConfig, input_ids, valid: torch.Tensor, labels)
     return torch.where(has_answer, before_answer, last)
 
 
-def _forced_experts(force_experts: Any, batch: int, config: PyramidConfig, device) -> list[torch.Tensor] | None:
+def _forced_experts(force_experts: Any, batch: int, pyramid, device) -> list[torch.Tensor] | None:
     """Normalise ``force_experts`` to one (batch,) tensor per stage, checking ranges."""
     if force_experts is None:
         return None
+    config = pyramid.config
+    if config.selects_tokens:
+        raise ValueError(f"force_experts applies to pooling strategies; {config.strategy} has no experts to force")
     stages = len(config.stages)
     forced = torch.as_tensor(force_experts, dtype=torch.long, device=device)
     if forced.ndim == 0:
@@ -375,12 +470,12 @@ def _forced_experts(force_experts: Any, batch: int, config: PyramidConfig, devic
         forced = forced.expand(batch, stages)
     elif forced.shape != (batch, stages):
         raise ValueError(f"force_experts must be (batch, stages) = {(batch, stages)}, got {tuple(forced.shape)}")
-    for stage, stage_config in enumerate(config.stages):
+    for stage in range(stages):
         column = forced[:, stage]
-        if bool((column < -1).any()) or bool((column >= len(stage_config.experts)).any()):
+        choices = pyramid.num_choices(stage)
+        if bool((column < -1).any()) or bool((column >= choices).any()):
             raise ValueError(
-                f"force_experts for stage {stage} must be -1 (router decides) or an expert index in "
-                f"0..{len(stage_config.experts) - 1}"
+                f"force_experts for stage {stage} must be -1 (router decides) or an expert index in 0..{choices - 1}"
             )
     return [forced[:, stage] for stage in range(stages)]
 
@@ -438,7 +533,7 @@ def _routing_record(text_config, config, plans, visual_counts, segment_queries, 
     else:
         experts = torch.full((batch, stages), -1, dtype=torch.long, device=device)
         probability = torch.zeros(batch, stages, device=device)
-        router_probs = [torch.zeros(batch, len(s.experts), device=device) for s in config.stages]
+        router_probs = [torch.zeros(batch, len(s.experts or ()), device=device) for s in config.stages]
         visual_counts = visual_counts * (stages + 1)
     return PyramidRouting(
         experts=experts,

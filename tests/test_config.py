@@ -69,10 +69,15 @@ def test_unknown_json_keys_are_a_clear_error(tmp_path):
 
 
 # ------------------------------------------------------------------ invariant 7: bad input at apply / run
-@pytest.mark.parametrize("layer", [5, 6, -1])
+@pytest.mark.parametrize("layer", [5, 6, -2])
 def test_stage_out_of_range_is_rejected_at_apply(layer):
     with pytest.raises(ValueError, match="out of range"):
         dpn.apply_pyramid(tiny_llava(), dpn.PyramidConfig(stages=[dpn.PyramidStage(layer, [(1, 1)])]))
+
+
+def test_only_the_projector_compresses_before_the_first_layer():
+    with pytest.raises(ValueError, match="only the projector strategy"):
+        dpn.PyramidConfig(stages=[dpn.PyramidStage(-1, [(2, 2)])])
 
 
 def test_stride_that_does_not_divide_the_grid_is_rejected_at_apply():

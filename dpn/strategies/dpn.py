@@ -4,18 +4,23 @@ At each stage a small router reads one hidden state per sample (the last prompt 
 dedicated router token) and picks a pooling stride ("expert") for that sample's images. The
 pooled tokens are multiplied by the chosen expert's probability, which is the router's gradient
 path. A hinge "routing loss" pushes the routers toward confident, strong compression; the LM loss
-pushes back on samples that need detail.
+pushes back on samples that need detail. Instead of the hinge, a "budget" loss pulls the expected
+LLM FLOPs toward a target fraction; at inference ``router_bias`` trades accuracy for FLOPs.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dpn.config import PyramidConfig
-from dpn.spans import VisualSpans, pool_grid, window_origins
+from dpn.flops import decoder_flops, segment_layer_tokens
 from dpn.strategies.base import StagePlan
+from dpn.strategies.pooling import GridPooling
 
 
 class Router(nn.Module):
@@ -35,101 +40,66 @@ class Router(nn.Module):
         return self.up(F.gelu(self.down(self.norm(hidden))))
 
 
-class DynamicPyramid(nn.Module):
+@dataclass
+class BudgetInputs:
+    """Per-sample token counts of a prefill, for the ``budget`` routing loss."""
+
+    text_config: Any
+    num_layers: int
+    text_tokens: torch.Tensor  # (batch,)
+    visual_tokens: torch.Tensor  # (batch,) before the first stage
+
+
+class DynamicPyramid(GridPooling):
     """The per-stage routers of a pyramid and the pooling they drive. Holds no per-call state."""
 
     def __init__(self, config: PyramidConfig, hidden_size: int) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.routers = nn.ModuleList(
             Router(hidden_size, len(stage.experts), config.router_reduction) for stage in config.stages
         )
 
     @property
-    def stage_layers(self) -> list[int]:
-        return [stage.layer for stage in self.config.stages]
+    def scales_by_probability(self) -> bool:
+        return self.config.scale_by_probability
 
-    def route(
-        self, stage: int, router_hidden: torch.Tensor, forced: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Router probabilities (n, E) in fp32 and the chosen expert per row (n,)."""
-        logits = self.routers[stage](router_hidden).float()
-        probs = torch.softmax(logits / self.config.router_temperature, dim=-1)
+    def route(self, stage: int, router_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router probabilities (n, E) in fp32 and the chosen expert per row (n,).
+
+        ``router_bias`` shifts the log-probabilities by bias x expert scale before the choice,
+        moving the pyramid along its accuracy / FLOPs curve without retraining.
+        """
+        logits = self.routers[stage](router_hidden).float() / self.config.router_temperature
+        if self.config.router_bias:
+            scales = torch.tensor(self.config.scales(stage), device=logits.device)
+            logits = torch.log_softmax(logits, dim=-1) + self.config.router_bias * scales
+        probs = torch.softmax(logits, dim=-1)
         if self.training and self.config.sample_in_training:
             choice = torch.multinomial(probs.detach(), 1).squeeze(-1)
         else:
             choice = probs.argmax(-1)
-        if forced is not None:
-            choice = torch.where(forced >= 0, forced, choice)
         return probs, choice
 
-    def plan(
-        self,
-        stage: int,
-        hidden: torch.Tensor,
-        spans: VisualSpans,
-        router_index: torch.Tensor,
-        forced: torch.Tensor | None,
-    ) -> StagePlan:
-        """Route every sample with a poolable image and pool its images with the chosen expert."""
-        batch, seq_len, width = hidden.shape
-        device = hidden.device
-        experts = self.config.stages[stage].experts
-        min_tokens = self.config.min_tokens_to_pool
-        eligible = [k for k in range(len(spans)) if spans.size(k) >= min_tokens]
-        plan = StagePlan(
-            experts=torch.full((batch,), -1, dtype=torch.long, device=device),
-            expert_probability=torch.zeros(batch, device=device),
-            router_probs=torch.zeros(batch, len(experts), device=device),
-            routed=torch.zeros(batch, dtype=torch.bool, device=device),
-        )
-        if not eligible:
-            return plan
-        samples = sorted({spans.sample[k] for k in eligible})
-        routed = torch.tensor(samples, device=device)
-        if bool((router_index[routed] < 0).any()):
+    def choose(self, stage, inputs, samples):
+        query = inputs.query_index[samples]
+        if bool((query < 0).any()):
             raise ValueError("a sample with an image has no router token; add the router token to its prompt")
-        router_hidden = hidden[routed, router_index[routed]]
-        sample_forced = None if forced is None else forced[routed]
-        probs, choice = self.route(stage, router_hidden, sample_forced)
-        chosen_probability = probs.gather(1, choice[:, None]).squeeze(1)
-        plan.experts = plan.experts.index_copy(0, routed, choice)
-        plan.expert_probability = plan.expert_probability.index_copy(0, routed, chosen_probability)
-        plan.router_probs = plan.router_probs.index_copy(0, routed, probs)
-        plan.routed = plan.routed.index_fill(0, routed, True)
+        return self.route(stage, inputs.hidden[samples, query])
 
-        scale = plan.expert_probability if self.config.scale_by_probability else None
-        choice_of_sample = dict(zip(samples, choice.tolist()))
-        groups: dict[tuple[int, int, int, int], list[int]] = {}
-        for k in eligible:
-            kernel = experts[choice_of_sample[spans.sample[k]]]
-            groups.setdefault((spans.rows[k], spans.cols[k], *kernel), []).append(k)
+    def routing_loss(self, plans: list[StagePlan], budget: BudgetInputs | None = None) -> torch.Tensor | None:
+        if self.config.routing_loss == "hinge":
+            return self.hinge_loss([p.router_probs[p.routed] for p in plans])
+        if self.config.routing_loss == "budget":
+            if budget is None:
+                raise ValueError("the budget routing loss needs the batch's token counts")
+            return self.budget_loss(plans, budget)
+        return None
 
-        flat = hidden.reshape(batch * seq_len, width)
-        rows, representatives = [], []
-        for (n_rows, n_cols, kh, kw), members in groups.items():
-            index = spans.token_index(members, seq_len, device).view(len(members), n_rows * n_cols)
-            tokens = flat[index].view(len(members), n_rows, n_cols, width)
-            pooled = pool_grid(tokens, (kh, kw), self.config.pooling).reshape(len(members), -1, width)
-            if scale is not None:
-                member_samples = torch.tensor([spans.sample[k] for k in members], device=device)
-                pooled = pooled * scale[member_samples].to(pooled.dtype)[:, None, None]
-            rows.append(pooled.reshape(-1, width))
-            origins = window_origins(n_rows, n_cols, (kh, kw), device)
-            representatives.append((index[:, :1] + origins[None, :]).flatten())
-            plan.spans.extend(members)
-            plan.grids.extend([(n_rows // kh, n_cols // kw)] * len(members))
-        plan.rows = torch.cat(rows)
-        plan.representatives = torch.cat(representatives)
-        return plan
-
-    def routing_loss(self, stage_probs: list[torch.Tensor]) -> torch.Tensor | None:
+    def hinge_loss(self, stage_probs: list[torch.Tensor]) -> torch.Tensor | None:
         """The paper's hinge: mean over stages of max(0, target - mean_b s[argmax p_b] * max p_b).
 
         ``stage_probs`` holds, per stage, the router probabilities of the samples routed there.
         """
-        if self.config.routing_loss == "none":
-            return None
         terms = []
         for stage, probs in enumerate(stage_probs):
             if probs is None or probs.shape[0] == 0:
@@ -140,3 +110,27 @@ class DynamicPyramid(nn.Module):
         if not terms:
             return None
         return torch.stack(terms).mean()
+
+    def budget_loss(self, plans: list[StagePlan], budget: BudgetInputs) -> torch.Tensor | None:
+        """(mean over samples with images of the expected LLM FLOPs ratio - budget_target) squared.
+
+        The expectation is over the router's probabilities, stage by stage: an expert (kh, kw)
+        divides the visual tokens by kh * kw. Samples share one budget, so a hard sample may keep
+        more tokens when easy ones keep fewer. Per-layer attention uses the expected count too.
+        """
+        with_images = budget.visual_tokens > 0
+        if not bool(with_images.any()):
+            return None
+        visual = budget.visual_tokens.float()
+        segment_tokens = [budget.text_tokens.float() + visual]
+        for stage, plan in enumerate(plans):
+            shrink = torch.tensor([1.0 / (kh * kw) for kh, kw in self.config.stages[stage].experts],
+                                  device=visual.device)
+            factor = torch.where(plan.routed, (plan.router_probs * shrink).sum(-1), torch.ones_like(visual))
+            visual = visual * factor
+            segment_tokens.append(budget.text_tokens.float() + visual)
+        layer_tokens = torch.stack(segment_layer_tokens(budget.num_layers, self.stage_layers, segment_tokens), dim=1)
+        expected = decoder_flops(budget.text_config, layer_tokens)
+        vanilla = decoder_flops(budget.text_config, segment_tokens[0][:, None].expand_as(layer_tokens))
+        ratio = (expected / vanilla)[with_images]
+        return (ratio.mean() - self.config.budget_target) ** 2

@@ -1,0 +1,64 @@
+"""One row of a decoder layer's attention map, computed apart from the layer's own forward.
+
+Token-selection strategies (FastV, PyramidDrop) rank visual tokens by the attention they receive
+from the last prompt token. Asking the model for attention weights would force the eager kernel
+on every layer; instead this recomputes the single query row the ranking needs from the layer's
+input, with the layer's own norm, projections and rotary embedding. The model keeps running
+sdpa / flash attention.
+
+Written for the transformers v5 layout of Llama-family attention (Llama, Qwen2, Mistral, Qwen3):
+``input_layernorm``, ``self_attn.{q,k}_proj``, optional ``self_attn.{q,k}_norm``, ``head_dim``,
+``scaling`` and grouped key/value heads. Attention is full causal (a sliding window is ignored).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+@torch.no_grad()
+def query_attention(
+    layer: nn.Module,
+    layer_input: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query_index: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """Attention probabilities of each sample's ``query_index`` token over its sequence, head-averaged.
+
+    Args:
+        layer: a decoder layer.
+        layer_input: (batch, length, d) the hidden states the layer received.
+        position_embeddings: the (cos, sin) of shape (batch, length, head_dim) the layer ran with.
+        query_index: (batch,) position of the query token in each sample.
+        valid: (batch, length) real (non-padding) tokens.
+
+    Returns:
+        (batch, length) float32; zero at padding and after the query.
+    """
+    attention = layer.self_attn
+    batch, length, _ = layer_input.shape
+    head_dim = attention.head_dim
+    rows = torch.arange(batch, device=layer_input.device)
+    normed = layer.input_layernorm(layer_input)
+    query = attention.q_proj(normed[rows, query_index]).view(batch, 1, -1, head_dim)
+    keys = attention.k_proj(normed).view(batch, length, -1, head_dim)
+    if hasattr(attention, "q_norm"):
+        query, keys = attention.q_norm(query), attention.k_norm(keys)
+    cos, sin = position_embeddings
+    cos, sin = cos.to(query.dtype), sin.to(query.dtype)
+    query = _rotate(query, cos[rows, query_index][:, None, None], sin[rows, query_index][:, None, None])
+    keys = _rotate(keys, cos[:, :, None], sin[:, :, None])
+    query, keys = query.transpose(1, 2).float(), keys.transpose(1, 2).float()  # (b, H, 1, hd), (b, G, L, hd)
+    keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
+    scores = (query @ keys.transpose(-1, -2)).squeeze(2) * attention.scaling  # (b, H, L)
+    visible = valid & (torch.arange(length, device=valid.device)[None, :] <= query_index[:, None])
+    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1).mean(1)

@@ -1,0 +1,200 @@
+"""The peer strategies (static, random, projector, fastv, pdrop) in the pyramid runtime."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dpn
+from dpn.attention import query_attention
+from dpn.config import PyramidStage
+from dpn.spans import find_visual_spans
+from dpn.strategies import AttentionSelection, StageInput
+from dpn.strategies.selection import kept_count
+from helpers import GRID, batch_of, make_prompt, pixels, tiny_llava
+
+VISUAL = GRID[0] * GRID[1]  # 64 tokens per image in the test model
+
+
+def peer_configs(model) -> dict[str, dpn.PyramidConfig]:
+    """One config per peer strategy on the 6-layer test model."""
+    return {
+        "static": dpn.PyramidConfig.static(model.config, (2, 2)),
+        "random": dpn.PyramidConfig.random_experts(model.config),
+        "projector": dpn.PyramidConfig.projector(model.config, (2, 2)),
+        "fastv": dpn.PyramidConfig.fastv(model.config, keep_ratio=0.3),
+        "pdrop": dpn.PyramidConfig(strategy="pdrop", routing_loss="none", stages=[
+            PyramidStage(1, keep_ratio=0.5), PyramidStage(3, keep_ratio=0.5)]),
+    }
+
+
+PEERS = ["static", "random", "projector", "fastv", "pdrop"]
+
+
+def expected_visual_tokens(name: str) -> list[int]:
+    """Visual tokens of one image before the first stage and after each, from each strategy's definition."""
+    if name == "static":  # 8x8 -> 4x4 -> 2x2; the 4-token grid is below min_tokens_to_pool and stays
+        return [VISUAL, 16, 4, 4]
+    if name == "projector":
+        return [VISUAL, 16]
+    if name == "fastv":
+        return [VISUAL, kept_count(VISUAL, 0.3)]
+    if name == "pdrop":
+        return [VISUAL, 32, 16]
+    raise KeyError(name)
+
+
+@pytest.mark.parametrize("name", ["static", "projector", "fastv", "pdrop"])
+def test_kept_tokens_follow_the_definition(name):
+    model = tiny_llava(seed=1)
+    config = peer_configs(model)[name]
+    dpn.apply_pyramid(model, config)
+    batch = batch_of([make_prompt(3, 4, seed=1), make_prompt(6, 2, seed=2)])
+    with torch.no_grad():
+        out = model(**batch, pixel_values=pixels(2))
+    expected = expected_visual_tokens(name)
+    assert out.routing.visual_tokens.tolist() == [expected] * 2
+    text = batch["attention_mask"].sum(1) - VISUAL
+    layer_tokens = out.routing.layer_tokens
+    first = config.stages[0].layer + 1  # layers before the first stage see everything
+    assert (layer_tokens[:, :first] == (text + VISUAL)[:, None]).all()
+    assert (layer_tokens[:, -1] == text + expected[-1]).all()  # and the last layer what the last stage left
+    assert (out.routing.flops_ratio < 1).all()
+    hidden = out.logits.shape[1]
+    assert hidden == int((text + expected[-1]).max())  # the sequence really shrank
+
+
+def test_random_experts_are_drawn_per_sample():
+    model = tiny_llava(seed=1)
+    dpn.apply_pyramid(model, peer_configs(model)["random"])
+    prompts = [make_prompt(3, 4, seed=s) for s in range(8)]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = model(**batch_of(prompts), pixel_values=pixels(8))
+    first_stage = out.routing.experts[:, 0]
+    assert len(set(first_stage.tolist())) > 1  # not one expert for everybody
+    assert (out.routing.expert_probability[:, 0] == 1 / 3).all()
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_batched_matches_each_sample_alone(name):
+    model = tiny_llava(seed=4)
+    dpn.apply_pyramid(model, peer_configs(model)[name])
+    prompts = [make_prompt(2, 3, seed=1), make_prompt(9, 1, seed=2), make_prompt(1, 2, images=2, seed=4)]
+    image_counts = [1, 1, 2]
+    images = pixels(sum(image_counts))
+    slices = torch.split(images, image_counts)
+    forced = torch.tensor([[0, 1, 2], [2, 2, 0], [1, 0, 1]]) if name == "random" else None  # random needs a fixed draw
+    with torch.no_grad():
+        together = model(**batch_of(prompts), pixel_values=images, force_experts=forced)
+        for row, prompt in enumerate(prompts):
+            alone = model(**batch_of([prompt]), pixel_values=slices[row],
+                          force_experts=None if forced is None else forced[row:row + 1])
+            valid = together.attention_mask[row].bool()
+            torch.testing.assert_close(together.logits[row][valid], alone.logits[0], atol=1e-4, rtol=0)
+            assert together.routing.visual_tokens[row].tolist() == alone.routing.visual_tokens[0].tolist()
+
+
+@pytest.mark.parametrize("name", ["static", "projector", "fastv", "pdrop"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cached_generation_matches_full_recompute(name, attn):
+    model = tiny_llava(seed=3, attn=attn)
+    dpn.apply_pyramid(model, peer_configs(model)[name])
+    batch = batch_of([make_prompt(3, 5, seed=1), make_prompt(7, 2, seed=2)])
+    images = pixels(2)
+    new_tokens = 6
+    with torch.no_grad():
+        generated = model.generate(**batch, pixel_values=images, max_new_tokens=new_tokens, do_sample=False,
+                                   pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    prompt_length = ids.shape[1]
+    for step in range(new_tokens):
+        labels = torch.full_like(ids, -100)
+        labels[:, prompt_length:] = ids[:, prompt_length:]  # the ranking query stays the last prompt token
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=images, labels=labels, use_cache=False)
+        torch.testing.assert_close(out.logits[:, -1], generated.logits[step], atol=1e-4, rtol=0)
+        ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(ids, generated.sequences)
+
+
+def test_fastv_keeps_the_tokens_eager_attention_ranks_highest():
+    """The one attention row FastV computes equals the eager kernel's, and so does its choice."""
+    model = tiny_llava(seed=2, attn="eager")
+    config = dpn.PyramidConfig.fastv(model.config, keep_ratio=0.25, layer=2)
+    prompts = [make_prompt(3, 5, seed=1), make_prompt(8, 2, seed=2)]
+    batch = batch_of(prompts)
+    images = pixels(2)
+    with torch.no_grad():
+        reference = model(**batch, pixel_values=images, output_attentions=True, output_hidden_states=True)
+    stage_layer = config.stages[0].layer
+    attention = reference.attentions[stage_layer]  # (batch, heads, L, L)
+    query = batch["attention_mask"].shape[1] - 1  # left padding: every sample's last prompt token
+    reference_row = attention[:, :, query].mean(1)
+    # The same row recomputed from the layer's input, as the strategy does.
+    decoder = model.model.language_model
+    layer_input = reference.hidden_states[stage_layer]
+    positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    row = query_attention(decoder.layers[stage_layer], layer_input, decoder.rotary_emb(layer_input, positions),
+                          torch.full((2,), query), batch["attention_mask"].bool())
+    torch.testing.assert_close(row, reference_row, atol=1e-5, rtol=1e-4)
+
+    # The strategy keeps exactly the top-ranked visual tokens, in their original order.
+    image = batch["input_ids"] == model.config.image_token_id
+    hidden = reference.hidden_states[stage_layer + 1]
+    plan = AttentionSelection(config).plan(0, StageInput(
+        hidden=hidden, spans=find_visual_spans(image, GRID), query_index=torch.full((2,), query),
+        valid=batch["attention_mask"].bool(), layer=decoder.layers[stage_layer], layer_input=layer_input,
+        position_embeddings=decoder.rotary_emb(layer_input, positions),
+    ))
+    keep = kept_count(VISUAL, 0.25)
+    length = batch["input_ids"].shape[1]
+    expected = []
+    for sample in range(2):
+        visual_positions = image[sample].nonzero().squeeze(1)
+        top = reference_row[sample, visual_positions].topk(keep).indices.sort().values
+        expected.append(sample * length + visual_positions[top])
+    assert plan.representatives.tolist() == torch.cat(expected).tolist()
+    assert plan.grids == [(1, keep)] * 2
+    torch.testing.assert_close(plan.rows, hidden.reshape(-1, hidden.shape[-1])[torch.cat(expected)])
+
+
+def test_selection_strategies_refuse_forced_experts():
+    model = tiny_llava()
+    dpn.apply_pyramid(model, dpn.PyramidConfig.fastv(model.config))
+    with pytest.raises(ValueError, match="force_experts applies to pooling strategies"):
+        model(**batch_of([make_prompt(2, 2)]), pixel_values=pixels(1), force_experts=1)
+
+
+@pytest.mark.parametrize("spec, strategy", [
+    ("static:2x2", "static"), ("projector:4x4", "projector"), ("fastv:0.25", "fastv"), ("pdrop", "pdrop"),
+    ("random", "random"), ("paper", "dpn"), ("budget:0.5", "dpn"),
+])
+def test_specs_name_every_strategy(spec, strategy, tmp_path):
+    model = tiny_llava()
+    config = dpn.PyramidConfig.from_spec(spec, model.config)
+    assert config.strategy == strategy
+    dpn.apply_pyramid(model, config)
+    dpn.save_pyramid(model, tmp_path)
+    reloaded = dpn.load_pyramid(tiny_llava(), tmp_path)
+    assert dpn.get_pyramid_config(reloaded) == config
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(strategy="fastv", stages=[PyramidStage(1, keep_ratio=0.5), PyramidStage(2, keep_ratio=0.5)]), "fastv prunes once"),
+    (dict(strategy="pdrop", stages=[PyramidStage(1, [(2, 2)])]), "needs a keep_ratio"),
+    (dict(strategy="dpn", stages=[PyramidStage(1, keep_ratio=0.5)]), "keep_ratio is for fastv and pdrop"),
+    (dict(strategy="static", stages=[PyramidStage(1, [(1, 1), (2, 2)])], routing_loss="none"), "exactly one expert"),
+    (dict(strategy="random", stages=[PyramidStage(1, [(1, 1), (2, 2)])]), "no router"),
+    (dict(strategy="dpn", stages=[PyramidStage(1, [(2, 2)])], routing_loss="budget"), "needs budget_target"),
+])
+def test_inconsistent_strategy_configs_are_clear_errors(bad, message):
+    with pytest.raises(ValueError, match=message):
+        dpn.PyramidConfig(**bad)
+
+
+@pytest.mark.parametrize("spec", ["fastv:0", "fastv:1.5", "projector:2", "static:ax2", "budget:x"])
+def test_bad_specs_say_what_is_wrong(spec):
+    with pytest.raises(ValueError, match="pyramid spec"):
+        dpn.PyramidConfig.from_spec(spec, tiny_llava().config)
