@@ -9,6 +9,7 @@ from dpn.api import (
     remove_pyramid,
     save_pyramid,
 )
+from dpn.budget import calibrate_router_bias, set_router_bias
 from dpn.cache import PyramidCache
 from dpn.config import PyramidConfig, PyramidStage
 from dpn.outputs import PyramidCausalLMOutput, PyramidRouting
@@ -23,6 +24,7 @@ __all__ = [
     "PyramidRouting",
     "PyramidStage",
     "apply_pyramid",
+    "calibrate_router_bias",
     "flops",
     "get_pyramid_config",
     "has_pyramid",
@@ -30,4 +32,5 @@ __all__ = [
     "load_pyramid_weights",
     "remove_pyramid",
     "save_pyramid",
+    "set_router_bias",
 ]

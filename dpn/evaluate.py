@@ -24,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dpn.api import apply_pyramid, has_pyramid, load_pyramid, pyramid_disabled
-from dpn.config import CONFIG_NAME, PyramidConfig
+from dpn.budget import calibrate_router_bias, set_router_bias
+from dpn.config import CONFIG_NAME, SPEC_HELP, PyramidConfig
 from dpn.data.llava import LlavaCollator, LlavaDataset
 from dpn.models import get_adapter
 from dpn.timing import paired_medians
@@ -47,10 +48,14 @@ class EvalOptions:
     data: str
     output_dir: str
     image_folder: str | None = None
-    pyramid: str = "saved"  # saved | none | paper | static:KHxKW | path to pyramid_config.json
+    pyramid: str = "saved"  # saved, or a spec of PyramidConfig.from_spec
     batch_size: int = 32
     max_new_tokens: int = 8
     limit: int | None = None
+    router_bias: float | None = None  # DPN only: set the budget knob directly
+    budget: float | None = None  # DPN only: calibrate the router bias to this LLM FLOPs fraction
+    calibration_data: str | None = None  # samples for the calibration (default: the evaluated data)
+    calibration_samples: int = 128
     measure_latency: bool = True
     plot: bool = True
     progress: bool = True
@@ -131,6 +136,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     )
     tokenizer = processor.tokenizer
     collate = LlavaCollator(pad_token_id=tokenizer.pad_token_id, padding_side="left", with_labels=False)
+    calibration = _apply_budget(options, model, processor, collate, device)
 
     predictions_path = output_dir / PREDICTIONS
     done = _read_predictions(predictions_path)
@@ -162,6 +168,8 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     summary = summarize(results)
     summary["model"] = options.model
     summary["pyramid"] = PyramidConfig.to_dict(model.pyramid.config) if has_pyramid(model) else None
+    if calibration is not None:
+        summary["calibration"] = calibration
     if latency["pyramid"]:
         summary["prefill_latency_ratio"] = sum(latency["pyramid"]) / sum(latency["vanilla"])
         summary["prefill_seconds_per_batch"] = {k: statistics.median(v) for k, v in latency.items()}
@@ -170,6 +178,30 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     if options.plot:
         plot_routing(results, output_dir / "routing.png")
     return summary
+
+
+def _apply_budget(options: EvalOptions, model, processor, collate, device) -> dict[str, float] | None:
+    """Set the DPN router bias from ``router_bias`` or by calibrating it to ``budget``."""
+    if options.router_bias is None and options.budget is None:
+        return None
+    if not has_pyramid(model):
+        raise ValueError("--budget and --router-bias need a model with a DPN pyramid")
+    if options.budget is None:
+        set_router_bias(model, options.router_bias)
+        return None
+    adapter = get_adapter(model)
+    grid = adapter.visual_grid(model.config)
+    calibration_set = LlavaDataset(
+        options.calibration_data or options.data, options.image_folder, processor, image_tokens=grid[0] * grid[1],
+        image_token_id=adapter.image_token_id(model.config), for_generation=True, limit=options.calibration_samples,
+    )
+    samples = [calibration_set[i] for i in range(len(calibration_set))]
+    batches = [
+        {k: v.to(device) for k, v in collate(samples[i:i + options.batch_size]).items()}
+        for i in range(0, len(samples), options.batch_size)
+    ]
+    bias, ratio = calibrate_router_bias(model, batches, options.budget, progress=options.progress)
+    return {"target": options.budget, "router_bias": bias, "flops_ratio": ratio, "samples": len(samples)}
 
 
 def _without_pyramid(model, batch) -> None:

@@ -244,9 +244,9 @@ def test_routing_loss_matches_hand_computation():
     stage0 = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])  # s*p: 2*0.5 = 1.0 and 0*0.6 = 0 -> mean 0.5
     stage1 = torch.tensor([[0.1, 0.1, 0.8]])  # 2*0.8 = 1.6 -> above the 1.5 target
     # per stage: max(0, 1.5 - 0.5) = 1.0 and max(0, 1.5 - 1.6) = 0; mean over stages = 0.5
-    assert pyramid.routing_loss([stage0, stage1]).item() == pytest.approx(0.5)
+    assert pyramid.hinge_loss([stage0, stage1]).item() == pytest.approx(0.5)
     # A stage nobody was routed at does not count.
-    assert pyramid.routing_loss([stage0, None]).item() == pytest.approx(1.0)
+    assert pyramid.hinge_loss([stage0, None]).item() == pytest.approx(1.0)
 
 
 def test_training_loss_adds_weighted_routing_loss_with_gradient():
@@ -325,3 +325,51 @@ def test_text_only_batch_passes_through_and_decoding_steps_skip_routing():
     torch.testing.assert_close(out.logits[mask], expected.logits[mask], atol=1e-5, rtol=0)
     assert (out.routing.experts == -1).all() and torch.allclose(out.routing.flops_ratio, torch.ones(2, dtype=torch.float64))
     assert step.routing is None and step.logits.shape == (2, 1, 96)
+
+
+# ------------------------------------------------------------------------ length groups after a stage
+def test_length_groups_split_only_when_it_saves():
+    from dpn.runtime import length_groups
+
+    def valid(lengths, width=100):
+        return torch.stack([torch.arange(width) >= width - n for n in lengths])
+
+    groups = length_groups(valid([100, 52, 95, 50, 25]))
+    assert [(members.tolist(), length) for members, length in groups] == [([0, 2], 100), ([1, 3], 52), ([4], 25)]
+    assert length_groups(valid([100, 97, 92])) is None  # one group: nothing to gain
+    assert length_groups(valid([100, 100, 100, 80])) is None  # saves under 15% of the rows
+
+
+def test_length_groups_give_the_same_results_as_one_padded_batch(monkeypatch):
+    import dpn.runtime
+
+    calls = []
+    original = dpn.runtime._run_length_groups
+    monkeypatch.setattr(dpn.runtime, "_run_length_groups", lambda *a, **k: calls.append(1) or original(*a, **k))
+    prompts = [make_prompt(2, 3, seed=1), make_prompt(9, 1, seed=2), make_prompt(4, 7, seed=3), make_prompt(6, 6, seed=4)]
+    batch = batch_of(prompts)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[labels == IMAGE_TOKEN_ID] = -100
+    forced = torch.tensor([[0, 0, 0], [1, 2, 0], [2, 2, 1], [2, 1, 1]])
+    results = {}
+    for grouped in (True, False):
+        model = tiny_llava(seed=5)
+        dpn.apply_pyramid(model, pyramid_config(group_by_length=grouped))
+        out = model(**batch, pixel_values=pixels(4), labels=labels, force_experts=forced)
+        out.loss.backward()
+        with torch.no_grad():
+            generated = model.generate(**batch, pixel_values=pixels(4), force_experts=forced, max_new_tokens=8,
+                                       do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        grad = model.model.language_model.layers[3].mlp.up_proj.weight.grad
+        results[grouped] = (out, grad, generated)
+        if grouped:
+            assert calls, "the grouped path did not run"
+            calls.clear()
+        else:
+            assert not calls
+    (a, grad_a, gen_a), (b, grad_b, gen_b) = results[True], results[False]
+    torch.testing.assert_close(a.logits, b.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(a.loss, b.loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad_a, grad_b, atol=1e-5, rtol=1e-4)
+    assert torch.equal(gen_a.sequences, gen_b.sequences)
+    torch.testing.assert_close(torch.stack(gen_a.logits), torch.stack(gen_b.logits), atol=1e-4, rtol=0)
