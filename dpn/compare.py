@@ -1,0 +1,327 @@
+"""``dpn compare``: every strategy at several budgets, on one model and one test set.
+
+Trained variants (vanilla, DPN, static, projector, random, and the ablations) are fine-tuned from
+the same base with the same data, steps and learning rates, once per seed. Training-free variants
+(FastV, PyramidDrop) run on the vanilla fine-tune of each seed. DPN is evaluated at its own
+routing and at router biases calibrated to FLOPs targets (the budget knob, no retraining).
+
+Each evaluation is a normal ``dpn eval`` run (resumable); so is each fine-tune. The command writes
+a markdown page (table with mean ± std over seeds, the ablation table, the exact command at the
+top) and accuracy-vs-FLOPs Pareto plots: overall and per difficulty.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from transformers import LlavaConfig
+
+from dpn.config import PyramidConfig
+from dpn.evaluate import SUMMARY, EvalOptions, evaluate
+from dpn.train import TrainOptions, train
+
+DIFFICULTIES = ("easy", "medium", "hard")
+# Plot style per strategy family (matplotlib format strings).
+STYLES = {"vanilla": "k*", "dpn": "C3o-", "static": "C0s-", "projector": "C1^-", "random": "C7x",
+          "fastv": "C2v-", "pdrop": "C4D-"}
+
+
+@dataclass
+class Point:
+    """One evaluated configuration: a strategy at one budget."""
+
+    name: str  # unique, e.g. "fastv:0.5"
+    family: str  # strategy, for the plot's curves
+    trained: str  # the trained variant whose model it runs on
+    pyramid: str = "saved"  # evaluation-time pyramid spec (training-free strategies)
+    budget: float | None = None  # DPN: calibrate the router bias to this FLOPs fraction
+    ablation: bool = False
+
+
+@dataclass
+class CompareOptions:
+    base: str
+    train_data: str
+    test_data: str
+    out_dir: str = "runs/compare"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    steps: int = 150
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    router_learning_rate: float = 1e-3
+    train_limit: int | None = None
+    test_limit: int | None = None
+    static_strides: list[str] = field(default_factory=lambda: ["1x2", "2x2"])
+    projector_strides: list[str] = field(default_factory=lambda: ["2x2", "3x3"])
+    fastv_ratios: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
+    pdrop_ratios: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
+    dpn_budgets: list[float] = field(default_factory=lambda: [0.8, 0.6])
+    ablations: bool = True
+    measure_latency: bool = True
+    markdown: str | None = None
+    image_dir: str | None = None
+    command: str = "dpn compare"
+    progress: bool = True
+
+
+def trained_variants(options: CompareOptions, model_config: Any, config_dir: Path) -> dict[str, str]:
+    """Trained variant name -> the ``--pyramid`` spec it is fine-tuned with."""
+    variants = {"vanilla": "none", "dpn": "paper", "random": "random"}
+    variants.update({f"static:{s}": f"static:{s}" for s in options.static_strides})
+    variants.update({f"projector:{s}": f"projector:{s}" for s in options.projector_strides})
+    if options.ablations:
+        for name, config in ablation_configs(model_config).items():
+            variants[name] = str(config.save(config_dir / f"{name}.json"))
+    return variants
+
+
+def ablation_configs(model_config: Any) -> dict[str, PyramidConfig]:
+    """The paper's ablations of DPN: routing loss off, average pooling, stages early or late."""
+    paper = PyramidConfig.paper_default(model_config)
+    num_layers = model_config.text_config.num_hidden_layers
+    count = len(paper.stages)
+    experts = [stage.experts for stage in paper.stages]
+
+    def at(layers: list[int]) -> PyramidConfig:
+        stages = [{"layer": layer, "experts": e} for layer, e in zip(layers, experts)]
+        return PyramidConfig.from_dict({**paper.to_dict(), "stages": stages})
+
+    early = list(range(count))
+    late = list(range(num_layers - 1 - count, num_layers - 1))
+    configs = {
+        "dpn, no routing loss": PyramidConfig.from_dict({**paper.to_dict(), "routing_loss": "none"}),
+        "dpn, avg pooling": PyramidConfig.from_dict({**paper.to_dict(), "pooling": "avg"}),
+    }
+    if early != [s.layer for s in paper.stages]:
+        configs["dpn, early stages"] = at(early)
+    if late != [s.layer for s in paper.stages] and late != early:
+        configs["dpn, late stages"] = at(late)
+    return configs
+
+
+def evaluation_points(options: CompareOptions, trained: dict[str, str]) -> list[Point]:
+    points = [Point("vanilla", "vanilla", "vanilla"), Point("dpn", "dpn", "dpn")]
+    points += [Point(f"dpn @ {b:g} FLOPs", "dpn", "dpn", budget=b) for b in options.dpn_budgets]
+    points += [Point(name, name.split(":")[0], name) for name in trained if name.startswith(("static:", "projector:"))]
+    points.append(Point("random", "random", "random"))
+    points += [Point(f"fastv:{r:g}", "fastv", "vanilla", pyramid=f"fastv:{r}") for r in options.fastv_ratios]
+    points += [Point(f"pdrop:{r:g}", "pdrop", "vanilla", pyramid=f"pdrop:{r}") for r in options.pdrop_ratios]
+    points += [Point(name, "dpn", name, ablation=True) for name in trained if name.startswith("dpn, ")]
+    return points
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+
+
+def run_compare(options: CompareOptions, console: Console | None = None) -> dict[str, Any]:
+    console = console or Console()
+    if not options.seeds:
+        raise ValueError("give at least one seed")
+    for path, what in ((Path(options.base) / "config.json", "model to fine-tune"),
+                       (Path(options.train_data), "training data"), (Path(options.test_data), "test data")):
+        if not path.is_file():
+            raise FileNotFoundError(f"no {what} at {path}")
+    start = time.perf_counter()
+    out = Path(options.out_dir)
+    model_config = LlavaConfig.from_pretrained(options.base)
+    trained = trained_variants(options, model_config, out / "configs")
+    points = evaluation_points(options, trained)
+    runs = len(trained) * len(options.seeds)
+    console.print(f"[bold]dpn compare[/]: {len(trained)} trained variants x {len(options.seeds)} seeds = {runs} "
+                  f"fine-tunes of {options.steps} steps, then {len(points) * len(options.seeds)} evaluations")
+    summaries: dict[str, list[dict[str, Any]]] = {p.name: [] for p in points}
+    for seed in options.seeds:
+        models = {name: _finetune(options, name, spec, seed, out, console) for name, spec in trained.items()}
+        for point in points:
+            summaries[point.name].append(_evaluate(options, point, models[point.trained], seed, out))
+    rows = [aggregate(point, summaries[point.name]) for point in points]
+    report = {"options": asdict(options), "rows": rows, "elapsed_seconds": time.perf_counter() - start}
+    (out / "compare.json").write_text(json.dumps(report, indent=1))
+    images = Path(options.image_dir) if options.image_dir else out
+    plots = plot_pareto(rows, images)
+    page = results_page(report, plots, Path(options.markdown).parent if options.markdown else out)
+    (Path(options.markdown) if options.markdown else out / "RESULTS.md").write_text(page)
+    console.print(page)
+    return report
+
+
+def _finetune(options: CompareOptions, name: str, spec: str, seed: int, out: Path, console: Console) -> Path:
+    run_dir = out / "train" / _slug(name) / f"seed{seed}"
+    if (run_dir / "train_options.json").is_file():
+        return run_dir
+    console.print(f"fine-tuning {name} (seed {seed})")
+    return train(TrainOptions(
+        data=options.train_data, output_dir=str(run_dir), pyramid=spec, init_from=options.base,
+        max_steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
+        router_learning_rate=options.router_learning_rate, warmup_steps=max(1, options.steps // 10),
+        save_steps=max(1, options.steps // 2), logging_steps=max(1, options.steps // 10), seed=seed,
+        limit=options.train_limit, progress=options.progress,
+    ))
+
+
+def _evaluate(options: CompareOptions, point: Point, model: Path, seed: int, out: Path) -> dict[str, Any]:
+    eval_dir = out / "eval" / _slug(point.name) / f"seed{seed}"
+    if (eval_dir / SUMMARY).is_file():
+        return json.loads((eval_dir / SUMMARY).read_text())
+    return evaluate(EvalOptions(
+        model=str(model), data=options.test_data, output_dir=str(eval_dir), pyramid=point.pyramid,
+        budget=point.budget, batch_size=options.batch_size, limit=options.test_limit, plot=False,
+        measure_latency=options.measure_latency, progress=options.progress,
+    ))
+
+
+def _mean_std(values: list[float]) -> list[float]:
+    """[mean, sample standard deviation] (a list, as it round-trips through JSON)."""
+    return [statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0]
+
+
+def aggregate(point: Point, summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and standard deviation over seeds of one point's figures."""
+    row: dict[str, Any] = {**asdict(point), "seeds": len(summaries)}
+    row["accuracy"] = _mean_std([s["overall"]["accuracy"] for s in summaries])
+    for difficulty in DIFFICULTIES:
+        values = [s["difficulty"][difficulty]["accuracy"] for s in summaries if difficulty in s["difficulty"]]
+        if values:
+            row[difficulty] = _mean_std(values)
+    row["flops_ratio"] = _mean_std([s["overall"].get("flops_ratio", 1.0) for s in summaries])
+    kept = [s["overall"]["visual_tokens"][-1] for s in summaries if s["overall"].get("visual_tokens")]
+    row["kept_tokens"] = _mean_std(kept) if kept else None
+    latency = [s["prefill_latency_ratio"] for s in summaries if "prefill_latency_ratio" in s]
+    row["latency_ratio"] = _mean_std(latency) if latency else None
+    hard = [s["difficulty"]["hard"]["visual_tokens"][-1] for s in summaries
+            if s["difficulty"].get("hard", {}).get("visual_tokens")]
+    easy = [s["difficulty"]["easy"]["visual_tokens"][-1] for s in summaries
+            if s["difficulty"].get("easy", {}).get("visual_tokens")]
+    row["kept_hard_easy"] = [statistics.mean(hard), statistics.mean(easy)] if hard and easy else None
+    return row
+
+
+def _cell(value: list[float] | None, percent: bool = False) -> str:
+    if value is None:
+        return "-"
+    mean, std = value
+    return f"{mean:.1%} ± {std:.1%}" if percent else f"{mean:.3f} ± {std:.3f}"
+
+
+TABLE_COLUMNS = ("strategy", "accuracy", "easy", "medium", "hard", "kept visual tokens", "LLM FLOPs ratio",
+                 "prefill latency ratio")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|---" * len(TABLE_COLUMNS) + "|"]
+    for row in rows:
+        kept = row["kept_tokens"]
+        lines.append("| " + " | ".join([
+            row["name"], _cell(row["accuracy"], True),
+            *(_cell(row.get(d), True) for d in DIFFICULTIES),
+            f"{kept[0]:.1f}" if kept else "all", _cell(row["flops_ratio"]), _cell(row["latency_ratio"]),
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def dominance(rows: list[dict[str, Any]]) -> list[str]:
+    """For each non-DPN point: the DPN points with no more FLOPs, and whether one is at least as accurate."""
+    dpn_points = [r for r in rows if r["family"] == "dpn" and not r["ablation"]]
+    lines = []
+    for row in rows:
+        if row["family"] in ("dpn", "vanilla"):
+            continue
+        cheaper = [d for d in dpn_points if d["flops_ratio"][0] <= row["flops_ratio"][0] + 0.02]
+        if not cheaper:
+            lines.append(f"- {row['name']} ({row['flops_ratio'][0]:.3f} FLOPs): no DPN point at or below its FLOPs")
+            continue
+        best = max(cheaper, key=lambda d: d["accuracy"][0])
+        verdict = "DPN at least as accurate" if best["accuracy"][0] >= row["accuracy"][0] else "DPN less accurate"
+        lines.append(f"- {row['name']} ({row['flops_ratio'][0]:.3f} FLOPs, {row['accuracy'][0]:.1%}) vs {best['name']} "
+                     f"({best['flops_ratio'][0]:.3f}, {best['accuracy'][0]:.1%}): {verdict}")
+    return lines
+
+
+def plot_pareto(rows: list[dict[str, Any]], image_dir: Path) -> list[Path]:
+    """Accuracy vs LLM FLOPs ratio, one curve per strategy: overall, then one plot per difficulty."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    image_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for metric in ("accuracy", *DIFFICULTIES):
+        figure, axis = plt.subplots(figsize=(6, 4.2))
+        families = [f for f in STYLES if any(r["family"] == f and not r["ablation"] and r.get(metric) for r in rows)]
+        for family in families:
+            points = sorted((r for r in rows if r["family"] == family and not r["ablation"] and r.get(metric)),
+                            key=lambda r: r["flops_ratio"][0])
+            axis.errorbar([p["flops_ratio"][0] for p in points], [p[metric][0] for p in points],
+                          yerr=[p[metric][1] for p in points], fmt=STYLES[family], label=family, capsize=3)
+        axis.set_xlabel("LLM prefill FLOPs / vanilla")
+        axis.set_ylabel(f"{metric} accuracy" if metric != "accuracy" else "accuracy (all questions)")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        path = image_dir / f"pareto_{metric}.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        paths.append(path)
+    return paths
+
+
+def results_page(report: dict[str, Any], plots: list[Path], page_dir: Path) -> str:
+    options = report["options"]
+    rows = report["rows"]
+    main = [r for r in rows if not r["ablation"]]
+    ablations = [r for r in rows if r["ablation"] or r["name"] in ("dpn", "static:2x2", "random")]
+    images = "\n".join(f"![{p.stem}]({_relative(p, page_dir)})" for p in plots)
+    hard_easy = [f"- {r['name']}: hard {r['kept_hard_easy'][0]:.1f} vs easy {r['kept_hard_easy'][1]:.1f}"
+                 for r in rows if r["kept_hard_easy"] and r["family"] == "dpn"]
+    return "\n".join([
+        "# Accuracy vs compute: DPN and its peers",
+        "",
+        "Regenerate this page with:",
+        "",
+        "```bash",
+        options["command"],
+        "```",
+        "",
+        f"Base model `{options['base']}`; fine-tuning data `{options['train_data']}` ({options['steps']} steps, "
+        f"batch {options['batch_size']}, lr {options['learning_rate']}, router lr {options['router_learning_rate']}); "
+        f"test data `{options['test_data']}`"
+        + (f" (first {options['test_limit']} samples)" if options["test_limit"] else "")
+        + f"; seeds {options['seeds']}. Mean ± standard deviation over seeds. Wall time "
+        f"{report['elapsed_seconds'] / 60:.0f} min.",
+        "",
+        "FLOPs ratio: LLM prefill, analytic from the tokens each layer processed (`dpn.flops`). Latency ratio: "
+        "measured prefill time with / without the strategy on the same batches, on the machine that ran the command. "
+        "FastV and PyramidDrop run training-free on the vanilla fine-tune; every other row is fine-tuned with its "
+        "strategy. `dpn @ F FLOPs` is the trained DPN with its router bias calibrated to F (no retraining).",
+        "",
+        table(main),
+        "",
+        images,
+        "",
+        "## Does DPN dominate at matched FLOPs?",
+        "",
+        *dominance(main),
+        "",
+        "Kept visual tokens after the last stage, hard vs easy questions (DPN rows):",
+        "",
+        *hard_easy,
+        "",
+        "## Ablations",
+        "",
+        table(ablations),
+        "",
+    ])
+
+
+def _relative(path: Path, start: Path) -> str:
+    import os
+
+    return os.path.relpath(path.resolve(), start.resolve())

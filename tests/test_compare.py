@@ -1,0 +1,73 @@
+"""A few-step smoke run of ``dpn compare`` on a tiny slice: every strategy, two seeds, table and plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from dpn import zoo
+from dpn.cli import main
+from dpn.config import PyramidConfig
+from dpn.compare import CompareOptions, ablation_configs, run_compare
+from dpn.data.synthetic import generate
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("compare")
+    model, processor = zoo.build_tiny(seed=0)
+    model.save_pretrained(root / "base")
+    processor.save_pretrained(root / "base")
+    generate(root / "data", train=16, val=0, test=9, seed=0, progress=False)
+    return root
+
+
+def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
+    options = CompareOptions(
+        base=str(setup / "base"), train_data=str(setup / "data" / "train.json"),
+        test_data=str(setup / "data" / "test.json"), out_dir=str(tmp_path / "runs"), seeds=[0, 1], steps=2,
+        batch_size=4, static_strides=["2x2"], projector_strides=["3x3"], fastv_ratios=[0.5], pdrop_ratios=[0.5],
+        dpn_budgets=[0.9], ablations=False, measure_latency=False, markdown=str(tmp_path / "docs" / "RESULTS.md"), image_dir=str(tmp_path / "docs" / "img"),
+        command="dpn compare --test", progress=False,
+    )
+    report = run_compare(options, console=Console(file=open(tmp_path / "console.txt", "w")))
+    rows = {row["name"]: row for row in report["rows"]}
+    assert {"vanilla", "dpn", "dpn @ 0.9 FLOPs", "static:2x2", "projector:3x3", "random", "fastv:0.5",
+            "pdrop:0.5"} == set(rows)
+    assert all(row["seeds"] == 2 for row in rows.values())
+    assert rows["vanilla"]["flops_ratio"] == [1.0, 0.0]
+    # Every compressing strategy spends fewer FLOPs than vanilla; FastV keeps half the tokens after its layer.
+    assert all(row["flops_ratio"][0] < 1 for name, row in rows.items() if name not in ("vanilla", "dpn")
+               and not row["ablation"])
+    assert rows["fastv:0.5"]["kept_tokens"][0] == 72.0
+    assert rows["dpn @ 0.9 FLOPs"]["flops_ratio"][0] <= 0.9 + 1e-6
+    page = (tmp_path / "docs" / "RESULTS.md").read_text()
+    assert "```bash\ndpn compare --test\n```" in page and "| fastv:0.5 |" in page and "## Ablations" in page
+    assert "![pareto_hard](img/pareto_hard.png)" in page
+    for metric in ("accuracy", "easy", "hard"):
+        assert (tmp_path / "docs" / "img" / f"pareto_{metric}.png").stat().st_size > 1000
+    # Each fine-tune and evaluation is written once; a second run reuses them and gives the same table.
+    again = run_compare(options, console=Console(file=open(tmp_path / "console2.txt", "w")))
+    assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
+    assert json.loads((tmp_path / "runs" / "compare.json").read_text())["rows"] == again["rows"]
+
+
+def test_ablations_change_one_thing_each():
+    model_config = zoo.build_tiny()[0].config
+    paper = PyramidConfig.paper_default(model_config)
+    configs = ablation_configs(model_config)
+    assert configs["dpn, no routing loss"].routing_loss == "none"
+    assert configs["dpn, avg pooling"].pooling == "avg" and paper.pooling == "max"
+    layers = {name: [s.layer for s in config.stages] for name, config in configs.items()}
+    assert layers["dpn, early stages"] == [0, 1] and layers["dpn, late stages"] == [3, 4]
+    assert [s.layer for s in paper.stages] == [1, 2]
+    for config in configs.values():  # everything else is the paper's
+        assert [s.experts for s in config.stages] == [s.experts for s in paper.stages]
+
+
+def test_compare_cli_says_when_the_base_is_missing(setup, tmp_path, capsys):
+    code = main(["compare", "--base", str(tmp_path / "nowhere"), "--train-data", str(setup / "data" / "train.json"),
+                 "--test-data", str(setup / "data" / "test.json"), "--out", str(tmp_path)])
+    assert code == 2 and "no model to fine-tune at" in capsys.readouterr().err
