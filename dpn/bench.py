@@ -12,7 +12,8 @@ Timing: warm-up runs first, then the median of ``repeats`` runs; on GPU each run
 ``torch.cuda.synchronize()``. Routing is forced (random routers mean nothing): ``weakest`` (every
 stage keeps all tokens: the runtime's pure overhead), ``strongest`` (every stage pools with its
 last expert), ``mixed`` (each sample draws its experts uniformly, seeded: different routing per
-sample in one batch).
+sample in one batch). ``strategies`` adds rows for the peers (any ``PyramidConfig.from_spec``
+string, e.g. ``fastv:0.5``, ``pdrop:0.5``, ``projector:2x2``), timed the same way.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dpn.api import apply_pyramid, pyramid_disabled
+from dpn.api import apply_pyramid, pyramid_disabled, remove_pyramid
 from dpn.architectures import llava_config
 from dpn.config import PyramidConfig
 from dpn.evaluate import greedy_continue
@@ -51,6 +52,7 @@ class BenchOptions:
     text_tokens: int = DEFAULT_TEXT_TOKENS
     decode_tokens: int = DEFAULT_DECODE_TOKENS
     train_step: bool = True
+    strategies: list[str] = field(default_factory=list)
     seed: int = 0
 
 
@@ -148,57 +150,66 @@ def bench_preset(preset: str, options: BenchOptions, device: torch.device) -> li
     dtype = getattr(torch, options.dtype)
     model = build_model(preset, dtype, options.attention, device)
     adapter = get_adapter(model)
-    pyramid = PyramidConfig.paper_default(model.config, sample_in_training=False)
-    apply_pyramid(model, pyramid)
-    timing = dict(repeats=options.repeats, warmup=options.warmup, device=device)
+    paper = PyramidConfig.paper_default(model.config, sample_in_training=False)
+    cases = [(routing, paper, routing) for routing in options.routings]
+    cases += [(spec, PyramidConfig.from_spec(spec, model.config), None) for spec in options.strategies]
     rows = []
     for batch_size in options.batch_sizes:
         batch = make_batch(model, batch_size, options.text_tokens, device, dtype, options.seed)
         labels = batch["input_ids"].clone()
         labels[:, : -max(1, labels.shape[1] // 8)] = -100
         vision = batch_size * vision_flops(model.config.vision_config, adapter.hidden_size(model.config))
-        vanilla_memory = _peak_memory_of(lambda: _vanilla(_prefill, model, batch), device)
-        for routing in options.routings:
-            forced = forced_experts(pyramid, routing, batch_size, options.seed).to(device)
-            with torch.no_grad():
-                record = model(**batch, use_cache=False, logits_to_keep=1, force_experts=forced).routing
-            # Prefill time includes the vision tower, which the pyramid leaves alone: count it on both sides.
-            theoretical = float((vision + record.vanilla_flops.sum()) / (vision + record.flops.sum()))
-            vanilla_prefill, prefill = paired_medians(
-                lambda: _vanilla(_prefill, model, batch), lambda: _prefill(model, batch, force_experts=forced), **timing
-            )
-            memory = _peak_memory_of(lambda: _prefill(model, batch, force_experts=forced), device)
-            steps = options.decode_tokens
-            vanilla_decode, decode = paired_medians(
-                lambda: _vanilla(_decode_seconds, model, batch, steps),
-                lambda: _decode_seconds(model, batch, steps, force_experts=forced), **timing,
-            )
-            vanilla_train = train = None
-            if options.train_step:
-                model.train()
-                vanilla_train, train = paired_medians(
-                    lambda: _vanilla(_train_step, model, batch, labels),
-                    lambda: _train_step(model, batch, labels, force_experts=forced), **timing,
-                )
-                model.zero_grad(set_to_none=True)
-                model.eval()
-            measured = vanilla_prefill / prefill
-            rows.append({
-                "preset": preset, "batch_size": batch_size, "routing": routing,
-                "visual_tokens": record.visual_tokens.float().mean(0).tolist(),
-                "flops_ratio": float(record.flops.sum() / record.vanilla_flops.sum()),
-                "prefill_ms": prefill * 1e3, "vanilla_prefill_ms": vanilla_prefill * 1e3,
-                "measured_speedup": measured, "theoretical_speedup": theoretical,
-                "efficiency": measured / theoretical,
-                "decode_tokens_per_s": batch_size * steps / decode,
-                "vanilla_decode_tokens_per_s": batch_size * steps / vanilla_decode,
-                "peak_memory_mib": memory, "vanilla_peak_memory_mib": vanilla_memory,
-                "train_step_ms": None if train is None else train * 1e3,
-                "vanilla_train_step_ms": None if vanilla_train is None else vanilla_train * 1e3,
-                "train_speedup": None if train is None else vanilla_train / train,
-            })
+        vanilla_memory = _peak_memory_of(lambda: _prefill(model, batch), device)
+        for name, pyramid, routing in cases:
+            apply_pyramid(model, pyramid)
+            forced = None if routing is None else forced_experts(pyramid, routing, batch_size, options.seed).to(device)
+            rows.append({"preset": preset, "batch_size": batch_size, "routing": name,
+                         **_measure(model, batch, labels, forced, vision, vanilla_memory, options, device)})
+            remove_pyramid(model)
     del model
     return rows
+
+
+def _measure(model, batch, labels, forced, vision: float, vanilla_memory, options: BenchOptions, device) -> dict:
+    """Paired timings of ``model`` (with its pyramid, ``forced`` routing) against itself without it."""
+    timing = dict(repeats=options.repeats, warmup=options.warmup, device=device)
+    batch_size = batch["input_ids"].shape[0]
+    with torch.no_grad():
+        record = model(**batch, use_cache=False, logits_to_keep=1, force_experts=forced).routing
+    # Prefill time includes the vision tower, which the pyramid leaves alone: count it on both sides.
+    theoretical = float((vision + record.vanilla_flops.sum()) / (vision + record.flops.sum()))
+    vanilla_prefill, prefill = paired_medians(
+        lambda: _vanilla(_prefill, model, batch), lambda: _prefill(model, batch, force_experts=forced), **timing
+    )
+    memory = _peak_memory_of(lambda: _prefill(model, batch, force_experts=forced), device)
+    steps = options.decode_tokens
+    vanilla_decode, decode = paired_medians(
+        lambda: _vanilla(_decode_seconds, model, batch, steps),
+        lambda: _decode_seconds(model, batch, steps, force_experts=forced), **timing,
+    )
+    vanilla_train = train = None
+    if options.train_step:
+        model.train()
+        vanilla_train, train = paired_medians(
+            lambda: _vanilla(_train_step, model, batch, labels),
+            lambda: _train_step(model, batch, labels, force_experts=forced), **timing,
+        )
+        model.zero_grad(set_to_none=True)
+        model.eval()
+    measured = vanilla_prefill / prefill
+    return {
+        "visual_tokens": record.visual_tokens.float().mean(0).tolist(),
+        "flops_ratio": float(record.flops.sum() / record.vanilla_flops.sum()),
+        "prefill_ms": prefill * 1e3, "vanilla_prefill_ms": vanilla_prefill * 1e3,
+        "measured_speedup": measured, "theoretical_speedup": theoretical,
+        "efficiency": measured / theoretical,
+        "decode_tokens_per_s": batch_size * steps / decode,
+        "vanilla_decode_tokens_per_s": batch_size * steps / vanilla_decode,
+        "peak_memory_mib": memory, "vanilla_peak_memory_mib": vanilla_memory,
+        "train_step_ms": None if train is None else train * 1e3,
+        "vanilla_train_step_ms": None if vanilla_train is None else vanilla_train * 1e3,
+        "train_speedup": None if train is None else vanilla_train / train,
+    }
 
 
 def _vanilla(run, model, *args):
@@ -279,7 +290,8 @@ vision tower included on both sides (its time is in the measurement); efficiency
 measured / FLOPs speedup; decode = greedy tokens per second over the batch after the prefill;
 train step = forward + backward time ratio. Routing is forced: `weakest` keeps every token (the
 runtime's own overhead), `strongest` pools with the last expert at every stage, `mixed` draws each
-sample's experts at random (different routing per sample in one batch).
+sample's experts at random (different routing per sample in one batch). ``strategies`` adds rows for the peers (any ``PyramidConfig.from_spec``
+string, e.g. ``fastv:0.5``, ``pdrop:0.5``, ``projector:2x2``), timed the same way.
 """
 
 

@@ -201,6 +201,7 @@ def _bench_command(args: argparse.Namespace) -> int:
         presets=args.preset or ["tiny"], batch_sizes=args.batch_size or [1, 16], routings=args.routing or list(ROUTINGS),
         repeats=args.repeats, warmup=args.warmup, dtype=args.dtype, attention=args.attn,
         text_tokens=args.text_tokens, decode_tokens=args.decode_tokens, train_step=not args.no_train_step,
+        strategies=args.strategy or [],
     )
     report = run_bench(options)
     Console(width=max(Console().width, 200)).print(report_table(report))
@@ -301,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--preset", action="append", choices=sorted(ARCHITECTURES), help="repeatable (default: tiny)")
     bench.add_argument("--batch-size", action="append", type=int, help="repeatable (default: 1 and 16)")
     bench.add_argument("--routing", action="append", choices=ROUTINGS, help="repeatable (default: all)")
+    bench.add_argument("--strategy", action="append",
+                       help="repeatable: also time a peer strategy spec (fastv:0.5, pdrop:0.5, projector:2x2, ...)")
     bench.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median)")
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
