@@ -7,6 +7,7 @@ positions, labels and cache bookkeeping. A strategy never touches the layout its
 
 from __future__ import annotations
 
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +81,7 @@ class StageInput:
     position_embeddings: Any = None
 
 
-class Strategy(nn.Module):
+class Strategy(nn.Module, metaclass=ABCMeta):
     """A compression strategy: plans each stage; may own trainable weights and an auxiliary loss.
 
     Subclasses hold no per-call state: everything about a call lives in ``StageInput`` and the
@@ -100,8 +101,9 @@ class Strategy(nn.Module):
         experts = self.config.stages[stage].experts
         return len(experts) if experts is not None else 0
 
+    @abstractmethod
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
-        raise NotImplementedError
+        """New tokens for the images of this stage (see ``StagePlan``)."""
 
     def routing_loss(self, plans: list[StagePlan], budget: Any = None) -> torch.Tensor | None:
         """An auxiliary loss over the plans of one forward (None when the strategy has none)."""

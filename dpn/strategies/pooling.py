@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 
 from dpn.spans import pool_grid, window_origins
@@ -17,9 +19,9 @@ from dpn.strategies.base import StageInput, StagePlan, Strategy
 
 
 class GridPooling(Strategy):
+    @abstractmethod
     def choose(self, stage: int, inputs: StageInput, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert probabilities (n, E) in fp32 and the chosen expert (n,) for the rows ``samples``."""
-        raise NotImplementedError
 
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
         """Choose an expert for every sample with a poolable image and pool its images with it."""
