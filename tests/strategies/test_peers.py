@@ -95,7 +95,7 @@ def test_batched_matches_each_sample_alone(name):
             assert together.routing.visual_tokens[row].tolist() == alone.routing.visual_tokens[0].tolist()
 
 
-@pytest.mark.parametrize("name", ["static", "projector", "fastv", "pdrop"])
+@pytest.mark.parametrize("name", PEERS)
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_cached_generation_matches_full_recompute(name, attn):
     model = tiny_llava(seed=3, attn=attn)
@@ -103,16 +103,19 @@ def test_cached_generation_matches_full_recompute(name, attn):
     batch = batch_of([make_prompt(3, 5, seed=1), make_prompt(7, 2, seed=2)])
     images = pixels(2)
     new_tokens = 6
+    forced = torch.tensor([[2, 1, 0], [1, 2, 0]]) if name == "random" else None  # one fixed draw for both runs
     with torch.no_grad():
         generated = model.generate(**batch, pixel_values=images, max_new_tokens=new_tokens, do_sample=False,
-                                   pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+                                   pad_token_id=0, output_logits=True, return_dict_in_generate=True,
+                                   force_experts=forced)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     prompt_length = ids.shape[1]
     for step in range(new_tokens):
         labels = torch.full_like(ids, -100)
         labels[:, prompt_length:] = ids[:, prompt_length:]  # the ranking query stays the last prompt token
         with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, pixel_values=images, labels=labels, use_cache=False)
+            out = model(input_ids=ids, attention_mask=mask, pixel_values=images, labels=labels, use_cache=False,
+                        force_experts=forced)
         torch.testing.assert_close(out.logits[:, -1], generated.logits[step], atol=1e-4, rtol=0)
         ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
