@@ -27,6 +27,8 @@ from dpn.evaluate import SUMMARY, EvalOptions, evaluate
 from dpn.train import TrainOptions, train
 
 DIFFICULTIES = ("easy", "medium", "hard")
+# FLOPs ratios within this of each other count as matched when comparing strategies.
+MATCHED_FLOPS_SLACK = 0.02
 # Plot style per strategy family (matplotlib format strings).
 STYLES = {"vanilla": "k*", "dpn": "C3o-", "static": "C0s-", "projector": "C1^-", "random": "C7x",
           "fastv": "C2v-", "pdrop": "C4D-"}
@@ -137,12 +139,14 @@ def run_compare(options: CompareOptions, console: Console | None = None) -> dict
     console.print(f"[bold]dpn compare[/]: {len(trained)} trained variants x {len(options.seeds)} seeds = {runs} "
                   f"fine-tunes of {options.steps} steps, then {len(points) * len(options.seeds)} evaluations")
     summaries: dict[str, list[dict[str, Any]]] = {p.name: [] for p in points}
+    work_done = not _all_done(out, trained, points, options.seeds)
     for seed in options.seeds:
         models = {name: _finetune(options, name, spec, seed, out, console) for name, spec in trained.items()}
         for point in points:
             summaries[point.name].append(_evaluate(options, point, models[point.trained], seed, out))
     rows = [aggregate(point, summaries[point.name]) for point in points]
-    report = {"options": asdict(options), "rows": rows, "elapsed_seconds": time.perf_counter() - start}
+    report = {"options": asdict(options), "rows": rows,
+              "elapsed_seconds": _previous_seconds(out, work_done) + time.perf_counter() - start}
     (out / "compare.json").write_text(json.dumps(report, indent=1))
     images = Path(options.image_dir) if options.image_dir else out
     plots = plot_pareto(rows, images)
@@ -152,8 +156,30 @@ def run_compare(options: CompareOptions, console: Console | None = None) -> dict
     return report
 
 
+def _train_dir(out: Path, name: str, seed: int) -> Path:
+    return out / "train" / _slug(name) / f"seed{seed}"
+
+
+def _eval_dir(out: Path, point: Point, seed: int) -> Path:
+    return out / "eval" / _slug(point.name) / f"seed{seed}"
+
+
+def _all_done(out: Path, trained: dict[str, str], points: list[Point], seeds: list[int]) -> bool:
+    return all((_train_dir(out, name, seed) / "train_options.json").is_file() for name in trained for seed in seeds) \
+        and all((_eval_dir(out, point, seed) / SUMMARY).is_file() for point in points for seed in seeds)
+
+
+def _previous_seconds(out: Path, work_done: bool) -> float:
+    """Wall time already spent by earlier invocations on this ``out`` (a resumed or re-rendered compare)."""
+    previous = out / "compare.json"
+    if not previous.is_file():
+        return 0.0
+    seconds = json.loads(previous.read_text()).get("elapsed_seconds", 0.0)
+    return seconds if not work_done else 0.0
+
+
 def _finetune(options: CompareOptions, name: str, spec: str, seed: int, out: Path, console: Console) -> Path:
-    run_dir = out / "train" / _slug(name) / f"seed{seed}"
+    run_dir = _train_dir(out, name, seed)
     if (run_dir / "train_options.json").is_file():
         return run_dir
     console.print(f"fine-tuning {name} (seed {seed})")
@@ -167,7 +193,7 @@ def _finetune(options: CompareOptions, name: str, spec: str, seed: int, out: Pat
 
 
 def _evaluate(options: CompareOptions, point: Point, model: Path, seed: int, out: Path) -> dict[str, Any]:
-    eval_dir = out / "eval" / _slug(point.name) / f"seed{seed}"
+    eval_dir = _eval_dir(out, point, seed)
     if (eval_dir / SUMMARY).is_file():
         return json.loads((eval_dir / SUMMARY).read_text())
     return evaluate(EvalOptions(
@@ -227,20 +253,30 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def dominance(rows: list[dict[str, Any]]) -> list[str]:
-    """For each non-DPN point: the DPN points with no more FLOPs, and whether one is at least as accurate."""
+    """Plain statements, both ways: for each peer point, the most accurate DPN point at no more
+    FLOPs (+0.02); for each DPN point, the peer points at no more FLOPs that are at least as accurate."""
+    def cheaper(candidates, row):
+        return [c for c in candidates if c["flops_ratio"][0] <= row["flops_ratio"][0] + MATCHED_FLOPS_SLACK]
+
     dpn_points = [r for r in rows if r["family"] == "dpn" and not r["ablation"]]
+    peers = [r for r in rows if r["family"] not in ("dpn", "vanilla") and not r["ablation"]]
     lines = []
-    for row in rows:
-        if row["family"] in ("dpn", "vanilla"):
+    for row in peers:
+        matched = cheaper(dpn_points, row)
+        if not matched:
+            lines.append(f"- {row['name']} ({row['flops_ratio'][0]:.3f} FLOPs, {row['accuracy'][0]:.1%}): "
+                         "no DPN point at or below its FLOPs")
             continue
-        cheaper = [d for d in dpn_points if d["flops_ratio"][0] <= row["flops_ratio"][0] + 0.02]
-        if not cheaper:
-            lines.append(f"- {row['name']} ({row['flops_ratio'][0]:.3f} FLOPs): no DPN point at or below its FLOPs")
-            continue
-        best = max(cheaper, key=lambda d: d["accuracy"][0])
+        best = max(matched, key=lambda d: d["accuracy"][0])
         verdict = "DPN at least as accurate" if best["accuracy"][0] >= row["accuracy"][0] else "DPN less accurate"
         lines.append(f"- {row['name']} ({row['flops_ratio'][0]:.3f} FLOPs, {row['accuracy'][0]:.1%}) vs {best['name']} "
                      f"({best['flops_ratio'][0]:.3f}, {best['accuracy'][0]:.1%}): {verdict}")
+    for point in dpn_points:
+        better = [p for p in cheaper(peers, point) if p["accuracy"][0] >= point["accuracy"][0]]
+        if better:
+            names = ", ".join(f"{p['name']} ({p['flops_ratio'][0]:.3f}, {p['accuracy'][0]:.1%})" for p in better)
+            lines.append(f"- {point['name']} ({point['flops_ratio'][0]:.3f} FLOPs, {point['accuracy'][0]:.1%}) is "
+                         f"matched or beaten at no more FLOPs by: {names}")
     return lines
 
 

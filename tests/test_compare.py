@@ -71,3 +71,20 @@ def test_compare_cli_says_when_the_base_is_missing(setup, tmp_path, capsys):
     code = main(["compare", "--base", str(tmp_path / "nowhere"), "--train-data", str(setup / "data" / "train.json"),
                  "--test-data", str(setup / "data" / "test.json"), "--out", str(tmp_path)])
     assert code == 2 and "no model to fine-tune at" in capsys.readouterr().err
+
+
+def test_dominance_is_stated_both_ways():
+    from dpn.compare import dominance
+
+    def row(name, family, flops, accuracy):
+        return {"name": name, "family": family, "ablation": False, "flops_ratio": [flops, 0.0],
+                "accuracy": [accuracy, 0.0]}
+
+    rows = [row("vanilla", "vanilla", 1.0, 0.6), row("dpn", "dpn", 0.65, 0.48),
+            row("fastv:0.5", "fastv", 0.68, 0.31), row("projector:2x2", "projector", 0.30, 0.47),
+            row("static:2x2", "static", 0.45, 0.50)]
+    lines = dominance(rows)
+    assert "- fastv:0.5 (0.680 FLOPs, 31.0%) vs dpn (0.650, 48.0%): DPN at least as accurate" in lines
+    assert "- projector:2x2 (0.300 FLOPs, 47.0%): no DPN point at or below its FLOPs" in lines
+    assert lines[-1] == ("- dpn (0.650 FLOPs, 48.0%) is matched or beaten at no more FLOPs by: "
+                         "static:2x2 (0.450, 50.0%)")
