@@ -201,3 +201,20 @@ def test_inconsistent_strategy_configs_are_clear_errors(bad, message):
 def test_bad_specs_say_what_is_wrong(spec):
     with pytest.raises(ValueError, match="pyramid spec"):
         dpn.PyramidConfig.from_spec(spec, tiny_llava().config)
+
+
+@pytest.mark.parametrize("name", PEERS)
+def test_every_peer_fine_tunes(name):
+    """A training step through each strategy: the LM loss is finite and reaches the decoder's weights."""
+    model = tiny_llava(seed=7)
+    dpn.apply_pyramid(model, peer_configs(model)[name])
+    model.train()
+    batch = batch_of([make_prompt(3, 4, seed=1), make_prompt(5, 2, seed=2)])
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100
+    out = model(**batch, pixel_values=pixels(2), labels=labels)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and out.routing_loss is None
+    last_layer = model.model.language_model.layers[-1].mlp.down_proj.weight.grad
+    first_layer = model.model.language_model.layers[0].mlp.down_proj.weight.grad
+    assert float(last_layer.abs().sum()) > 0 and float(first_layer.abs().sum()) > 0
