@@ -52,3 +52,19 @@ def test_bad_pyramid_file_is_a_clear_cli_error(tmp_path, capsys):
     PyramidConfig(stages=[{"layer": 3, "experts": [(5, 5)]}]).save(tmp_path)
     assert main(["flops", "--preset", "llava-1.5-7b", "--pyramid", str(tmp_path)]) == 2
     assert "does not divide the 24x24" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("spec, visual, layers", [("fastv:0.5", [576, 288], [1]),
+                                                  ("pdrop:0.5", [576, 288, 144, 72], [7, 15, 23]),
+                                                  ("projector:2x2", [576, 144], [-1])])
+def test_flops_of_peer_strategies(spec, visual, layers, tmp_path, capsys):
+    config = llava_config("llava-1.5-7b")
+    path = PyramidConfig.from_spec(spec, config).save(tmp_path / "peer.json")
+    assert main(["flops", "--preset", "llava-1.5-7b", "--pyramid", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["stage_layers"] == layers and len(report["paths"]) == 1
+    (row,) = report["paths"]
+    assert row["visual_tokens"] == visual
+    per_layer = [64 + visual[sum(layer < i for layer in layers)] for i in range(32)]
+    assert row["ratio"] == pytest.approx(decoder_flops(config.text_config, per_layer)
+                                         / decoder_flops(config.text_config, [64 + 576] * 32))
