@@ -247,7 +247,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join([
             row["name"], _cell(row["accuracy"], True),
             *(_cell(row.get(d), True) for d in DIFFICULTIES),
-            f"{kept[0]:.1f}" if kept else "all", _cell(row["flops_ratio"]), _cell(row["latency_ratio"]),
+            f"{kept[0]:.1f}" if kept else "all", _cell(row["flops_ratio"]),
+            "1 (reference)" if row["family"] == "vanilla" else _cell(row["latency_ratio"]),
         ]) + " |")
     return "\n".join(lines)
 
