@@ -223,9 +223,7 @@ class PyramidConfig:
         adapter = get_adapter(model_config)
         num_layers = adapter.num_layers(model_config)
         grid = adapter.visual_grid(model_config)
-        layers = [layer for layer in stage_fraction_layers(num_layers, PAPER_STAGE_FRACTIONS) if layer < num_layers - 1]
-        if not layers:
-            raise ValueError(f"a {num_layers}-layer model is too shallow for a pyramid")
+        layers = paper_stage_layers(num_layers)
         min_tokens = overrides.get("min_tokens_to_pool", PAPER_MIN_TOKENS)
         stages: list[PyramidStage] = []
         for layer in layers:
@@ -292,9 +290,7 @@ class PyramidConfig:
         from dpn.models import get_adapter
 
         num_layers = get_adapter(model_config).num_layers(model_config)
-        layers = [layer for layer in stage_fraction_layers(num_layers, PAPER_STAGE_FRACTIONS) if layer < num_layers - 1]
-        if not layers:
-            raise ValueError(f"a {num_layers}-layer model is too shallow for a pyramid")
+        layers = paper_stage_layers(num_layers)
         overrides.update(strategy="pdrop", routing_loss="none")
         return cls(stages=[PyramidStage(layer, keep_ratio=keep_ratio) for layer in layers], **overrides)
 
@@ -470,6 +466,14 @@ def visual_tokens_after(grid: tuple[int, int], path: list[tuple[int, int]], min_
         grid = pooled_grid(grid, expert, min_tokens)
         counts.append(grid[0] * grid[1])
     return counts
+
+
+def paper_stage_layers(num_layers: int) -> list[int]:
+    """The paper's stage layers (1/4, 1/2, 3/4 of depth) that leave at least one layer after them."""
+    layers = [layer for layer in stage_fraction_layers(num_layers, PAPER_STAGE_FRACTIONS) if layer < num_layers - 1]
+    if not layers:
+        raise ValueError(f"a {num_layers}-layer model is too shallow for a pyramid")
+    return layers
 
 
 def stage_fraction_layers(num_layers: int, fractions: tuple[float, ...]) -> list[int]:

@@ -128,12 +128,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     model, processor = load_for_eval(options.model, options.pyramid)
     device = next(model.parameters()).device
-    adapter = get_adapter(model)
-    grid = adapter.visual_grid(model.config)
-    dataset = LlavaDataset(
-        options.data, options.image_folder, processor, image_tokens=grid[0] * grid[1],
-        image_token_id=adapter.image_token_id(model.config), for_generation=True, limit=options.limit,
-    )
+    dataset = _prompts(model, processor, options.data, options.image_folder, options.limit)
     tokenizer = processor.tokenizer
     collate = LlavaCollator(pad_token_id=tokenizer.pad_token_id, padding_side="left", with_labels=False)
     calibration = _apply_budget(options, model, processor, collate, device)
@@ -180,6 +175,16 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     return summary
 
 
+def _prompts(model, processor, data: str, image_folder: str | None, limit: int | None) -> LlavaDataset:
+    """The samples of ``data`` encoded as generation prompts for ``model``."""
+    adapter = get_adapter(model)
+    grid = adapter.visual_grid(model.config)
+    return LlavaDataset(
+        data, image_folder, processor, image_tokens=grid[0] * grid[1],
+        image_token_id=adapter.image_token_id(model.config), for_generation=True, limit=limit,
+    )
+
+
 def _apply_budget(options: EvalOptions, model, processor, collate, device) -> dict[str, float] | None:
     """Set the DPN router bias from ``router_bias`` or by calibrating it to ``budget``."""
     if options.router_bias is None and options.budget is None:
@@ -189,12 +194,8 @@ def _apply_budget(options: EvalOptions, model, processor, collate, device) -> di
     if options.budget is None:
         set_router_bias(model, options.router_bias)
         return None
-    adapter = get_adapter(model)
-    grid = adapter.visual_grid(model.config)
-    calibration_set = LlavaDataset(
-        options.calibration_data or options.data, options.image_folder, processor, image_tokens=grid[0] * grid[1],
-        image_token_id=adapter.image_token_id(model.config), for_generation=True, limit=options.calibration_samples,
-    )
+    calibration_set = _prompts(model, processor, options.calibration_data or options.data, options.image_folder,
+                               options.calibration_samples)
     samples = [calibration_set[i] for i in range(len(calibration_set))]
     batches = [
         {k: v.to(device) for k, v in collate(samples[i:i + options.batch_size]).items()}

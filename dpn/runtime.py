@@ -5,10 +5,11 @@ embeds the batch with the model's own code, then loops over the stock decoder la
 between two stages form a *segment*. After each segment the strategy (``dpn.strategies``) plans new
 tokens for each sample's images (pooled on their grid, or a selected subset), and ``shrink``
 rebuilds the batch: each sample keeps its text tokens and its new visual tokens in order, padding
-is dropped, and the batch is left-padded to its longest member. A stage at layer -1 (projector-side
-compression) acts on the embeddings, before the first layer. Attention masks (``create_causal_mask``) and rotary embeddings are rebuilt per
-segment, labels travel with their tokens, and the ``PyramidCache`` keeps each segment's layout for
-decoding. Everything about the call (routing, token counts, FLOPs) is returned in the output.
+is dropped, and the batch is left-padded to its longest member (samples of similar length then run
+together: ``length_groups``). A stage at layer -1 (projector-side compression) acts on the
+embeddings, before the first layer. Attention masks (``create_causal_mask``) and rotary embeddings
+are rebuilt per segment, labels travel with their tokens, and the ``PyramidCache`` keeps each
+segment's layout for decoding. Everything about the call (routing, token counts, FLOPs) is returned in the output.
 """
 
 from __future__ import annotations
@@ -171,20 +172,12 @@ def pyramid_forward(
             masks = _attention_masks(
                 text_config, layer_types, first, end, chunk.hidden, key_mask, cache, segment_positions
             )
-            hidden_states = chunk.hidden
-            for index in range(first, end):
-                last_layer_input = hidden_states
-                hidden_states = layers[index](
-                    hidden_states,
-                    attention_mask=masks[layer_types[index]],
-                    position_embeddings=position_embeddings,
-                    position_ids=segment_positions,
-                    past_key_values=cache,
-                    use_cache=use_cache,
-                    **kwargs,
-                )
-                if all_hidden is not None:
-                    all_hidden += (hidden_states,)
+            hidden_states, last_layer_input, layer_outputs = _run_layers(
+                layers, layer_types, (first, end), chunk.hidden, masks, position_embeddings, segment_positions,
+                cache, use_cache, kwargs,
+            )
+            if all_hidden is not None:
+                all_hidden += layer_outputs
         chunk = replace(chunk, hidden=hidden_states)
         if prefill:
             queries = chunk.valid.sum(1)
@@ -208,8 +201,8 @@ def pyramid_forward(
         )
     routing_loss = None
     if plans:
-        text_tokens = valid.sum(1) - torch.tensor(visual_counts[0], device=device)
-        budget = BudgetInputs(text_config, len(layers), text_tokens, torch.tensor(visual_counts[0], device=device))
+        visual = torch.tensor(visual_counts[0], device=device)
+        budget = BudgetInputs(text_config, len(layers), valid.sum(1) - visual, visual)
         routing_loss = pyramid.routing_loss(plans, budget)
     loss = lm_loss
     if lm_loss is not None and routing_loss is not None and pyramid.training:
@@ -322,6 +315,26 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str) -> tuple[Chunk, bo
     return Chunk(hidden, valid, positions, labels, new_spans, router_index), True
 
 
+def _run_layers(layers, layer_types, bounds, hidden, masks, position_embeddings, positions, cache, use_cache: bool,
+                kwargs) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Run decoder layers ``bounds[0]..bounds[1]-1``: the output, the last layer's input, every layer's output."""
+    outputs = ()
+    layer_input = hidden
+    for index in range(*bounds):
+        layer_input = hidden
+        hidden = layers[index](
+            hidden,
+            attention_mask=masks[layer_types[index]],
+            position_embeddings=position_embeddings,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        outputs += (hidden,)
+    return hidden, layer_input, outputs
+
+
 # ------------------------------------------------------------------------------ length groups
 def length_groups(valid: torch.Tensor) -> list[tuple[torch.Tensor, int]] | None:
     """Split a left-padded batch into groups of similar length, or None when that saves little.
@@ -361,12 +374,8 @@ def _run_length_groups(model_config, text_config, layer_types, layers, bounds, c
         group_cache = DynamicCache(config=model_config) if cache is not None else None
         masks = _attention_masks(text_config, layer_types, first, end, hidden, chunk.valid[members, window],
                                  group_cache, group_positions)
-        embeddings = rotary(hidden, group_positions)
-        for index in range(first, end):
-            layer_input = hidden
-            hidden = layers[index](hidden, attention_mask=masks[layer_types[index]], position_embeddings=embeddings,
-                                   position_ids=group_positions, past_key_values=group_cache, use_cache=use_cache,
-                                   **kwargs)
+        hidden, layer_input, _ = _run_layers(layers, layer_types, bounds, hidden, masks, rotary(hidden, group_positions),
+                                             group_positions, group_cache, use_cache, kwargs)
         left = (0, 0, length - group_length, 0)  # pad the sequence dimension on the left
         outputs.append(F.pad(hidden, left))
         last_inputs.append(F.pad(layer_input, left))
