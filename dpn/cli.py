@@ -114,11 +114,17 @@ def _trace(console: Console, model_config, pyramid: PyramidConfig, text_tokens: 
 
 
 def _synth_command(args: argparse.Namespace) -> int:
-    from dpn.data.synthetic import generate
+    from dpn.data.synthetic import FAMILIES, generate
 
     if min(args.n, args.val, args.test) < 0:
         raise ValueError("split sizes must be >= 0")
-    out = generate(args.out, train=args.n, val=args.val, test=args.test, seed=args.seed, turns=args.turns)
+    families = None
+    if args.families == "all":
+        families = list(FAMILIES)
+    elif args.families:
+        families = [f.strip() for f in args.families.split(",") if f.strip()]
+    out = generate(args.out, train=args.n, val=args.val, test=args.test, seed=args.seed, turns=args.turns,
+                   families=families)
     print(f"wrote {args.n} train, {args.val} val and {args.test} test samples to {out}")
     return 0
 
@@ -226,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--turns", type=int, default=1,
                        help="questions per training image (a multi-turn conversation; val and test ask one)")
+    synth.add_argument("--families", default=None,
+                       help="comma-separated question families, or 'all' (default: the families the tiny "
+                            "model learns; see dpn.data.synthetic.FAMILIES)")
     synth.set_defaults(handler=_synth_command)
 
     trainer = commands.add_parser("train", help="train or fine-tune a LLaVA model, with or without a pyramid")

@@ -4,11 +4,14 @@
 2. take the base tiny LLaVA: the shipped checkpoint (``dpn/assets/tiny-llava-base``, produced by
    ``dpn train --pyramid none``; its command, seed and log sit beside it) or, with
    ``--from-scratch``, train it here;
-3. fine-tune it three ways with the same data, steps and seed: without a pyramid, with DPN (the
-   paper's schedule), and with a static pyramid whose FLOPs come closest to what DPN spent;
+3. fine-tune it four ways with the same data, steps and seed: without a pyramid, with the most
+   aggressive static pyramid, with DPN (the paper's schedule), and with a static pyramid whose
+   FLOPs come closest to what DPN spent;
 4. evaluate all of them, plus the base model without and with the most aggressive static pooling
    (training-free), and print one table: accuracy overall / easy / hard, kept visual tokens, LLM
-   FLOPs ratio and measured prefill latency ratio. Results and plots go to ``--out``.
+   FLOPs ratio and measured prefill latency ratio; then the benchmark's discriminativeness (what
+   the most aggressive static pooling costs on easy and on hard questions after the same
+   fine-tuning). Results and plots go to ``--out``.
 """
 
 from __future__ import annotations
@@ -32,8 +35,14 @@ from dpn.train import TrainOptions, train
 BASE_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-llava-base"
 # Text tokens of a benchmark prompt around its image (for choosing the static schedule).
 PROMPT_TEXT_TOKENS = 20
-# Questions per image in the base model's training conversations (see dpn.data.synthetic).
-BASE_TURNS = 5
+# Questions per image in the base model's training conversations: every default family (see dpn.data.synthetic).
+BASE_TURNS = 4
+# The benchmark's discriminativeness goals (reported, not enforced): the vanilla model's accuracy,
+# and what the most aggressive static pooling may cost on hard questions (at least) and easy ones (at most).
+VANILLA_ACCURACY_GOAL = 0.90
+HARD_DROP_GOAL = 0.15
+EASY_DROP_LIMIT = 0.03
+VANILLA = "fine-tuned, no pyramid"
 
 
 @dataclass
@@ -63,13 +72,17 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
                  progress=options.progress)
     base = _base_model(options, out, data, console)
 
-    console.print("[bold]3/4[/] fine-tuning: no pyramid, DPN, then static at DPN's FLOPs; evaluating each")
+    console.print("[bold]3/4[/] fine-tuning: no pyramid, strongest static, DPN, then static at DPN's FLOPs; "
+                  "evaluating each")
     schedules = static_schedules(base)
     strongest = _schedule_file(min(schedules, key=lambda s: s[1])[0], out, "strongest")
     results: dict[str, dict[str, Any]] = {}
     results["base"] = _score(options, "base", base, "none")
     results[f"base + static {_path_name(strongest)}, no training"] = _score(options, "base-static", base, str(strongest))
-    results["fine-tuned, no pyramid"] = _score(options, "vanilla", _finetune(options, base, "vanilla", "none"), "saved")
+    results[VANILLA] = _score(options, "vanilla", _finetune(options, base, "vanilla", "none"), "saved")
+    strongest_name = f"fine-tuned, static {_path_name(strongest)} (strongest)"
+    results[strongest_name] = _score(options, "static-strongest",
+                                     _finetune(options, base, "static-strongest", str(strongest)), "saved")
     results["fine-tuned, DPN"] = _score(options, "dpn", _finetune(options, base, "dpn", "paper"), "saved")
     dpn_flops = results["fine-tuned, DPN"]["overall"]["flops_ratio"]
     matching = _schedule_file(min(schedules, key=lambda s: abs(s[1] - dpn_flops))[0], out, "matching")
@@ -79,10 +92,13 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     console.print("[bold]4/4[/] results")
     table = results_table(results)
     console.print(table)
+    contrast = discriminativeness(results[VANILLA], results[strongest_name])
+    console.print(discriminativeness_line(contrast))
     elapsed = time.perf_counter() - start
-    report = {"elapsed_seconds": elapsed, "options": options.__dict__, "results": results}
+    report = {"elapsed_seconds": elapsed, "options": options.__dict__, "results": results,
+              "discriminativeness": contrast}
     (out / "results.json").write_text(json.dumps(report, indent=1))
-    (out / "results.md").write_text(results_markdown(results, elapsed))
+    (out / "results.md").write_text(results_markdown(results, elapsed) + "\n" + discriminativeness_line(contrast) + "\n")
     console.print(f"wall time {elapsed / 60:.1f} min; routing plot: {out / 'eval' / 'dpn' / 'routing.png'}; "
                   f"table: {out / 'results.md'}")
     return report
@@ -138,6 +154,28 @@ def static_schedules(model_dir: Path) -> list[tuple[PyramidConfig, float]]:
             stages = [PyramidStage(s.layer, [e]) for s, e in zip(paper.stages, row["path"])]
             schedules.append((PyramidConfig(stages=stages, routing_loss="none"), row["ratio"]))
     return schedules
+
+
+def discriminativeness(vanilla: dict[str, Any], pooled: dict[str, Any]) -> dict[str, Any]:
+    """How much the benchmark separates full detail from aggressive pooling, against its goals."""
+    def accuracy(summary: dict[str, Any], difficulty: str) -> float:
+        return summary["difficulty"].get(difficulty, {}).get("accuracy", float("nan"))
+
+    contrast = {
+        "vanilla_accuracy": vanilla["overall"]["accuracy"],
+        "hard_drop": accuracy(vanilla, "hard") - accuracy(pooled, "hard"),
+        "easy_drop": accuracy(vanilla, "easy") - accuracy(pooled, "easy"),
+    }
+    contrast["goals_met"] = (contrast["vanilla_accuracy"] >= VANILLA_ACCURACY_GOAL
+                             and contrast["hard_drop"] >= HARD_DROP_GOAL and contrast["easy_drop"] <= EASY_DROP_LIMIT)
+    return contrast
+
+
+def discriminativeness_line(contrast: dict[str, Any]) -> str:
+    return (f"Discriminativeness: vanilla {contrast['vanilla_accuracy']:.1%} (goal >= {VANILLA_ACCURACY_GOAL:.0%}); "
+            f"the strongest static pooling loses {contrast['hard_drop'] * 100:.1f} points on hard questions "
+            f"(goal >= {HARD_DROP_GOAL * 100:.0f}) and {contrast['easy_drop'] * 100:.1f} on easy ones "
+            f"(goal <= {EASY_DROP_LIMIT * 100:.0f}): goals {'met' if contrast['goals_met'] else 'NOT met'}.")
 
 
 def _schedule_file(schedule: PyramidConfig, out: Path, name: str) -> Path:

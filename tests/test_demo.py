@@ -16,13 +16,18 @@ def test_demo_pipeline_end_to_end(tmp_path):
     )
     report = run_demo(options, console=Console(file=open(tmp_path / "console.txt", "w"), width=200))
     names = list(report["results"])
-    assert names[:4] == ["base", names[1], "fine-tuned, no pyramid", "fine-tuned, DPN"]
-    assert names[1].startswith("base + static") and names[4].startswith("fine-tuned, static")
+    assert names[:3] == ["base", names[1], "fine-tuned, no pyramid"] and names[4] == "fine-tuned, DPN"
+    assert names[1].startswith("base + static") and names[5].startswith("fine-tuned, static")
+    assert names[3].startswith("fine-tuned, static") and names[3].endswith("(strongest)")
+    contrast = report["discriminativeness"]
+    vanilla, strongest = report["results"]["fine-tuned, no pyramid"], report["results"][names[3]]
+    assert contrast["hard_drop"] == vanilla["difficulty"]["hard"]["accuracy"] - strongest["difficulty"]["hard"]["accuracy"]
+    assert contrast["easy_drop"] == vanilla["difficulty"]["easy"]["accuracy"] - strongest["difficulty"]["easy"]["accuracy"]
     dpn_summary = report["results"]["fine-tuned, DPN"]
     assert dpn_summary["overall"]["n"] == 6 and 0 < dpn_summary["overall"]["flops_ratio"] <= 1
     assert (tmp_path / "demo" / "eval" / "dpn" / "routing.png").is_file()
     table = (tmp_path / "demo" / "results.md").read_text()
-    assert table.startswith("| model | accuracy |") and "fine-tuned, DPN" in table
+    assert table.startswith("| model | accuracy |") and "fine-tuned, DPN" in table and "Discriminativeness:" in table
     assert json.loads((tmp_path / "demo" / "results.json").read_text())["results"].keys() == report["results"].keys()
 
 

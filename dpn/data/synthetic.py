@@ -1,16 +1,22 @@
 """A procedurally generated fine-grained VQA benchmark, written in the LLaVA data format.
 
 Each image has a background colour, one large shape in the middle, and four small objects, one
-in each corner: three small shapes and one digit drawn with Pillow's built-in font. Questions come
-in families tagged with a difficulty:
+in each corner: three small shapes and one digit drawn with Pillow's built-in font. The small
+objects' colours may repeat (two to four distinct colours per image). Questions come in families
+tagged with a difficulty:
 
 - easy: global properties (the background colour, the large shape's colour);
-- medium: coarse properties (the large shape's kind, which side the digit is on);
-- hard: details of small objects (colour or kind of the object in a given corner, counting small
-  circles, reading the digit, left/right of two small objects).
+- medium: coarse properties (the large shape's kind);
+- hard: details of small objects (the colour of the object in a given corner, how many small
+  objects have a given colour, left/right of two small objects named by colour).
 
 Small objects are 16 px (two patches of the tiny model) wide: sharp at full resolution, blurred
 into one token with their surroundings once the grid is pooled 2x2 twice.
+
+``DEFAULT_FAMILIES`` are the families the tiny reference model learns in CPU time (see
+``dpn/assets/tiny-llava-base/TRAINING.md``). The families that need the *shape* of a small object
+or a glyph (``small_kind``, ``count_circles``, ``read_digit``, ``digit_side``) stay available by
+name (``families=`` / ``dpn data synth --families``) for larger models and longer training.
 
 Everything is deterministic from the seed. The output is a JSON list per split in the LLaVA
 format (``{id, image, conversations: [{from: human, value: "<image>\\n..."}, {from: gpt, value}]}``
@@ -60,7 +66,15 @@ FAMILIES = {
     "count_circles": ("hard", ["How many small circles are there?", "Count the small circles."]),
     "read_digit": ("hard", ["What digit is written in the image?", "Which number is shown?"]),
     "relative": ("hard", ["Is the small {a} object left or right of the small {b} object?"]),
+    "count_color": ("hard", ["How many small objects are {a}?", "How many of the small objects are {a}?"]),
+    "same_color": ("hard", ["Do the small objects in the {corner} and {corner2} corners have the same color?"]),
 }
+DEFAULT_FAMILIES = ("background_color", "large_color", "large_shape", "small_color")
+SMALL_PALETTE_SIZES = (2, 3, 4)  # distinct colours among an image's four small objects
+ABSENT_COLOR_SHARE = 0.2  # share of count_color questions about a colour no small object has
+# same_color asks about a same-coloured pair this often when the scene has one (two thirds of scenes
+# do), so that "yes" and "no" come out about even
+SAME_PAIR_SHARE = 0.75
 
 
 @dataclass
@@ -80,7 +94,11 @@ class Scene:
 
 
 def random_scene(rng: random.Random) -> Scene:
-    background, large_color, *small_colors = rng.sample(list(COLORS), 6)
+    background, large_color, *others = rng.sample(list(COLORS), len(COLORS))
+    palette = others[: rng.choice(SMALL_PALETTE_SIZES)]
+    # every palette colour is used once, the remaining corners repeat some of them
+    small_colors = palette + [rng.choice(palette) for _ in range(len(CORNERS) - len(palette))]
+    rng.shuffle(small_colors)
     corners = list(CORNERS)
     digit_corner = rng.choice(corners)
     small = []
@@ -147,13 +165,32 @@ def ask(scene: Scene, family: str, rng: random.Random) -> tuple[str, str]:
     if family == "read_digit":
         return template, str(digit.digit)
     if family == "relative":
-        while True:
-            a, b = rng.sample(scene.small, 2)
-            if CORNERS[a.corner][0] != CORNERS[b.corner][0]:
-                break
+        a, b = rng.choice(_relative_pairs(scene))
         side = "left" if CORNERS[a.corner][0] < CORNERS[b.corner][0] else "right"
         return template.format(a=a.color, b=b.color), side
+    if family == "count_color":
+        present = sorted({obj.color for obj in scene.small})
+        absent = [c for c in COLORS if c not in present and c not in (scene.background, scene.large_color)]
+        color = rng.choice(absent) if rng.random() < ABSENT_COLOR_SHARE else rng.choice(present)
+        return template.format(a=color), str(sum(obj.color == color for obj in scene.small))
+    if family == "same_color":
+        pairs = [(a, b) for i, a in enumerate(scene.small) for b in scene.small[i + 1:]]
+        same = [(a, b) for a, b in pairs if a.color == b.color]
+        pool = same if same and rng.random() < SAME_PAIR_SHARE else [p for p in pairs if p not in same]
+        a, b = rng.choice(pool)
+        return template.format(corner=a.corner, corner2=b.corner), "yes" if a.color == b.color else "no"
     raise ValueError(f"unknown question family {family!r}; known: {sorted(FAMILIES)}")
+
+
+def _relative_pairs(scene: Scene) -> list[tuple[SmallObject, SmallObject]]:
+    """Pairs of small objects that a colour names uniquely and that sit on different sides."""
+    unique = [obj for obj in scene.small if sum(o.color == obj.color for o in scene.small) == 1]
+    return [(a, b) for a in unique for b in unique if CORNERS[a.corner][0] != CORNERS[b.corner][0]]
+
+
+def answerable(scene: Scene, family: str) -> bool:
+    """Whether ``scene`` has a well-defined answer to every question of ``family``."""
+    return family != "relative" or bool(_relative_pairs(scene))
 
 
 def generate_split(
@@ -167,7 +204,10 @@ def generate_split(
     (tagged ``difficulty: multi``), like LLaVA's instruction data: many answers per encoded image,
     the dense supervision that trains a base model from scratch in CPU time.
     """
-    families = families or list(FAMILIES)
+    families = list(families or DEFAULT_FAMILIES)
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f"unknown question families {unknown}; known: {sorted(FAMILIES)}")
     if not 1 <= turns <= len(families):
         raise ValueError(f"turns must be between 1 and the number of question families ({len(families)}), got {turns}")
     rng = random.Random(seed * 1000 + SPLIT_SEEDS.get(split, len(SPLIT_SEEDS)))
@@ -175,8 +215,10 @@ def generate_split(
     image_dir.mkdir(parents=True, exist_ok=True)
     records = []
     for index in range(size):
-        scene = random_scene(rng)
         asked = [families[index % len(families)]] if turns == 1 else rng.sample(families, turns)
+        scene = random_scene(rng)
+        while not all(answerable(scene, family) for family in asked):
+            scene = random_scene(rng)
         conversation = []
         for family in asked:
             question, answer = ask(scene, family, rng)
@@ -197,10 +239,12 @@ def generate_split(
 
 def generate(
     out_dir: str | Path, train: int, val: int, test: int, seed: int = 0, progress: bool = True, turns: int = 1,
+    families: list[str] | None = None,
 ) -> Path:
     """Write the train / val / test splits into ``out_dir`` and return it.
 
     ``turns`` questions per training image (see ``generate_split``); val and test always ask one.
+    ``families`` defaults to ``DEFAULT_FAMILIES``.
     """
     from tqdm.auto import tqdm
 
@@ -208,15 +252,16 @@ def generate(
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = {"train": train, "val": val, "test": test}
     for split in tqdm(sizes, desc="benchmark splits", disable=not progress):
-        generate_split(out_dir, split, sizes[split], seed, turns=turns if split == "train" else 1)
-    info = {"seed": seed, "sizes": sizes, "image_size": IMAGE_SIZE, "train_turns": turns}
+        generate_split(out_dir, split, sizes[split], seed, families, turns=turns if split == "train" else 1)
+    families = list(families or DEFAULT_FAMILIES)
+    info = {"seed": seed, "sizes": sizes, "image_size": IMAGE_SIZE, "train_turns": turns, "families": families}
     (out_dir / "benchmark.json").write_text(json.dumps(info, indent=1))
     return out_dir
 
 
 def answer_vocabulary() -> list[str]:
     """Every answer the benchmark can produce (used to seed the tiny tokenizer's corpus)."""
-    return sorted({*COLORS, *SHAPES, DIGIT_KIND, "left", "right", *(str(d) for d in range(10))})
+    return sorted({*COLORS, *SHAPES, DIGIT_KIND, "left", "right", "yes", "no", *(str(d) for d in range(10))})
 
 
 def question_corpus() -> list[str]:
@@ -226,5 +271,5 @@ def question_corpus() -> list[str]:
         for template in templates:
             for corner in CORNERS:
                 for a in COLORS:
-                    lines.append(template.format(corner=corner, a=a, b=a))
+                    lines.append(template.format(corner=corner, corner2=corner, a=a, b=a))
     return sorted(set(lines))

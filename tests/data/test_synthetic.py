@@ -7,7 +7,8 @@ import random
 
 from dpn.cli import main
 from dpn.data.synthetic import (
-    COLORS, CORNERS, DIGIT_KIND, FAMILIES, answer_vocabulary, ask, generate_split, random_scene,
+    COLORS, CORNERS, DEFAULT_FAMILIES, DIGIT_KIND, FAMILIES, answer_vocabulary, answerable, ask, generate_split,
+    random_scene,
 )
 
 
@@ -23,7 +24,9 @@ def test_deterministic_from_seed(tmp_path):
 def test_llava_format_and_tags(tmp_path):
     records = generate_split(tmp_path, "train", 27, seed=0)
     assert json.loads((tmp_path / "train.json").read_text()) == records
-    assert {r["family"] for r in records} == set(FAMILIES)
+    assert {r["family"] for r in records} == set(DEFAULT_FAMILIES)
+    every = generate_split(tmp_path / "all", "train", 2 * len(FAMILIES), seed=0, families=list(FAMILIES))
+    assert {r["family"] for r in every} == set(FAMILIES)
     for record in records:
         human, gpt = record["conversations"]
         assert human["from"] == "human" and human["value"].startswith("<image>\n")
@@ -36,17 +39,54 @@ def test_answers_follow_the_scene():
     rng = random.Random(0)
     for _ in range(50):
         scene = random_scene(rng)
-        assert len({scene.background, scene.large_color, *(o.color for o in scene.small)}) == 6
+        small_colors = [o.color for o in scene.small]
+        assert 2 <= len(set(small_colors)) <= 4
+        assert not {scene.background, scene.large_color} & set(small_colors)  # every small object is visible
         assert sum(o.kind == DIGIT_KIND for o in scene.small) == 1
         assert ask(scene, "background_color", rng)[1] == scene.background
         assert ask(scene, "count_circles", rng)[1] == str(sum(o.kind == "circle" for o in scene.small))
         question, answer = ask(scene, "small_color", rng)
         corner = next(c for c in CORNERS if c in question)
         assert answer == next(o.color for o in scene.small if o.corner == corner)
+        question, answer = ask(scene, "count_color", rng)
+        color = next(w.rstrip("?") for w in question.split() if w.rstrip("?") in COLORS)
+        assert answer == str(small_colors.count(color))
+        question, answer = ask(scene, "same_color", rng)
+        first, second = sorted((c for c in CORNERS if c + " " in question), key=question.index)
+        by_corner = {o.corner: o.color for o in scene.small}
+        assert answer == ("yes" if by_corner[first] == by_corner[second] else "no")
+        if not answerable(scene, "relative"):
+            continue
         question, answer = ask(scene, "relative", rng)
         first, second = [w for w in question.split() if w in COLORS]
+        assert small_colors.count(first) == small_colors.count(second) == 1  # each colour names one object
         a, b = (next(o for o in scene.small if o.color == c) for c in (first, second))
+        assert CORNERS[a.corner][0] != CORNERS[b.corner][0]
         assert answer == ("left" if CORNERS[a.corner][0] < CORNERS[b.corner][0] else "right")
+
+
+def test_relative_questions_only_on_scenes_that_answer_them(tmp_path):
+    records = generate_split(tmp_path, "test", 40, seed=1, families=["relative"])
+    assert len(records) == 40 and {r["family"] for r in records} == {"relative"}
+    # a scene whose colours repeat on both sides has no uniquely named pair
+    scene = random_scene(random.Random(0))
+    for obj, color in zip(scene.small, ["red", "red", "blue", "blue"]):
+        obj.color = color
+    assert not answerable(scene, "relative")
+
+
+def test_count_color_answers_spread_over_counts():
+    rng = random.Random(0)
+    answers = [ask(random_scene(rng), "count_color", rng)[1] for _ in range(400)]
+    assert {"0", "1", "2", "3"} <= set(answers)
+    assert max(answers.count(a) for a in set(answers)) < 0.6 * len(answers)  # no answer dominates
+
+
+def test_unknown_family_is_an_error(tmp_path):
+    import pytest
+
+    with pytest.raises(ValueError, match="unknown question families"):
+        generate_split(tmp_path, "train", 2, seed=0, families=["colour_of_sky"])
 
 
 def test_cli_writes_splits(tmp_path, capsys):
@@ -59,7 +99,7 @@ def test_cli_writes_splits(tmp_path, capsys):
 
 
 def test_multi_turn_conversations_ask_distinct_families(tmp_path):
-    records = generate_split(tmp_path, "train", 30, seed=0, turns=4)
+    records = generate_split(tmp_path, "train", 30, seed=0, families=list(FAMILIES), turns=4)
     for record in records:
         turns = record["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * 4
@@ -76,6 +116,18 @@ def test_multi_turn_conversations_ask_distinct_families(tmp_path):
 def test_turns_out_of_range_is_an_error(tmp_path):
     import pytest
 
-    for turns in (0, len(FAMILIES) + 1):
+    for turns in (0, len(DEFAULT_FAMILIES) + 1):
         with pytest.raises(ValueError, match="turns must be between 1"):
             generate_split(tmp_path, "train", 2, seed=0, turns=turns)
+
+
+def test_cli_families_option(tmp_path):
+    out = tmp_path / "digits"
+    assert main(["data", "synth", "--out", str(out), "--n", "4", "--val", "0", "--test", "4",
+                 "--families", "read_digit,digit_side"]) == 0
+    test = json.loads((out / "test.json").read_text())
+    assert {r["family"] for r in test} == {"read_digit", "digit_side"}
+    assert json.loads((out / "benchmark.json").read_text())["families"] == ["read_digit", "digit_side"]
+    assert main(["data", "synth", "--out", str(tmp_path / "all"), "--n", "0", "--val", "0", "--test", str(len(FAMILIES)),
+                 "--families", "all"]) == 0
+    assert {r["family"] for r in json.loads((tmp_path / "all" / "test.json").read_text())} == set(FAMILIES)
