@@ -282,8 +282,8 @@ Regenerate a section (on the machine it names) with:
 
     {command}
 
-Each section is one machine; running the command on another machine adds or replaces that
-machine's section only. Columns: FLOPs ratio = LLM prefill FLOPs with / without the pyramid
+Each section is one machine and set of presets, and names the command that produced it; running
+a command adds or replaces its own section only. Columns: FLOPs ratio = LLM prefill FLOPs with / without the pyramid
 (`dpn.flops`, the FLOPs each forward really spent); speedup measured = vanilla / pyramid prefill
 time (median of the timed runs, after warm-up); speedup FLOPs = vanilla / pyramid prefill FLOPs,
 vision tower included on both sides (its time is in the measurement); efficiency =
@@ -296,12 +296,14 @@ string, e.g. ``fastv:0.5``, ``pdrop:0.5``, ``projector:2x2``), timed the same wa
 
 
 def update_markdown_page(path: Path, report: dict[str, Any], command: str, date: str) -> str:
-    """Write ``report`` as this machine's section of the page at ``path``, keeping other sections."""
-    key = f"{report['device']} | {report['dtype']} | {report['attention']}"
+    """Write ``report`` as the section of the page at ``path`` for its machine, dtype, attention and
+    presets, keeping the other sections; the section names the command that produced it."""
+    presets = ", ".join(report["options"]["presets"])
+    key = f"{report['device']} | {report['dtype']} | {report['attention']} | {presets}"
     start, end = f"<!-- dpn-bench: {key} -->", f"<!-- /dpn-bench: {key} -->"
     section = (
-        f"{start}\n## {report['device']}, {report['dtype']}, {report['attention']} attention\n\n"
-        f"Measured {date} with torch {report['torch']}.\n\n{report_markdown(report)}{end}"
+        f"{start}\n## {presets}: {report['device']}, {report['dtype']}, {report['attention']} attention\n\n"
+        f"Measured {date} with torch {report['torch']} by `{command}`.\n\n{report_markdown(report)}{end}"
     )
     page = path.read_text() if path.is_file() else PAGE_HEADER.format(command=command)
     if start in page and end in page:

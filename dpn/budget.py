@@ -21,6 +21,10 @@ MAX_BIAS = 30.0
 BISECTION_STEPS = 14
 
 
+class UnreachableBudgetError(ValueError):
+    """A FLOPs target below what the pyramid reaches with every router at its strongest expert."""
+
+
 def set_router_bias(model: nn.Module, bias: float) -> None:
     """Set the router bias of ``model``'s DPN (saved with it by ``dpn.save_pyramid``)."""
     config = get_pyramid_config(model)
@@ -47,7 +51,8 @@ def calibrate_router_bias(
     """The router bias whose mean FLOPs ratio on ``batches`` is closest to ``target`` from below
     (or the smallest ratio reachable above it); sets it on ``model`` and returns (bias, ratio).
 
-    Raises ``ValueError`` when ``target`` is below what the pyramid reaches at full compression.
+    Raises ``UnreachableBudgetError`` (a ``ValueError``) when ``target`` is below what the pyramid
+    reaches at full compression.
     """
     if not 0 < target <= 1:
         raise ValueError(f"the FLOPs target is a fraction of the vanilla model's in (0, 1], got {target}")
@@ -57,7 +62,7 @@ def calibrate_router_bias(
         set_router_bias(model, MAX_BIAS)
         lowest = mean_flops_ratio(model, batches)
         if lowest > target + 1e-9:
-            raise ValueError(
+            raise UnreachableBudgetError(
                 f"this pyramid cannot go below {lowest:.3f} of the vanilla FLOPs on these samples; "
                 f"ask for a target >= {lowest:.3f}"
             )

@@ -22,9 +22,13 @@ from typing import Any
 from rich.console import Console
 from transformers import LlavaConfig
 
+from dpn.budget import UnreachableBudgetError
 from dpn.config import PyramidConfig
 from dpn.evaluate import SUMMARY, EvalOptions, evaluate
 from dpn.train import TrainOptions, train
+
+# Written in an evaluation's folder instead of its summary when its FLOPs target is unreachable.
+SKIPPED = "skipped.txt"
 
 DIFFICULTIES = ("easy", "medium", "hard")
 # FLOPs ratios within this of each other count as matched when comparing strategies.
@@ -140,12 +144,20 @@ def run_compare(options: CompareOptions, console: Console | None = None) -> dict
                   f"fine-tunes of {options.steps} steps, then {len(points) * len(options.seeds)} evaluations")
     summaries: dict[str, list[dict[str, Any]]] = {p.name: [] for p in points}
     work_done = not _all_done(out, trained, points, options.seeds)
+    skipped: dict[str, str] = {}
     for seed in options.seeds:
         models = {name: _finetune(options, name, spec, seed, out, console) for name, spec in trained.items()}
         for point in points:
-            summaries[point.name].append(_evaluate(options, point, models[point.trained], seed, out))
-    rows = [aggregate(point, summaries[point.name]) for point in points]
-    report = {"options": asdict(options), "rows": rows,
+            if point.name in skipped:
+                continue
+            try:
+                summaries[point.name].append(_evaluate(options, point, models[point.trained], seed, out))
+            except UnreachableBudgetError as error:
+                # One unreachable FLOPs target must not cost the rest of the comparison.
+                skipped[point.name] = str(error)
+                console.print(f"[yellow]skipping {point.name} (seed {seed}): {error}[/]")
+    rows = [aggregate(point, summaries[point.name]) for point in points if point.name not in skipped]
+    report = {"options": asdict(options), "rows": rows, "skipped": skipped,
               "elapsed_seconds": _previous_seconds(out, work_done) + time.perf_counter() - start}
     (out / "compare.json").write_text(json.dumps(report, indent=1))
     images = Path(options.image_dir) if options.image_dir else out
@@ -166,7 +178,8 @@ def _eval_dir(out: Path, point: Point, seed: int) -> Path:
 
 def _all_done(out: Path, trained: dict[str, str], points: list[Point], seeds: list[int]) -> bool:
     return all((_train_dir(out, name, seed) / "train_options.json").is_file() for name in trained for seed in seeds) \
-        and all((_eval_dir(out, point, seed) / SUMMARY).is_file() for point in points for seed in seeds)
+        and all((_eval_dir(out, point, seed) / SUMMARY).is_file() or (_eval_dir(out, point, seed) / SKIPPED).is_file()
+                for point in points for seed in seeds)
 
 
 def _previous_seconds(out: Path, work_done: bool) -> float:
@@ -196,11 +209,18 @@ def _evaluate(options: CompareOptions, point: Point, model: Path, seed: int, out
     eval_dir = _eval_dir(out, point, seed)
     if (eval_dir / SUMMARY).is_file():
         return json.loads((eval_dir / SUMMARY).read_text())
-    return evaluate(EvalOptions(
-        model=str(model), data=options.test_data, output_dir=str(eval_dir), pyramid=point.pyramid,
-        budget=point.budget, batch_size=options.batch_size, limit=options.test_limit, plot=False,
-        measure_latency=options.measure_latency, progress=options.progress,
-    ))
+    if (eval_dir / SKIPPED).is_file():
+        raise UnreachableBudgetError((eval_dir / SKIPPED).read_text().strip())
+    try:
+        return evaluate(EvalOptions(
+            model=str(model), data=options.test_data, output_dir=str(eval_dir), pyramid=point.pyramid,
+            budget=point.budget, batch_size=options.batch_size, limit=options.test_limit, plot=False,
+            measure_latency=options.measure_latency, progress=options.progress,
+        ))
+    except UnreachableBudgetError as error:
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        (eval_dir / SKIPPED).write_text(str(error) + "\n")
+        raise
 
 
 def _mean_std(values: list[float]) -> list[float]:
@@ -340,6 +360,7 @@ def results_page(report: dict[str, Any], plots: list[Path], page_dir: Path) -> s
         "strategy. `dpn @ F FLOPs` is the trained DPN with its router bias calibrated to F (no retraining).",
         "",
         table(main),
+        *[f"\nNot evaluated: {name}: {reason}" for name, reason in report.get("skipped", {}).items()],
         "",
         images,
         "",

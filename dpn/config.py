@@ -34,6 +34,10 @@ POOLING_FUNCTIONS = ("max", "avg")
 ROUTER_INPUTS = ("last_prompt_token", "router_token")
 POSITION_MODES = ("renumber", "keep")
 ROUTING_LOSSES = ("hinge", "budget", "none")
+# How scale_by_probability applies the chosen expert's probability p to the pooled tokens:
+# "value" multiplies them by p (the paper), "straight_through" by p / stop_gradient(p), which
+# leaves every value as it is and still gives the router the gradient through p.
+PROBABILITY_SCALES = ("value", "straight_through")
 POOLING_STRATEGIES = ("dpn", "static", "random", "projector")
 SELECTION_STRATEGIES = ("fastv", "pdrop")
 STRATEGIES = POOLING_STRATEGIES + SELECTION_STRATEGIES
@@ -110,6 +114,8 @@ class PyramidConfig:
             otherwise (and always at inference) take the argmax.
         scale_by_probability: multiply the pooled tokens by the chosen expert's probability (the
             router's gradient path; applied at inference too so train and test match).
+        probability_scale: ``"value"`` (the paper: tokens x p) or ``"straight_through"`` (tokens x
+            p / stop_gradient(p): the same values as without scaling, the same gradient path).
         min_tokens_to_pool: an image with fewer tokens than this at a stage is left as it is.
         positions: ``"renumber"`` gives the shortened sequence consecutive rotary positions (as in the
             paper); ``"keep"`` gives each pooled token the position of its window's first token.
@@ -136,6 +142,7 @@ class PyramidConfig:
     router_temperature: float = PAPER_TEMPERATURE
     sample_in_training: bool = True
     scale_by_probability: bool = True
+    probability_scale: str = "value"
     min_tokens_to_pool: int = PAPER_MIN_TOKENS
     positions: str = "renumber"
     routing_loss: str = "hinge"
@@ -155,6 +162,7 @@ class PyramidConfig:
         _check_choice("router_input", self.router_input, ROUTER_INPUTS)
         _check_choice("positions", self.positions, POSITION_MODES)
         _check_choice("routing_loss", self.routing_loss, ROUTING_LOSSES)
+        _check_choice("probability_scale", self.probability_scale, PROBABILITY_SCALES)
         if not self.stages:
             raise ValueError("a pyramid needs at least one stage")
         layers = [s.layer for s in self.stages]

@@ -59,5 +59,10 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
     update_markdown_page(out_md, other, "dpn bench", "2026-01-01")
     update_markdown_page(out_md, report, "dpn bench", "2026-01-02")
     page = out_md.read_text()
-    assert page.count("## NVIDIA H100") == 1 and page.count(f"## {report['device']}") == 1
-    assert "2026-01-02" in page
+    assert page.count("NVIDIA H100, float32") == 1 and page.count(f"## tiny: {report['device']}") == 1
+    assert "2026-01-02" in page and "by `dpn bench`" in page
+    # another preset on the same machine gets a section of its own
+    update_markdown_page(out_md, {**report, "options": {**report["options"], "presets": ["qwen2-0.5b"]}},
+                         "dpn bench --preset qwen2-0.5b", "2026-01-03")
+    page = out_md.read_text()
+    assert page.count(f"## tiny: {report['device']}") == 1 and page.count(f"## qwen2-0.5b: {report['device']}") == 1

@@ -29,7 +29,7 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
         base=str(setup / "base"), train_data=str(setup / "data" / "train.json"),
         test_data=str(setup / "data" / "test.json"), out_dir=str(tmp_path / "runs"), seeds=[0, 1], steps=2,
         batch_size=4, static_strides=["2x2"], projector_strides=["3x3"], fastv_ratios=[0.5], pdrop_ratios=[0.5],
-        dpn_budgets=[0.9], ablations=False, measure_latency=False, markdown=str(tmp_path / "docs" / "RESULTS.md"), image_dir=str(tmp_path / "docs" / "img"),
+        dpn_budgets=[0.9, 0.05], ablations=False, measure_latency=False, markdown=str(tmp_path / "docs" / "RESULTS.md"), image_dir=str(tmp_path / "docs" / "img"),
         command="dpn compare --test", progress=False,
     )
     report = run_compare(options, console=Console(file=open(tmp_path / "console.txt", "w")))
@@ -37,6 +37,8 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
     assert {"vanilla", "dpn", "dpn @ 0.9 FLOPs", "static:2x2", "projector:3x3", "random", "fastv:0.5",
             "pdrop:0.5"} == set(rows)
     assert all(row["seeds"] == 2 for row in rows.values())
+    # an unreachable FLOPs target is skipped with its reason, not fatal to the comparison
+    assert list(report["skipped"]) == ["dpn @ 0.05 FLOPs"] and "cannot go below" in report["skipped"]["dpn @ 0.05 FLOPs"]
     assert rows["vanilla"]["flops_ratio"] == [1.0, 0.0]
     # Every compressing strategy spends fewer FLOPs than vanilla; FastV keeps half the tokens after its layer.
     assert all(row["flops_ratio"][0] < 1 for name, row in rows.items() if name not in ("vanilla", "dpn")
@@ -45,12 +47,13 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
     assert rows["dpn @ 0.9 FLOPs"]["flops_ratio"][0] <= 0.9 + 1e-6
     page = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "```bash\ndpn compare --test\n```" in page and "| fastv:0.5 |" in page and "## Ablations" in page
-    assert "![pareto_hard](img/pareto_hard.png)" in page
+    assert "![pareto_hard](img/pareto_hard.png)" in page and "Not evaluated: dpn @ 0.05 FLOPs" in page
     for metric in ("accuracy", "easy", "hard"):
         assert (tmp_path / "docs" / "img" / f"pareto_{metric}.png").stat().st_size > 1000
     # Each fine-tune and evaluation is written once; a second run reuses them and gives the same table.
     again = run_compare(options, console=Console(file=open(tmp_path / "console2.txt", "w")))
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
+    assert again["skipped"] == report["skipped"]
     assert json.loads((tmp_path / "runs" / "compare.json").read_text())["rows"] == again["rows"]
 
 

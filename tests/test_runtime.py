@@ -221,6 +221,28 @@ def test_routers_get_gradients_in_training():
         assert router.down.weight.grad.abs().sum() > 0
 
 
+def test_straight_through_scale_keeps_values_and_the_router_gradient():
+    batch = batch_of([make_prompt(3, 5, seed=1), make_prompt(6, 2, seed=2)])
+    labels = batch["input_ids"].clone()
+    labels[:, :-3] = -100
+    forced = torch.tensor([[0, 1, 0], [1, 0, 1]])  # both images stay big enough to be routed at every stage
+    outputs = {}
+    for name, options in {"value": {}, "straight_through": {"probability_scale": "straight_through"},
+                          "unscaled": {"scale_by_probability": False}}.items():
+        model = tiny_llava()
+        dpn.apply_pyramid(model, pyramid_config(routing_loss="none", **options))
+        model.train()
+        out = model(**batch, pixel_values=pixels(2), labels=labels, force_experts=forced)
+        out.loss.backward()
+        grads = [router.up.weight.grad for router in model.pyramid.routers]
+        outputs[name] = (out.logits.detach(), grads)
+    # straight-through: the values of the unscaled pyramid, the gradient path of the scaled one
+    assert torch.allclose(outputs["straight_through"][0], outputs["unscaled"][0], atol=1e-6)
+    assert not torch.allclose(outputs["value"][0], outputs["unscaled"][0], atol=1e-3)
+    assert all(g is not None and g.abs().sum() > 0 for g in outputs["straight_through"][1])
+    assert all(g is None or g.abs().sum() == 0 for g in outputs["unscaled"][1])
+
+
 def test_training_samples_experts_and_inference_takes_argmax():
     model = tiny_llava()
     dpn.apply_pyramid(model, pyramid_config())

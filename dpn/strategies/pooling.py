@@ -59,7 +59,10 @@ class GridPooling(Strategy):
             pooled = pool_grid(tokens, (kh, kw), self.config.pooling).reshape(len(members), -1, width)
             if scale is not None:
                 member_samples = torch.tensor([spans.sample[k] for k in members], device=device)
-                pooled = pooled * scale[member_samples].to(pooled.dtype)[:, None, None]
+                factor = scale[member_samples].to(pooled.dtype)
+                if self.config.probability_scale == "straight_through":
+                    factor = factor / factor.detach()
+                pooled = pooled * factor[:, None, None]
             rows.append(pooled.reshape(-1, width))
             origins = window_origins(n_rows, n_cols, (kh, kw), device)
             representatives.append((index[:, :1] + origins[None, :]).flatten())
