@@ -27,7 +27,7 @@ from rich.table import Table
 from transformers import LlavaConfig
 
 from dpn.config import PyramidConfig, PyramidStage
-from dpn.data.synthetic import generate
+from dpn.data.synthetic import DEFAULT_FAMILIES, generate
 from dpn.evaluate import EvalOptions, evaluate
 from dpn.flops import path_flops
 from dpn.train import TrainOptions, train
@@ -35,8 +35,8 @@ from dpn.train import TrainOptions, train
 BASE_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-llava-base"
 # Text tokens of a benchmark prompt around its image (for choosing the static schedule).
 PROMPT_TEXT_TOKENS = 20
-# Questions per image in the base model's training conversations: every default family (see dpn.data.synthetic).
-BASE_TURNS = 4
+# Questions per image in the base model's training conversations: every default family.
+BASE_TURNS = len(DEFAULT_FAMILIES)
 # The benchmark's discriminativeness goals (reported, not enforced): the vanilla model's accuracy,
 # and what the most aggressive static pooling may cost on hard questions (at least) and easy ones (at most).
 VANILLA_ACCURACY_GOAL = 0.90

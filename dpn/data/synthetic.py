@@ -6,17 +6,18 @@ objects' colours may repeat (two to four distinct colours per image). Questions 
 tagged with a difficulty:
 
 - easy: global properties (the background colour, the large shape's colour);
-- medium: coarse properties (the large shape's kind);
-- hard: details of small objects (the colour of the object in a given corner, how many small
-  objects have a given colour, left/right of two small objects named by colour).
+- medium: coarse properties (the large shape's kind, which side the digit is on);
+- hard: details of small objects (the colour or kind of the object in a given corner, how many
+  small objects have a given colour or shape, whether two corners share a colour, reading the
+  digit, left/right of two small objects named by colour).
 
 Small objects are 16 px (two patches of the tiny model) wide: sharp at full resolution, blurred
 into one token with their surroundings once the grid is pooled 2x2 twice.
 
-``DEFAULT_FAMILIES`` are the families the tiny reference model learns in CPU time (see
-``dpn/assets/tiny-llava-base/TRAINING.md``). The families that need the *shape* of a small object
-or a glyph (``small_kind``, ``count_circles``, ``read_digit``, ``digit_side``) stay available by
-name (``families=`` / ``dpn data synth --families``) for larger models and longer training.
+``DEFAULT_FAMILIES`` (the background's and the large shape's colour, the large shape's kind, the
+colour of the small object in a named corner) are the families the tiny reference model learns in
+CPU time; the others stay available by name (``families=`` / ``dpn data synth --families``) for
+larger models and longer training (see ``dpn/assets/tiny-llava-base/TRAINING.md``).
 
 Everything is deterministic from the seed. The output is a JSON list per split in the LLaVA
 format (``{id, image, conversations: [{from: human, value: "<image>\\n..."}, {from: gpt, value}]}``
@@ -250,10 +251,10 @@ def generate(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    families = list(families or DEFAULT_FAMILIES)
     sizes = {"train": train, "val": val, "test": test}
     for split in tqdm(sizes, desc="benchmark splits", disable=not progress):
         generate_split(out_dir, split, sizes[split], seed, families, turns=turns if split == "train" else 1)
-    families = list(families or DEFAULT_FAMILIES)
     info = {"seed": seed, "sizes": sizes, "image_size": IMAGE_SIZE, "train_turns": turns, "families": families}
     (out_dir / "benchmark.json").write_text(json.dumps(info, indent=1))
     return out_dir
