@@ -19,13 +19,16 @@ string, e.g. ``fastv:0.5``, ``pdrop:0.5``, ``projector:2x2``), timed the same wa
 from __future__ import annotations
 
 import ctypes
+import json
 import platform
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from dpn.api import apply_pyramid, pyramid_disabled, remove_pyramid
 from dpn.architectures import llava_config
@@ -54,6 +57,7 @@ class BenchOptions:
     train_step: bool = True
     strategies: list[str] = field(default_factory=list)
     seed: int = 0
+    progress: bool = True
 
 
 def _reset_peak_memory(device: torch.device) -> None:
@@ -86,14 +90,14 @@ def _peak_memory_mib(device: torch.device) -> float | None:
 
 
 def build_model(preset: str, dtype: torch.dtype, attention: str, device: torch.device):
-    config = llava_config(preset)
-    config._attn_implementation = attention
+    """The preset with random weights, created on ``device`` in ``dtype`` (a 13B shape initialised on
+    the CPU in float32 first would take minutes and 52 GB)."""
     from transformers import LlavaForConditionalGeneration
 
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
-    model.set_attn_implementation(attention)
-    return model
+    with torch.device(device):
+        model = LlavaForConditionalGeneration._from_config(llava_config(preset), dtype=dtype, attn_implementation=attention)
+    return model.eval()
 
 
 def make_batch(model, batch_size: int, text_tokens: int, device: torch.device, dtype: torch.dtype, seed: int):
@@ -146,14 +150,14 @@ def _train_step(model, batch, labels, **kwargs) -> None:
     model(**batch, labels=labels, use_cache=False, **kwargs).loss.backward()
 
 
-def bench_preset(preset: str, options: BenchOptions, device: torch.device) -> list[dict[str, Any]]:
+def bench_preset(preset: str, options: BenchOptions, device: torch.device) -> Iterator[dict[str, Any]]:
+    """Measure every batch size and case of ``preset``, yielding each row as it is ready."""
     dtype = getattr(torch, options.dtype)
     model = build_model(preset, dtype, options.attention, device)
     adapter = get_adapter(model)
     paper = PyramidConfig.paper_default(model.config, sample_in_training=False)
     cases = [(routing, paper, routing) for routing in options.routings]
     cases += [(spec, PyramidConfig.from_spec(spec, model.config), None) for spec in options.strategies]
-    rows = []
     for batch_size in options.batch_sizes:
         batch = make_batch(model, batch_size, options.text_tokens, device, dtype, options.seed)
         labels = batch["input_ids"].clone()
@@ -162,12 +166,11 @@ def bench_preset(preset: str, options: BenchOptions, device: torch.device) -> li
         vanilla_memory = _peak_memory_of(lambda: _prefill(model, batch), device)
         for name, pyramid, routing in cases:
             apply_pyramid(model, pyramid)
-            forced = None if routing is None else forced_experts(pyramid, routing, batch_size, options.seed).to(device)
-            rows.append({"preset": preset, "batch_size": batch_size, "routing": name,
-                         **_measure(model, batch, labels, forced, vision, vanilla_memory, options, device)})
+            forced = None if routing is None else forced_experts(pyramid, routing, batch_size, options.seed)
+            yield {"preset": preset, "batch_size": batch_size, "routing": name,
+                   **_measure(model, batch, labels, forced, vision, vanilla_memory, options, device)}
             remove_pyramid(model)
     del model
-    return rows
 
 
 def _measure(model, batch, labels, forced, vision: float, vanilla_memory, options: BenchOptions, device) -> dict:
@@ -187,15 +190,21 @@ def _measure(model, batch, labels, forced, vision: float, vanilla_memory, option
         lambda: _vanilla(_decode_seconds, model, batch, steps),
         lambda: _decode_seconds(model, batch, steps, force_experts=forced), **timing,
     )
-    vanilla_train = train = None
+    vanilla_train = train = train_note = None
     if options.train_step:
         model.train()
-        vanilla_train, train = paired_medians(
-            lambda: _vanilla(_train_step, model, batch, labels),
-            lambda: _train_step(model, batch, labels, force_experts=forced), **timing,
-        )
+        try:
+            vanilla_train, train = paired_medians(
+                lambda: _vanilla(_train_step, model, batch, labels),
+                lambda: _train_step(model, batch, labels, force_experts=forced), **timing,
+            )
+        except torch.cuda.OutOfMemoryError:
+            # Full fine-tuning of a large shape may not fit beside its gradients; the inference rows still stand.
+            train_note = "out of memory"
         model.zero_grad(set_to_none=True)
         model.eval()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     measured = vanilla_prefill / prefill
     return {
         "visual_tokens": record.visual_tokens.float().mean(0).tolist(),
@@ -209,6 +218,7 @@ def _measure(model, batch, labels, forced, vision: float, vanilla_memory, option
         "train_step_ms": None if train is None else train * 1e3,
         "vanilla_train_step_ms": None if vanilla_train is None else vanilla_train * 1e3,
         "train_speedup": None if train is None else vanilla_train / train,
+        "train_note": train_note,
     }
 
 
@@ -229,16 +239,30 @@ def device_description(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def run_bench(options: BenchOptions, device: torch.device | None = None) -> dict[str, Any]:
+def run_bench(options: BenchOptions, device: torch.device | None = None, json_path: Path | None = None) -> dict[str, Any]:
+    """Measure every preset; with ``json_path`` the report is rewritten after each row, so a long run
+    that stops early keeps what it measured."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     unknown = set(options.routings) - set(ROUTINGS)
     if unknown:
         raise ValueError(f"unknown routings {sorted(unknown)}; choose from {ROUTINGS}")
-    rows = [row for preset in options.presets for row in bench_preset(preset, options, device)]
-    return {
+    for spec in options.strategies:  # a typo should fail now, not after the first preset's timings
+        PyramidConfig.from_spec(spec, llava_config(options.presets[0]))
+    report = {
         "device": device_description(device), "torch": torch.__version__, "dtype": options.dtype,
-        "attention": options.attention, "options": asdict(options), "rows": rows,
+        "attention": options.attention, "options": asdict(options), "rows": [],
     }
+    total = len(options.presets) * len(options.batch_sizes) * (len(options.routings) + len(options.strategies))
+    with tqdm(total=total, desc="dpn bench", unit="row", disable=not options.progress) as bar:
+        for preset in options.presets:
+            for row in bench_preset(preset, options, device):
+                report["rows"].append(row)
+                if json_path is not None:
+                    json_path.write_text(json.dumps(report, indent=1))
+                bar.set_postfix_str(f"{preset} batch {row['batch_size']} {row['routing']}: "
+                                    f"efficiency {row['efficiency']:.2f}")
+                bar.update()
+    return report
 
 
 COLUMNS = (
@@ -252,7 +276,8 @@ COLUMNS = (
     ("speedup FLOPs", lambda r: f"{r['theoretical_speedup']:.2f}x"),
     ("efficiency", lambda r: f"{r['efficiency']:.2f}"),
     ("decode tok/s (vanilla)", lambda r: f"{r['decode_tokens_per_s']:.0f} ({r['vanilla_decode_tokens_per_s']:.0f})"),
-    ("train step speedup", lambda r: "-" if r["train_speedup"] is None else f"{r['train_speedup']:.2f}x"),
+    ("train step speedup", lambda r: f"{r['train_speedup']:.2f}x" if r["train_speedup"] is not None
+     else r.get("train_note") or "-"),
     ("peak MiB (vanilla)", lambda r: "-" if r["peak_memory_mib"] is None
      else f"{r['peak_memory_mib']:.0f} ({r['vanilla_peak_memory_mib']:.0f})"),
 )
@@ -278,20 +303,20 @@ def report_markdown(report: dict[str, Any]) -> str:
 
 PAGE_HEADER = """# Benchmarks
 
-Regenerate a section (on the machine it names) with:
+Regenerate a section by running, on the machine it names, the command it names; e.g.
 
     {command}
 
-Each section is one machine and set of presets, and names the command that produced it; running
-a command adds or replaces its own section only. Columns: FLOPs ratio = LLM prefill FLOPs with / without the pyramid
-(`dpn.flops`, the FLOPs each forward really spent); speedup measured = vanilla / pyramid prefill
-time (median of the timed runs, after warm-up); speedup FLOPs = vanilla / pyramid prefill FLOPs,
-vision tower included on both sides (its time is in the measurement); efficiency =
-measured / FLOPs speedup; decode = greedy tokens per second over the batch after the prefill;
-train step = forward + backward time ratio. Routing is forced: `weakest` keeps every token (the
-runtime's own overhead), `strongest` pools with the last expert at every stage, `mixed` draws each
-sample's experts at random (different routing per sample in one batch). ``strategies`` adds rows for the peers (any ``PyramidConfig.from_spec``
-string, e.g. ``fastv:0.5``, ``pdrop:0.5``, ``projector:2x2``), timed the same way.
+Each section is one machine and set of presets; a command adds or replaces its own section only.
+Columns: FLOPs ratio = LLM prefill FLOPs with / without the pyramid (`dpn.flops`, the FLOPs each
+forward really spent); speedup measured = vanilla / pyramid prefill time (median of the timed runs,
+after warm-up); speedup FLOPs = vanilla / pyramid prefill FLOPs, vision tower included on both
+sides (its time is in the measurement); efficiency = measured / FLOPs speedup; decode = greedy
+tokens per second over the batch after the prefill; train step = forward + backward time ratio.
+Routing is forced: `weakest` keeps every token (the runtime's own overhead), `strongest` pools with
+the last expert at every stage, `mixed` draws each sample's experts at random (different routing
+per sample in one batch). `--strategy` adds rows for the peers (`fastv:0.5`, `pdrop:0.5`,
+`projector:2x2`, ...), timed the same way.
 """
 
 

@@ -199,7 +199,6 @@ def _compare_command(args: argparse.Namespace) -> int:
 
 
 def _bench_command(args: argparse.Namespace) -> int:
-    import json as json_module
 
     from dpn.bench import BenchOptions, report_table, run_bench, update_markdown_page
 
@@ -209,10 +208,8 @@ def _bench_command(args: argparse.Namespace) -> int:
         text_tokens=args.text_tokens, decode_tokens=args.decode_tokens, train_step=not args.no_train_step,
         strategies=args.strategy or [],
     )
-    report = run_bench(options)
+    report = run_bench(options, json_path=Path(args.json) if args.json else None)
     Console(width=max(Console().width, 200)).print(report_table(report))
-    if args.json:
-        Path(args.json).write_text(json_module.dumps(report, indent=1))
     if args.markdown:
         command = "dpn bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "dpn bench"
         update_markdown_page(Path(args.markdown), report, command, time.strftime("%Y-%m-%d"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from dpn.architectures import llava_config
 from dpn.bench import BenchOptions, report_markdown, run_bench, update_markdown_page
@@ -66,3 +67,29 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
                          "dpn bench --preset qwen2-0.5b", "2026-01-03")
     page = out_md.read_text()
     assert page.count(f"## tiny: {report['device']}") == 1 and page.count(f"## qwen2-0.5b: {report['device']}") == 1
+
+
+def test_json_is_written_row_by_row_and_train_step_out_of_memory_is_reported(tmp_path, monkeypatch):
+    import dpn.bench as bench
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(bench, "_train_step", out_of_memory)
+    out_json = tmp_path / "bench.json"
+    options = BenchOptions(presets=["tiny"], batch_sizes=[1], routings=["weakest", "strongest"], repeats=1, warmup=0,
+                           decode_tokens=1, text_tokens=8, progress=False)
+    report = run_bench(options, json_path=out_json)
+    assert json.loads(out_json.read_text())["rows"] == json.loads(json.dumps(report["rows"]))
+    assert [r["routing"] for r in report["rows"]] == ["weakest", "strongest"]
+    for row in report["rows"]:
+        assert row["train_step_ms"] is None and row["train_note"] == "out of memory" and row["prefill_ms"] > 0
+    assert "| out of memory |" in report_markdown(report)
+
+
+def test_a_bad_strategy_spec_fails_before_any_timing(monkeypatch):
+    import dpn.bench as bench
+
+    monkeypatch.setattr(bench, "bench_preset", lambda *a, **k: pytest.fail("timed before checking the specs"))
+    with pytest.raises(ValueError):
+        run_bench(BenchOptions(presets=["tiny"], strategies=["fastv:nonsense"], progress=False))
