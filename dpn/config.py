@@ -36,8 +36,9 @@ POSITION_MODES = ("renumber", "keep")
 ROUTING_LOSSES = ("hinge", "budget", "none")
 # How scale_by_probability applies the chosen expert's probability p to the pooled tokens:
 # "value" multiplies them by p (the paper), "straight_through" by p / stop_gradient(p), which
-# leaves every value as it is and still gives the router the gradient through p.
-PROBABILITY_SCALES = ("value", "straight_through")
+# leaves every value as it is and still gives the router the gradient through p; "train_only"
+# multiplies by p while training and not at inference.
+PROBABILITY_SCALES = ("value", "straight_through", "train_only")
 POOLING_STRATEGIES = ("dpn", "static", "random", "projector")
 SELECTION_STRATEGIES = ("fastv", "pdrop")
 STRATEGIES = POOLING_STRATEGIES + SELECTION_STRATEGIES
@@ -114,8 +115,9 @@ class PyramidConfig:
             otherwise (and always at inference) take the argmax.
         scale_by_probability: multiply the pooled tokens by the chosen expert's probability (the
             router's gradient path; applied at inference too so train and test match).
-        probability_scale: ``"value"`` (the paper: tokens x p) or ``"straight_through"`` (tokens x
-            p / stop_gradient(p): the same values as without scaling, the same gradient path).
+        probability_scale: ``"value"`` (the paper: tokens x p), ``"straight_through"`` (tokens x
+            p / stop_gradient(p): the same values as without scaling, the same gradient path) or
+            ``"train_only"`` (tokens x p in training mode, unscaled at inference).
         min_tokens_to_pool: an image with fewer tokens than this at a stage is left as it is.
         positions: ``"renumber"`` gives the shortened sequence consecutive rotary positions (as in the
             paper); ``"keep"`` gives each pooled token the position of its window's first token.

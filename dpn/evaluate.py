@@ -95,7 +95,7 @@ def greedy_continue(model, prefill, attention_mask: torch.Tensor, steps: int,
         tokens.append(next_token)
         if eos_token_id is not None:
             finished |= next_token == eos_token_id
-        if step == steps - 1 or bool(finished.all()):
+        if step == steps - 1 or (eos_token_id is not None and bool(finished.all())):  # no needless device wait
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position[:, None],

@@ -44,6 +44,7 @@ class PyramidCausalLMOutput(ModelOutput):
     ``logits``, ``labels`` and ``attention_mask`` are in the final (shortened, left-padded) layout:
     ``labels`` are the input labels carried along with their tokens, so ``loss`` can be recomputed
     from ``logits`` and ``labels`` as for any causal LM.
+    ``routing_loss`` is computed when the call has labels or the pyramid is training.
     """
 
     loss: torch.Tensor | None = None

@@ -14,6 +14,7 @@ segment's layout for decoding. Everything about the call (routing, token counts,
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -30,6 +31,7 @@ from dpn.models import get_adapter
 from dpn.outputs import PyramidCausalLMOutput, PyramidRouting
 from dpn.spans import VisualSpans, find_visual_spans, ranks_within
 from dpn.strategies import BudgetInputs, StageInput, StagePlan
+from dpn.transfer import host_tensor
 
 IGNORE_INDEX = -100
 # Length grouping (``length_groups``): samples within 10% of their group's longest share a group;
@@ -120,7 +122,7 @@ def pyramid_forward(
         positions=positions,
         labels=labels,
         spans=spans,
-        router_index=_router_index(config, input_ids, valid, labels) if len(spans) else _no_router(batch, device),
+        router_index=_router_index(config, input_ids, valid, labels, spans) if len(spans) else _no_router(batch, device),
     )
 
     layers = decoder.layers[: text_config.num_hidden_layers]
@@ -200,8 +202,8 @@ def pyramid_forward(
             logits=logits, labels=chunk.labels, vocab_size=text_config.vocab_size, **kwargs
         )
     routing_loss = None
-    if plans:
-        visual = torch.tensor(visual_counts[0], device=device)
+    if plans and (labels is not None or pyramid.training):  # a loss term: not spent on plain inference
+        visual = host_tensor(visual_counts[0], device)
         budget = BudgetInputs(text_config, len(layers), valid.sum(1) - visual, visual)
         routing_loss = pyramid.routing_loss(plans, budget)
     loss = lm_loss
@@ -252,12 +254,13 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str) -> tuple[Chunk, bo
     stride = length + 1
     removed = torch.zeros(batch * length, dtype=torch.bool, device=device).index_fill(0, old_index, True)
     kept = (chunk.valid.flatten() & ~removed).nonzero().squeeze(1)
-    sizes = torch.tensor(new_sizes, device=device)
-    span_sample = torch.tensor([spans.sample[k] for k in plan.spans], device=device)
-    span_start = torch.tensor([spans.start[k] for k in plan.spans], device=device)
-    first_row = torch.cumsum(sizes, 0) - sizes
-    row_sample = torch.repeat_interleave(span_sample, sizes)
-    row_key = (row_sample * stride + torch.repeat_interleave(span_start, sizes)) * stride + ranks_within(sizes)
+    sizes = host_tensor(new_sizes, device)
+    span_sample = host_tensor([spans.sample[k] for k in plan.spans], device)
+    span_start = host_tensor([spans.start[k] for k in plan.spans], device)
+    total = sum(new_sizes)
+    row_sample = torch.repeat_interleave(span_sample, sizes, output_size=total)
+    row_start = torch.repeat_interleave(span_start, sizes, output_size=total)
+    row_key = (row_sample * stride + row_start) * stride + ranks_within(sizes, total)
     kept_sample = kept // length
     keys = torch.cat([(kept_sample * stride + kept % length) * stride, row_key])
     source = torch.cat([kept, batch * length + torch.arange(rows.shape[0], device=device)])
@@ -265,11 +268,31 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str) -> tuple[Chunk, bo
     order = torch.argsort(keys)
     source, owner = source[order], owner[order]
 
-    counts = torch.bincount(owner, minlength=batch)
-    new_length = int(counts.max())
+    counts = torch.zeros(batch, dtype=torch.long, device=device).index_add_(0, owner, torch.ones_like(owner))
     offsets = torch.cumsum(counts, 0) - counts
-    column = new_length - counts[owner] + torch.arange(owner.shape[0], device=device) - offsets[owner]
+    rank = torch.arange(owner.shape[0], device=device) - offsets[owner]  # rank inside its sample
     padding_row = batch * length + rows.shape[0]
+    slot = torch.full((padding_row,), -1, dtype=torch.long, device=device)  # source -> place in the sorted order
+    slot[source] = torch.arange(owner.shape[0], device=device)
+
+    first_rows = itertools.accumulate(new_sizes[:-1], initial=0)
+    replaced = dict(zip(plan.spans, zip(first_rows, plan.grids)))
+    first_source, grids = [], []
+    for k in range(len(spans)):
+        if k in replaced:
+            row, grid = replaced[k]
+            first_source.append(batch * length + row)
+        else:
+            first_source.append(spans.sample[k] * length + spans.start[k])
+            grid = (spans.rows[k], spans.cols[k])
+        grids.append(grid)
+    # Each sample's new length and the rank of each image's first token, in one wait for the device.
+    fetched = torch.cat([counts, rank[slot[host_tensor(first_source, device)]]]).tolist()
+    new_counts, first_ranks = fetched[:batch], fetched[batch:]
+    new_length = max(new_counts)
+    starts = [new_length - new_counts[spans.sample[k]] + first_ranks[k] for k in range(len(spans))]
+
+    column = new_length - counts[owner] + rank
     gather = torch.full((batch, new_length), padding_row, dtype=torch.long, device=device)
     gather[owner, column] = source
     hidden = torch.cat([flat, rows, flat.new_zeros(1, width)])[gather]
@@ -293,25 +316,12 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str) -> tuple[Chunk, bo
         start = old_positions[batch_index, first_valid]
         positions = torch.where(valid, start[:, None] + valid.long().cumsum(1) - 1, 0)
 
-    destination = torch.full((padding_row + 1,), -1, dtype=torch.long, device=device)
-    destination[gather.flatten()] = torch.arange(batch * new_length, device=device)
-    replaced = dict(zip(plan.spans, zip(first_row.tolist(), plan.grids)))
-    first_source, grids = [], []
-    for k in range(len(spans)):
-        if k in replaced:
-            row, grid = replaced[k]
-            first_source.append(batch * length + row)
-        else:
-            first_source.append(spans.sample[k] * length + spans.start[k])
-            grid = (spans.rows[k], spans.cols[k])
-        grids.append(grid)
-    starts = (destination[torch.tensor(first_source, device=device)] % new_length).tolist()
     new_spans = VisualSpans(
         sample=list(spans.sample), start=starts, rows=[g[0] for g in grids], cols=[g[1] for g in grids]
     )
     has_router = chunk.router_index >= 0
     router_source = batch_index * length + chunk.router_index.clamp(min=0)
-    router_index = torch.where(has_router, destination[router_source] % new_length, -1)
+    router_index = torch.where(has_router, column[slot[router_source]], -1)
     return Chunk(hidden, valid, positions, labels, new_spans, router_index), True
 
 
@@ -444,13 +454,18 @@ def _no_router(batch: int, device) -> torch.Tensor:
     return torch.full((batch,), -1, dtype=torch.long, device=device)
 
 
-def _router_index(config: PyramidConfig, input_ids, valid: torch.Tensor, labels) -> torch.Tensor:
-    """Position whose hidden state each sample's routers read."""
+def _router_index(config: PyramidConfig, input_ids, valid: torch.Tensor, labels, spans: VisualSpans) -> torch.Tensor:
+    """Position whose hidden state each sample's routers (and FastV / PyramidDrop's ranking) read."""
     if config.router_input == "router_token":
         if input_ids is None:
             raise ValueError("router_input='router_token' needs input_ids to find the router token")
         is_router = (input_ids == config.router_token_id) & valid
         found = is_router.any(1)
+        found_in = found.tolist()  # checked once per call, not at every stage
+        missing = sorted({b for b in spans.sample if not found_in[b]})
+        if missing:
+            raise ValueError(f"samples {missing} have an image but no router token (id {config.router_token_id}); "
+                             "add the router token to their prompts")
         return torch.where(found, _last_valid(is_router), -1)
     last = _last_valid(valid)
     if labels is None:
@@ -470,7 +485,7 @@ def _forced_experts(force_experts: Any, batch: int, pyramid, device) -> list[tor
     if config.selects_tokens:
         raise ValueError(f"force_experts applies to pooling strategies; {config.strategy} has no experts to force")
     stages = len(config.stages)
-    forced = torch.as_tensor(force_experts, dtype=torch.long, device=device)
+    forced = torch.as_tensor(force_experts, dtype=torch.long).cpu()  # checked on the host, then moved once
     if forced.ndim == 0:
         forced = forced.expand(batch, stages)
     elif forced.ndim == 1:
@@ -486,6 +501,7 @@ def _forced_experts(force_experts: Any, batch: int, pyramid, device) -> list[tor
             raise ValueError(
                 f"force_experts for stage {stage} must be -1 (router decides) or an expert index in 0..{choices - 1}"
             )
+    forced = forced.to(device)
     return [forced[:, stage] for stage in range(stages)]
 
 
@@ -548,7 +564,7 @@ def _routing_record(text_config, config, plans, visual_counts, segment_queries, 
         experts=experts,
         expert_probability=probability,
         router_probs=router_probs,
-        visual_tokens=torch.tensor(visual_counts, device=device).T,
+        visual_tokens=host_tensor(visual_counts, device).T,
         layer_tokens=layer_tokens,
         flops=decoder_flops(text_config, layer_tokens, layer_keys),
         vanilla_flops=decoder_flops(text_config, vanilla_tokens, vanilla_keys),

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from dpn.transfer import host_tensor
+
 
 @dataclass
 class VisualSpans:
@@ -36,15 +38,18 @@ class VisualSpans:
 
     def token_index(self, spans: list[int], seq_len: int, device: torch.device) -> torch.Tensor:
         """Flat (sample * seq_len + position) index of every token of ``spans``, concatenated in order."""
-        sizes = torch.tensor([self.size(k) for k in spans], device=device)
-        first = torch.tensor([self.sample[k] * seq_len + self.start[k] for k in spans], device=device)
-        return torch.repeat_interleave(first, sizes) + ranks_within(sizes)
+        counts = [self.size(k) for k in spans]
+        sizes = host_tensor(counts, device)
+        first = host_tensor([self.sample[k] * seq_len + self.start[k] for k in spans], device)
+        total = sum(counts)
+        return torch.repeat_interleave(first, sizes, output_size=total) + ranks_within(sizes, total)
 
 
-def ranks_within(sizes: torch.Tensor) -> torch.Tensor:
-    """For consecutive groups of ``sizes`` items, each item's rank inside its group: 0, 1, .., 0, 1, .."""
+def ranks_within(sizes: torch.Tensor, total: int) -> torch.Tensor:
+    """For consecutive groups of ``sizes`` items (``total`` in all), each item's rank inside its group:
+    0, 1, .., 0, 1, .. (``total`` is known on the host, so a GPU need not be waited for)."""
     group_start = torch.cumsum(sizes, 0) - sizes
-    return torch.arange(int(sizes.sum()), device=sizes.device) - torch.repeat_interleave(group_start, sizes)
+    return torch.arange(total, device=sizes.device) - torch.repeat_interleave(group_start, sizes, output_size=total)
 
 
 def find_visual_spans(image_mask: torch.Tensor, grid: tuple[int, int]) -> VisualSpans:
@@ -54,13 +59,14 @@ def find_visual_spans(image_mask: torch.Tensor, grid: tuple[int, int]) -> Visual
     form the 2D grid the pyramid pools.
     """
     spans = VisualSpans()
-    if not bool(image_mask.any()):
-        return spans
     mask = image_mask.to(torch.int8)
     before = F.pad(mask[:, :-1], (1, 0))
     after = F.pad(mask[:, 1:], (0, 1))
-    starts = ((mask == 1) & (before == 0)).nonzero().tolist()
-    ends = ((mask == 1) & (after == 0)).nonzero().tolist()
+    # Every run's first and last token, fetched in one transfer: rows (kind, sample, position) in
+    # row-major order, so the starts come first and each list is sorted by sample, then position.
+    edges = torch.stack([(mask == 1) & (before == 0), (mask == 1) & (after == 0)]).nonzero().tolist()
+    starts = [edge[1:] for edge in edges if edge[0] == 0]
+    ends = [edge[1:] for edge in edges if edge[0] == 1]
     size = grid[0] * grid[1]
     for (b, first), (_, last) in zip(starts, ends):
         length = last - first + 1

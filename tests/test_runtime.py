@@ -243,6 +243,23 @@ def test_straight_through_scale_keeps_values_and_the_router_gradient():
     assert all(g is None or g.abs().sum() == 0 for g in outputs["unscaled"][1])
 
 
+def test_train_only_scale_scales_in_training_and_not_at_inference():
+    batch = batch_of([make_prompt(3, 5, seed=1), make_prompt(6, 2, seed=2)])
+    forced = torch.tensor([[0, 1, 0], [1, 0, 1]])
+    logits = {}
+    for name, options in {"value": {}, "train_only": {"probability_scale": "train_only"},
+                          "unscaled": {"scale_by_probability": False}}.items():
+        model = tiny_llava()
+        dpn.apply_pyramid(model, pyramid_config(routing_loss="none", **options))
+        with torch.no_grad():
+            for mode in ("train", "eval"):
+                model.train(mode == "train")
+                logits[name, mode] = model(**batch, pixel_values=pixels(2), force_experts=forced).logits
+    assert torch.allclose(logits["train_only", "train"], logits["value", "train"], atol=1e-6)
+    assert torch.allclose(logits["train_only", "eval"], logits["unscaled", "eval"], atol=1e-6)
+    assert not torch.allclose(logits["train_only", "eval"], logits["value", "eval"], atol=1e-3)
+
+
 def test_training_samples_experts_and_inference_takes_argmax():
     model = tiny_llava()
     dpn.apply_pyramid(model, pyramid_config())

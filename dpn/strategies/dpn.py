@@ -21,6 +21,7 @@ from dpn.config import PyramidConfig
 from dpn.flops import decoder_flops, segment_layer_tokens
 from dpn.strategies.base import StagePlan
 from dpn.strategies.pooling import GridPooling
+from dpn.transfer import host_tensor
 
 
 class Router(nn.Module):
@@ -61,6 +62,8 @@ class DynamicPyramid(GridPooling):
 
     @property
     def scales_by_probability(self) -> bool:
+        if self.config.probability_scale == "train_only" and not self.training:
+            return False
         return self.config.scale_by_probability
 
     def route(self, stage: int, router_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +74,7 @@ class DynamicPyramid(GridPooling):
         """
         logits = self.routers[stage](router_hidden).float() / self.config.router_temperature
         if self.config.router_bias:
-            scales = torch.tensor(self.config.scales(stage), device=logits.device)
+            scales = host_tensor(self.config.scales(stage), logits.device, logits.dtype)
             logits = torch.log_softmax(logits, dim=-1) + self.config.router_bias * scales
         probs = torch.softmax(logits, dim=-1)
         if self.training and self.config.sample_in_training:
@@ -81,10 +84,7 @@ class DynamicPyramid(GridPooling):
         return probs, choice
 
     def choose(self, stage, inputs, samples):
-        query = inputs.query_index[samples]
-        if bool((query < 0).any()):
-            raise ValueError("a sample with an image has no router token; add the router token to its prompt")
-        return self.route(stage, inputs.hidden[samples, query])
+        return self.route(stage, inputs.hidden[samples, inputs.query_index[samples]])
 
     def routing_loss(self, plans: list[StagePlan], budget: BudgetInputs | None = None) -> torch.Tensor | None:
         if self.config.routing_loss == "hinge":
@@ -104,7 +104,7 @@ class DynamicPyramid(GridPooling):
         for stage, probs in enumerate(stage_probs):
             if probs is None or probs.shape[0] == 0:
                 continue
-            scales = torch.tensor(self.config.scales(stage), device=probs.device, dtype=probs.dtype)
+            scales = host_tensor(self.config.scales(stage), probs.device, probs.dtype)
             confidence, expert = probs.max(dim=-1)
             terms.append(F.relu(self.config.routing_loss_target - (scales[expert] * confidence).mean()))
         if not terms:
@@ -124,8 +124,8 @@ class DynamicPyramid(GridPooling):
         visual = budget.visual_tokens.float()
         segment_tokens = [budget.text_tokens.float() + visual]
         for stage, plan in enumerate(plans):
-            shrink = torch.tensor([1.0 / (kh * kw) for kh, kw in self.config.stages[stage].experts],
-                                  device=visual.device)
+            shrink = host_tensor([1.0 / (kh * kw) for kh, kw in self.config.stages[stage].experts],
+                                 visual.device, torch.float32)
             factor = torch.where(plan.routed, (plan.router_probs * shrink).sum(-1), torch.ones_like(visual))
             visual = visual * factor
             segment_tokens.append(budget.text_tokens.float() + visual)

@@ -16,6 +16,7 @@ import torch
 
 from dpn.spans import pool_grid, window_origins
 from dpn.strategies.base import StageInput, StagePlan, Strategy
+from dpn.transfer import host_tensor
 
 
 class GridPooling(Strategy):
@@ -34,7 +35,7 @@ class GridPooling(Strategy):
         if not eligible:
             return plan
         samples = sorted({spans.sample[k] for k in eligible})
-        routed = torch.tensor(samples, device=device)
+        routed = host_tensor(samples, device)
         probs, choice = self.choose(stage, inputs, routed)
         if inputs.forced is not None:
             choice = torch.where(inputs.forced[routed] >= 0, inputs.forced[routed], choice)
@@ -58,7 +59,7 @@ class GridPooling(Strategy):
             tokens = flat[index].view(len(members), n_rows, n_cols, width)
             pooled = pool_grid(tokens, (kh, kw), self.config.pooling).reshape(len(members), -1, width)
             if scale is not None:
-                member_samples = torch.tensor([spans.sample[k] for k in members], device=device)
+                member_samples = host_tensor([spans.sample[k] for k in members], device)
                 factor = scale[member_samples].to(pooled.dtype)
                 if self.config.probability_scale == "straight_through":
                     factor = factor / factor.detach()

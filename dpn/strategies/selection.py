@@ -27,7 +27,7 @@ class AttentionSelection(Strategy):
         batch, seq_len, width = hidden.shape
         device = hidden.device
         plan = StagePlan.unrouted(batch, 0, device)
-        images = [k for k in range(len(spans)) if inputs.query_index[spans.sample[k]] >= 0]
+        images = list(range(len(spans)))  # the runtime has checked that each has a query token
         if not images:
             return plan
         if inputs.layer is None or inputs.layer_input is None:
