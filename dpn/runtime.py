@@ -51,6 +51,7 @@ class Chunk:
     labels: torch.Tensor | None  # (batch, length)
     spans: VisualSpans
     router_index: torch.Tensor  # (batch,) position the router reads, -1 for none
+    lengths: list[int] | None = None  # real tokens per sample, on the host (known once a stage has shrunk the batch)
 
 
 def pyramid_forward(
@@ -122,7 +123,8 @@ def pyramid_forward(
         positions=positions,
         labels=labels,
         spans=spans,
-        router_index=_router_index(config, input_ids, valid, labels, spans) if len(spans) else _no_router(batch, device),
+        router_index=(_router_index(config, input_ids, valid, labels, spans, pyramid.reads_query) if len(spans)
+                      else _no_router(batch, device)),
     )
 
     layers = decoder.layers[: text_config.num_hidden_layers]
@@ -164,7 +166,7 @@ def pyramid_forward(
         groups = None
         if reshaped and all_hidden is None and past_mask.shape[1] == 0 and end > first and config.group_by_length:
             if all(layer_types[index] == "full_attention" for index in range(first, end)):
-                groups = length_groups(chunk.valid)
+                groups = length_groups(chunk.lengths, chunk.valid.shape[1], device)
         if groups is not None:
             hidden_states, last_layer_input = _run_length_groups(
                 self.config, text_config, layer_types, layers, (first, end), chunk, segment_positions, groups,
@@ -322,7 +324,7 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str) -> tuple[Chunk, bo
     has_router = chunk.router_index >= 0
     router_source = batch_index * length + chunk.router_index.clamp(min=0)
     router_index = torch.where(has_router, column[slot[router_source]], -1)
-    return Chunk(hidden, valid, positions, labels, new_spans, router_index), True
+    return Chunk(hidden, valid, positions, labels, new_spans, router_index, new_counts), True
 
 
 def _run_layers(layers, layer_types, bounds, hidden, masks, position_embeddings, positions, cache, use_cache: bool,
@@ -346,8 +348,9 @@ def _run_layers(layers, layer_types, bounds, hidden, masks, position_embeddings,
 
 
 # ------------------------------------------------------------------------------ length groups
-def length_groups(valid: torch.Tensor) -> list[tuple[torch.Tensor, int]] | None:
-    """Split a left-padded batch into groups of similar length, or None when that saves little.
+def length_groups(lengths: list[int], width: int, device: torch.device) -> list[tuple[torch.Tensor, int]] | None:
+    """Split a left-padded batch of ``width`` columns and per-sample ``lengths`` (real tokens, known
+    on the host) into groups of similar length, or None when that saves little.
 
     After a stage with per-sample routing, one sample that kept every token sets the padded length
     of the whole batch, and every layer would run at that length. Groups of samples whose lengths
@@ -355,14 +358,13 @@ def length_groups(valid: torch.Tensor) -> list[tuple[torch.Tensor, int]] | None:
     Returns (sample indices, padded length) per group, when the token rows computed fall by at least
     ``MIN_GROUPING_SAVING``.
     """
-    batch, width = valid.shape
-    lengths = valid.sum(1)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    sorted_lengths = lengths[order].tolist()
+    batch = len(lengths)
+    order = sorted(range(batch), key=lambda sample: -lengths[sample])  # stable: ties keep batch order
+    sorted_lengths = [lengths[sample] for sample in order]
     groups, start = [], 0
     for i in range(1, batch + 1):
         if i == batch or sorted_lengths[i] < sorted_lengths[start] * (1 - PADDING_TOLERANCE):
-            groups.append((order[start:i], max(1, sorted_lengths[start])))
+            groups.append((host_tensor(order[start:i], device), max(1, sorted_lengths[start])))
             start = i
     rows = sum(len(members) * length for members, length in groups)
     if len(groups) == 1 or rows > (1 - MIN_GROUPING_SAVING) * batch * width:
@@ -454,18 +456,21 @@ def _no_router(batch: int, device) -> torch.Tensor:
     return torch.full((batch,), -1, dtype=torch.long, device=device)
 
 
-def _router_index(config: PyramidConfig, input_ids, valid: torch.Tensor, labels, spans: VisualSpans) -> torch.Tensor:
-    """Position whose hidden state each sample's routers (and FastV / PyramidDrop's ranking) read."""
+def _router_index(config: PyramidConfig, input_ids, valid: torch.Tensor, labels, spans: VisualSpans,
+                  required: bool) -> torch.Tensor:
+    """Position whose hidden state each sample's routers (and FastV / PyramidDrop's ranking) read;
+    with ``required``, every sample with an image must have one."""
     if config.router_input == "router_token":
         if input_ids is None:
             raise ValueError("router_input='router_token' needs input_ids to find the router token")
         is_router = (input_ids == config.router_token_id) & valid
         found = is_router.any(1)
-        found_in = found.tolist()  # checked once per call, not at every stage
-        missing = sorted({b for b in spans.sample if not found_in[b]})
-        if missing:
-            raise ValueError(f"samples {missing} have an image but no router token (id {config.router_token_id}); "
-                             "add the router token to their prompts")
+        if required:  # checked once per call, not at every stage
+            found_in = found.tolist()
+            missing = sorted({b for b in spans.sample if not found_in[b]})
+            if missing:
+                raise ValueError(f"samples {missing} have an image but no router token (id {config.router_token_id}); "
+                                 "add the router token to their prompts")
         return torch.where(found, _last_valid(is_router), -1)
     last = _last_valid(valid)
     if labels is None:

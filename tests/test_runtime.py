@@ -370,13 +370,11 @@ def test_text_only_batch_passes_through_and_decoding_steps_skip_routing():
 def test_length_groups_split_only_when_it_saves():
     from dpn.runtime import length_groups
 
-    def valid(lengths, width=100):
-        return torch.stack([torch.arange(width) >= width - n for n in lengths])
-
-    groups = length_groups(valid([100, 52, 95, 50, 25]))
+    cpu = torch.device("cpu")
+    groups = length_groups([100, 52, 95, 50, 25], 100, cpu)
     assert [(members.tolist(), length) for members, length in groups] == [([0, 2], 100), ([1, 3], 52), ([4], 25)]
-    assert length_groups(valid([100, 97, 92])) is None  # one group: nothing to gain
-    assert length_groups(valid([100, 100, 100, 80])) is None  # saves under 15% of the rows
+    assert length_groups([100, 97, 92], 100, cpu) is None  # one group: nothing to gain
+    assert length_groups([100, 100, 100, 80], 100, cpu) is None  # saves under 15% of the rows
 
 
 def test_length_groups_give_the_same_results_as_one_padded_batch(monkeypatch):
@@ -412,3 +410,21 @@ def test_length_groups_give_the_same_results_as_one_padded_batch(monkeypatch):
     torch.testing.assert_close(grad_a, grad_b, atol=1e-5, rtol=1e-4)
     assert torch.equal(gen_a.sequences, gen_b.sequences)
     torch.testing.assert_close(torch.stack(gen_a.logits), torch.stack(gen_b.logits), atol=1e-4, rtol=0)
+
+
+def test_a_missing_router_token_fails_only_for_strategies_that_read_it():
+    router_token = 9
+    batch = batch_of([make_prompt(2, 2) + [router_token, 30], make_prompt(3, 1)])  # the second has no token
+    model = tiny_llava()
+    for spec in ("static:2x2", "fastv:0.5", "paper"):
+        config = dpn.PyramidConfig.from_spec(spec, model.config)
+        config = dpn.PyramidConfig.from_dict({**config.to_dict(), "router_input": "router_token",
+                                              "router_token_id": router_token})
+        dpn.apply_pyramid(model, config)
+        with torch.no_grad():
+            if spec == "static:2x2":
+                assert model(**batch, pixel_values=pixels(2)).logits.shape[0] == 2
+            else:
+                with pytest.raises(ValueError, match=r"samples \[1\] have an image but no router token"):
+                    model(**batch, pixel_values=pixels(2))
+        dpn.remove_pyramid(model)

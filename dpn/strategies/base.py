@@ -85,8 +85,11 @@ class Strategy(nn.Module, metaclass=ABCMeta):
     """A compression strategy: plans each stage; may own trainable weights and an auxiliary loss.
 
     Subclasses hold no per-call state: everything about a call lives in ``StageInput`` and the
-    returned ``StagePlan``.
+    returned ``StagePlan``. ``reads_query``: whether plans read each sample's ``query_index`` (then
+    a sample with an image must have one).
     """
+
+    reads_query = False
 
     def __init__(self, config: PyramidConfig) -> None:
         super().__init__()

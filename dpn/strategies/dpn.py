@@ -54,6 +54,8 @@ class BudgetInputs:
 class DynamicPyramid(GridPooling):
     """The per-stage routers of a pyramid and the pooling they drive. Holds no per-call state."""
 
+    reads_query = True
+
     def __init__(self, config: PyramidConfig, hidden_size: int) -> None:
         super().__init__(config)
         self.routers = nn.ModuleList(

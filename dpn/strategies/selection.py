@@ -22,6 +22,8 @@ def kept_count(tokens: int, keep_ratio: float) -> int:
 
 
 class AttentionSelection(Strategy):
+    reads_query = True
+
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
         hidden, spans = inputs.hidden, inputs.spans
         batch, seq_len, width = hidden.shape
