@@ -8,6 +8,7 @@ from dpn.api import (
     load_pyramid_weights,
     remove_pyramid,
     save_pyramid,
+    set_probability_scale,
 )
 from dpn.budget import calibrate_router_bias, set_router_bias
 from dpn.cache import PyramidCache
@@ -32,5 +33,6 @@ __all__ = [
     "load_pyramid_weights",
     "remove_pyramid",
     "save_pyramid",
+    "set_probability_scale",
     "set_router_bias",
 ]

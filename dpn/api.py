@@ -20,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from dpn.config import CONFIG_NAME, PyramidConfig
+from dpn.config import CONFIG_NAME, PROBABILITY_SCALES, PyramidConfig
 from dpn.models import get_adapter
 from dpn.runtime import pyramid_forward
 from dpn.strategies import Strategy, build_strategy
@@ -91,6 +91,17 @@ def get_pyramid_config(model: nn.Module) -> PyramidConfig:
     if not has_pyramid(model):
         raise ValueError("this model has no pyramid")
     return getattr(model, PYRAMID_ATTRIBUTE).config
+
+
+def set_probability_scale(model: nn.Module, scale: str) -> None:
+    """Change how ``model``'s DPN scales pooled tokens by the router probability (``PyramidConfig.
+    probability_scale``), e.g. ``"train_only"`` to evaluate a DPN trained the paper's way unscaled."""
+    config = get_pyramid_config(model)
+    if config.strategy != "dpn":
+        raise ValueError(f"probability_scale applies to a DPN's routers; this model runs {config.strategy!r}")
+    if scale not in PROBABILITY_SCALES:
+        raise ValueError(f"probability_scale must be one of {PROBABILITY_SCALES}, got {scale!r}")
+    config.probability_scale = scale
 
 
 def save_pyramid(model: nn.Module, directory: str | Path) -> Path:

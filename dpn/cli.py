@@ -19,8 +19,7 @@ from rich.table import Table
 
 from dpn.architectures import ARCHITECTURES, llava_config
 from dpn.bench import ROUTINGS
-from dpn.config import SPEC_HELP
-from dpn.config import PyramidConfig
+from dpn.config import PROBABILITY_SCALES, SPEC_HELP, PyramidConfig
 from dpn.flops import GIGA, decoder_flops, path_flops, vision_flops
 from dpn.models import get_adapter
 
@@ -151,7 +150,8 @@ def _eval_command(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, output_dir=args.output, image_folder=args.image_folder,
         pyramid=args.pyramid, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
         router_bias=args.router_bias, budget=args.budget, calibration_data=args.calibration_data,
-        calibration_samples=args.calibration_samples, measure_latency=not args.no_latency,
+        calibration_samples=args.calibration_samples, probability_scale=args.probability_scale,
+        measure_latency=not args.no_latency,
     ))
     console = Console()
     table = Table(title=f"{args.model} on {args.data}")
@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--budget", type=float,
                            help="DPN: calibrate the router bias so the LLM FLOPs are this fraction of vanilla's")
     evaluator.add_argument("--router-bias", type=float, help="DPN: set the router bias (> 0 compresses more)")
+    evaluator.add_argument("--probability-scale", choices=PROBABILITY_SCALES,
+                           help="DPN: override the saved probability_scale (train_only: no scaling at inference)")
     evaluator.add_argument("--calibration-data", help="LLaVA-format JSON for --budget (default: --data)")
     evaluator.add_argument("--calibration-samples", type=int, default=128)
     evaluator.add_argument("--no-latency", action="store_true", help="skip the prefill latency measurement")

@@ -83,7 +83,11 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
     strongest_name = f"fine-tuned, static {_path_name(strongest)} (strongest)"
     results[strongest_name] = _score(options, "static-strongest",
                                      _finetune(options, base, "static-strongest", str(strongest)), "saved")
-    results["fine-tuned, DPN"] = _score(options, "dpn", _finetune(options, base, "dpn", "paper"), "saved")
+    dpn_model = _finetune(options, base, "dpn", "paper")
+    results["fine-tuned, DPN"] = _score(options, "dpn", dpn_model, "saved")
+    # The same weights and routes without the paper's inference-time probability scaling.
+    results["fine-tuned, DPN, unscaled at inference"] = _score(options, "dpn-train-only", dpn_model, "saved",
+                                                               probability_scale="train_only")
     dpn_flops = results["fine-tuned, DPN"]["overall"]["flops_ratio"]
     matching = _schedule_file(min(schedules, key=lambda s: abs(s[1] - dpn_flops))[0], out, "matching")
     static = _finetune(options, base, "static", str(matching))
@@ -116,11 +120,13 @@ def _finetune(options: DemoOptions, base: Path, name: str, pyramid: str) -> Path
     ))
 
 
-def _score(options: DemoOptions, name: str, model: Path, pyramid: str) -> dict[str, Any]:
+def _score(options: DemoOptions, name: str, model: Path, pyramid: str,
+           probability_scale: str | None = None) -> dict[str, Any]:
     out = Path(options.out_dir)
     return evaluate(EvalOptions(
         model=str(model), data=str(out / "data" / "test.json"), output_dir=str(out / "eval" / name),
-        pyramid=pyramid, batch_size=options.batch_size, progress=options.progress,
+        pyramid=pyramid, batch_size=options.batch_size, probability_scale=probability_scale,
+        progress=options.progress,
     ))
 
 

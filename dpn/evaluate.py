@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dpn.api import apply_pyramid, has_pyramid, load_pyramid, pyramid_disabled
+from dpn.api import apply_pyramid, has_pyramid, load_pyramid, pyramid_disabled, set_probability_scale
 from dpn.budget import calibrate_router_bias, set_router_bias
 from dpn.config import CONFIG_NAME, SPEC_HELP, PyramidConfig
 from dpn.data.llava import LlavaCollator, LlavaDataset
@@ -56,6 +56,7 @@ class EvalOptions:
     budget: float | None = None  # DPN only: calibrate the router bias to this LLM FLOPs fraction
     calibration_data: str | None = None  # samples for the calibration (default: the evaluated data)
     calibration_samples: int = 128
+    probability_scale: str | None = None  # DPN only: override the saved probability_scale (e.g. train_only)
     measure_latency: bool = True
     plot: bool = True
     progress: bool = True
@@ -131,6 +132,8 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     dataset = _prompts(model, processor, options.data, options.image_folder, options.limit)
     tokenizer = processor.tokenizer
     collate = LlavaCollator(pad_token_id=tokenizer.pad_token_id, padding_side="left", with_labels=False)
+    if options.probability_scale is not None:
+        set_probability_scale(model, options.probability_scale)
     calibration = _apply_budget(options, model, processor, collate, device)
 
     predictions_path = output_dir / PREDICTIONS

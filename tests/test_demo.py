@@ -17,7 +17,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
     report = run_demo(options, console=Console(file=open(tmp_path / "console.txt", "w"), width=200))
     names = list(report["results"])
     assert names[:3] == ["base", names[1], "fine-tuned, no pyramid"] and names[4] == "fine-tuned, DPN"
-    assert names[1].startswith("base + static") and names[5].startswith("fine-tuned, static")
+    assert names[1].startswith("base + static") and names[6].startswith("fine-tuned, static")
+    unscaled = report["results"][names[5]]
+    assert names[5] == "fine-tuned, DPN, unscaled at inference" and unscaled["pyramid"]["probability_scale"] == "train_only"
     assert names[3].startswith("fine-tuned, static") and names[3].endswith("(strongest)")
     contrast = report["discriminativeness"]
     vanilla, strongest = report["results"]["fine-tuned, no pyramid"], report["results"][names[3]]

@@ -69,6 +69,20 @@ def test_evaluate_without_the_pyramid(setup, tmp_path):
     assert summary["pyramid"] is None and "visual_tokens" not in summary["overall"]
 
 
+def test_evaluate_can_override_the_probability_scale(setup, tmp_path):
+    root, _, _ = setup
+    options = dict(model=str(root / "model"), data=str(root / "test.json"), limit=4, max_new_tokens=2,
+                   measure_latency=False, plot=False, progress=False)
+    scaled = evaluate(EvalOptions(**options, output_dir=str(tmp_path / "scaled")))
+    unscaled = evaluate(EvalOptions(**options, output_dir=str(tmp_path / "unscaled"), probability_scale="train_only"))
+    assert scaled["pyramid"]["probability_scale"] == "value"
+    assert unscaled["pyramid"]["probability_scale"] == "train_only"
+    assert (root / "model" / "pyramid_config.json").read_text().count("train_only") == 0  # the saved file is untouched
+    with pytest.raises(ValueError, match="applies to a DPN"):
+        evaluate(EvalOptions(**options, output_dir=str(tmp_path / "static"), pyramid="static:2x2",
+                             probability_scale="train_only"))
+
+
 def test_summarize_counts_per_difficulty():
     results = [
         {"difficulty": "easy", "family": "a", "correct": True, "visual_tokens": [144, 36], "flops_ratio": 0.5},
