@@ -199,7 +199,6 @@ def _compare_command(args: argparse.Namespace) -> int:
 
 
 def _bench_command(args: argparse.Namespace) -> int:
-
     from dpn.bench import BenchOptions, report_table, run_bench, update_markdown_page
 
     options = BenchOptions(

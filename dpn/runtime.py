@@ -490,7 +490,7 @@ def _forced_experts(force_experts: Any, batch: int, pyramid, device) -> list[tor
     if config.selects_tokens:
         raise ValueError(f"force_experts applies to pooling strategies; {config.strategy} has no experts to force")
     stages = len(config.stages)
-    forced = torch.as_tensor(force_experts, dtype=torch.long).cpu()  # checked on the host, then moved once
+    forced = torch.as_tensor(force_experts, dtype=torch.long).cpu()  # checked on the host
     if forced.ndim == 0:
         forced = forced.expand(batch, stages)
     elif forced.ndim == 1:
@@ -506,7 +506,7 @@ def _forced_experts(force_experts: Any, batch: int, pyramid, device) -> list[tor
             raise ValueError(
                 f"force_experts for stage {stage} must be -1 (router decides) or an expert index in 0..{choices - 1}"
             )
-    forced = forced.to(device)
+    forced = host_tensor(forced.tolist(), device)  # a queued copy: the bench forces every timed forward
     return [forced[:, stage] for stage in range(stages)]
 
 
