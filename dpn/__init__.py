@@ -9,8 +9,9 @@ from dpn.api import (
     remove_pyramid,
     save_pyramid,
     set_probability_scale,
+    set_router_bias,
 )
-from dpn.budget import calibrate_router_bias, set_router_bias
+from dpn.budget import calibrate_router_bias
 from dpn.cache import PyramidCache
 from dpn.config import PyramidConfig, PyramidStage
 from dpn.outputs import PyramidCausalLMOutput, PyramidRouting

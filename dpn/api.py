@@ -93,15 +93,26 @@ def get_pyramid_config(model: nn.Module) -> PyramidConfig:
     return getattr(model, PYRAMID_ATTRIBUTE).config
 
 
+def _dpn_config(model: nn.Module, knob: str) -> PyramidConfig:
+    """The config of ``model``'s DPN, to change an inference-time knob of its routers; ``knob`` says
+    what it does, for the error when the model runs another strategy."""
+    config = get_pyramid_config(model)
+    if config.strategy != "dpn":
+        raise ValueError(f"{knob} a DPN's routers; this model runs {config.strategy!r}")
+    return config
+
+
+def set_router_bias(model: nn.Module, bias: float) -> None:
+    """Set the router bias of ``model``'s DPN (saved with it by ``dpn.save_pyramid``)."""
+    _dpn_config(model, "the router bias moves").router_bias = float(bias)
+
+
 def set_probability_scale(model: nn.Module, scale: str) -> None:
     """Change how ``model``'s DPN scales pooled tokens by the router probability (``PyramidConfig.
     probability_scale``), e.g. ``"train_only"`` to evaluate a DPN trained the paper's way unscaled."""
-    config = get_pyramid_config(model)
-    if config.strategy != "dpn":
-        raise ValueError(f"probability_scale applies to a DPN's routers; this model runs {config.strategy!r}")
     if scale not in PROBABILITY_SCALES:
         raise ValueError(f"probability_scale must be one of {PROBABILITY_SCALES}, got {scale!r}")
-    config.probability_scale = scale
+    _dpn_config(model, "probability_scale applies to").probability_scale = scale
 
 
 def save_pyramid(model: nn.Module, directory: str | Path) -> Path:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dpn.api import get_pyramid_config
+from dpn.api import set_router_bias
 
 # The bias is in log-probability units; beyond this magnitude every router is saturated.
 MAX_BIAS = 30.0
@@ -23,14 +23,6 @@ BISECTION_STEPS = 14
 
 class UnreachableBudgetError(ValueError):
     """A FLOPs target below what the pyramid reaches with every router at its strongest expert."""
-
-
-def set_router_bias(model: nn.Module, bias: float) -> None:
-    """Set the router bias of ``model``'s DPN (saved with it by ``dpn.save_pyramid``)."""
-    config = get_pyramid_config(model)
-    if config.strategy != "dpn":
-        raise ValueError(f"the router bias moves a DPN's routers; this model runs {config.strategy!r}")
-    config.router_bias = float(bias)
 
 
 @torch.no_grad()

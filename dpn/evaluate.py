@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dpn.api import apply_pyramid, has_pyramid, load_pyramid, pyramid_disabled, set_probability_scale
-from dpn.budget import calibrate_router_bias, set_router_bias
+from dpn.api import apply_pyramid, has_pyramid, load_pyramid, pyramid_disabled, set_probability_scale, set_router_bias
+from dpn.budget import calibrate_router_bias
 from dpn.config import CONFIG_NAME, SPEC_HELP, PyramidConfig
 from dpn.data.llava import LlavaCollator, LlavaDataset
 from dpn.models import get_adapter

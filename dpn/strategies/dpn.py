@@ -62,11 +62,13 @@ class DynamicPyramid(GridPooling):
             Router(hidden_size, len(stage.experts), config.router_reduction) for stage in config.stages
         )
 
-    @property
-    def scales_by_probability(self) -> bool:
-        if self.config.probability_scale == "train_only" and not self.training:
-            return False
-        return self.config.scale_by_probability
+    def token_scale(self, probability: torch.Tensor) -> torch.Tensor | None:
+        """p (the paper), p / stop_gradient(p) (``straight_through``: values unscaled, same gradient),
+        or None: scaling off, or ``train_only`` at inference."""
+        mode = self.config.probability_scale
+        if not self.config.scale_by_probability or (mode == "train_only" and not self.training):
+            return None
+        return probability / probability.detach() if mode == "straight_through" else probability
 
     def route(self, stage: int, router_hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Router probabilities (n, E) in fp32 and the chosen expert per row (n,).

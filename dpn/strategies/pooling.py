@@ -45,7 +45,7 @@ class GridPooling(Strategy):
         plan.router_probs = plan.router_probs.index_copy(0, routed, probs)
         plan.routed = plan.routed.index_fill(0, routed, True)
 
-        scale = plan.expert_probability if self.scales_by_probability else None
+        scale = self.token_scale(plan.expert_probability)
         choice_of_sample = dict(zip(samples, choice.tolist()))
         groups: dict[tuple[int, int, int, int], list[int]] = {}
         for k in eligible:
@@ -60,10 +60,7 @@ class GridPooling(Strategy):
             pooled = pool_grid(tokens, (kh, kw), self.config.pooling).reshape(len(members), -1, width)
             if scale is not None:
                 member_samples = host_tensor([spans.sample[k] for k in members], device)
-                factor = scale[member_samples].to(pooled.dtype)
-                if self.config.probability_scale == "straight_through":
-                    factor = factor / factor.detach()
-                pooled = pooled * factor[:, None, None]
+                pooled = pooled * scale[member_samples].to(pooled.dtype)[:, None, None]
             rows.append(pooled.reshape(-1, width))
             origins = window_origins(n_rows, n_cols, (kh, kw), device)
             representatives.append((index[:, :1] + origins[None, :]).flatten())
@@ -73,10 +70,10 @@ class GridPooling(Strategy):
         plan.representatives = torch.cat(representatives)
         return plan
 
-    @property
-    def scales_by_probability(self) -> bool:
-        """Whether pooled tokens are multiplied by the chosen expert's probability (a router's gradient path)."""
-        return False
+    def token_scale(self, probability: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample factor for the pooled tokens given the chosen experts' probabilities (the
+        routers' gradient path), or None to leave them unscaled (no router to train)."""
+        return None
 
 
 class StaticPooling(GridPooling):
