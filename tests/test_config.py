@@ -7,7 +7,7 @@ import torch
 
 import dpn
 from dpn.config import PAPER_EXPERTS, reachable_grids
-from dpn.architectures import llava_config
+from dpn.lab.architectures import llava_config
 from helpers import GRID, batch_of, make_prompt, pixels, tiny_llava, IMAGE_TOKEN_ID
 
 

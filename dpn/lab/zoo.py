@@ -28,7 +28,7 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from dpn.data.synthetic import answer_vocabulary, question_corpus
+from dpn.lab.data.synthetic import answer_vocabulary, question_corpus
 
 IMAGE_SIZE = 96
 PATCH_SIZE = 8

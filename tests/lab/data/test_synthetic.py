@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import random
 
-from dpn.cli import main
-from dpn.data.synthetic import (
+from dpn.lab.cli import main
+from dpn.lab.data.synthetic import (
     COLORS, CORNERS, DEFAULT_FAMILIES, DIGIT_KIND, FAMILIES, answer_vocabulary, answerable, ask, generate_split,
     random_scene,
 )

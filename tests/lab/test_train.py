@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
 
 import dpn
-from dpn.data.llava import LlavaCollator, LlavaDataset
-from dpn.data.synthetic import generate_split
-from dpn.train import PyramidTrainer, TrainOptions, train
-from dpn import zoo
+from dpn.lab.data.llava import LlavaCollator, LlavaDataset
+from dpn.lab.data.synthetic import generate_split
+from dpn.lab.train import PyramidTrainer, TrainOptions, train
+from dpn.lab import zoo
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config
 
-from dpn import zoo
+from dpn.lab import zoo
 
 # CLIP ViT-L/14 as used by LLaVA-1.5 (336 px -> 24 x 24 patches).
 CLIP_L = dict(
@@ -42,7 +42,7 @@ def _llava(text_config: Any, image_size: int, image_token_id: int) -> LlavaConfi
 
 
 ARCHITECTURES: dict[str, Callable[[], LlavaConfig]] = {
-    # The tiny reference model of dpn.zoo: CLIP 3 x 128 (96 px / 8 -> 12 x 12 = 144 tokens) + Llama 6 x 192.
+    # The tiny reference model of dpn.lab.zoo: CLIP 3 x 128 (96 px / 8 -> 12 x 12 = 144 tokens) + Llama 6 x 192.
     "tiny": lambda: zoo.llava_config(),
     # LLaVA-1.5-7B: CLIP-L/336 (576 visual tokens) + Vicuna-7B.
     "llava-1.5-7b": lambda: _llava(LlamaConfig(**VICUNA_7B), 336, 32000),

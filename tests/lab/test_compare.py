@@ -7,11 +7,11 @@ import json
 import pytest
 from rich.console import Console
 
-from dpn import zoo
-from dpn.cli import main
+from dpn.lab import zoo
+from dpn.lab.cli import main
 from dpn.config import PyramidConfig
-from dpn.compare import CompareOptions, ablation_configs, run_compare
-from dpn.data.synthetic import generate
+from dpn.lab.compare import CompareOptions, ablation_configs, run_compare
+from dpn.lab.data.synthetic import generate
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +77,7 @@ def test_compare_cli_says_when_the_base_is_missing(setup, tmp_path, capsys):
 
 
 def test_dominance_is_stated_both_ways():
-    from dpn.compare import dominance
+    from dpn.lab.compare import dominance
 
     def row(name, family, flops, accuracy):
         return {"name": name, "family": family, "ablation": False, "flops_ratio": [flops, 0.0],

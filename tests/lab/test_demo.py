@@ -6,7 +6,7 @@ import json
 
 from rich.console import Console
 
-from dpn.demo import BASE_CHECKPOINT, DemoOptions, run_demo, static_schedules
+from dpn.lab.demo import BASE_CHECKPOINT, DemoOptions, run_demo, static_schedules
 
 
 def test_demo_pipeline_end_to_end(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dpn import zoo
+from dpn.lab import zoo
 
 
 @pytest.fixture(scope="module")

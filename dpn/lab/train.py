@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from dpn.api import apply_pyramid, has_pyramid, load_pyramid_weights, save_pyramid
 from dpn.config import PyramidConfig
-from dpn.data.llava import LlavaCollator, LlavaDataset
+from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.models import get_adapter
 
 PYRAMID_PREFIX = "pyramid."
@@ -173,7 +173,7 @@ class TrainOptions:
 
 def build_model(options: TrainOptions):
     """The model and processor to train: ``init_from`` checkpoint, or a fresh tiny LLaVA."""
-    from dpn import zoo
+    from dpn.lab import zoo
 
     if options.init_from:
         model, processor = zoo.load(options.init_from)

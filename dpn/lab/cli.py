@@ -17,8 +17,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from dpn.architectures import ARCHITECTURES, llava_config
-from dpn.bench import ROUTINGS
+from dpn.lab.architectures import ARCHITECTURES, llava_config
+from dpn.lab.bench import ROUTINGS
 from dpn.config import PROBABILITY_SCALES, SPEC_HELP, PyramidConfig
 from dpn.flops import GIGA, decoder_flops, path_flops, vision_flops
 from dpn.models import get_adapter
@@ -113,7 +113,7 @@ def _trace(console: Console, model_config, pyramid: PyramidConfig, text_tokens: 
 
 
 def _synth_command(args: argparse.Namespace) -> int:
-    from dpn.data.synthetic import FAMILIES, generate
+    from dpn.lab.data.synthetic import FAMILIES, generate
 
     if min(args.n, args.val, args.test) < 0:
         raise ValueError("split sizes must be >= 0")
@@ -129,7 +129,7 @@ def _synth_command(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    from dpn.train import TrainOptions, train
+    from dpn.lab.train import TrainOptions, train
 
     options = TrainOptions(
         data=args.data, output_dir=args.output, image_folder=args.image_folder, pyramid=args.pyramid,
@@ -144,7 +144,7 @@ def _train_command(args: argparse.Namespace) -> int:
 
 
 def _eval_command(args: argparse.Namespace) -> int:
-    from dpn.evaluate import EvalOptions, evaluate
+    from dpn.lab.evaluate import EvalOptions, evaluate
 
     summary = evaluate(EvalOptions(
         model=args.model, data=args.data, output_dir=args.output, image_folder=args.image_folder,
@@ -175,7 +175,7 @@ def _eval_command(args: argparse.Namespace) -> int:
 
 
 def _demo_command(args: argparse.Namespace) -> int:
-    from dpn.demo import DemoOptions, run_demo
+    from dpn.lab.demo import DemoOptions, run_demo
 
     run_demo(DemoOptions(
         out_dir=args.out, from_scratch=args.from_scratch, train_samples=args.train_samples,
@@ -185,7 +185,7 @@ def _demo_command(args: argparse.Namespace) -> int:
 
 
 def _compare_command(args: argparse.Namespace) -> int:
-    from dpn.compare import CompareOptions, run_compare
+    from dpn.lab.compare import CompareOptions, run_compare
 
     command = "dpn compare " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["compare"] else "dpn compare"
     run_compare(CompareOptions(
@@ -199,7 +199,7 @@ def _compare_command(args: argparse.Namespace) -> int:
 
 
 def _bench_command(args: argparse.Namespace) -> int:
-    from dpn.bench import BenchOptions, report_table, run_bench, update_markdown_page
+    from dpn.lab.bench import BenchOptions, report_table, run_bench, update_markdown_page
 
     options = BenchOptions(
         presets=args.preset or ["tiny"], batch_sizes=args.batch_size or [1, 16], routings=args.routing or list(ROUTINGS),
@@ -230,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="questions per training image (a multi-turn conversation; val and test ask one)")
     synth.add_argument("--families", default=None,
                        help="comma-separated question families, or 'all' (default: the families the tiny "
-                            "model learns; see dpn.data.synthetic.FAMILIES)")
+                            "model learns; see dpn.lab.data.synthetic.FAMILIES)")
     synth.set_defaults(handler=_synth_command)
 
     trainer = commands.add_parser("train", help="train or fine-tune a LLaVA model, with or without a pyramid")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from dpn.cli import main
+from dpn.lab.cli import main
 from dpn.flops import path_flops
-from dpn.architectures import llava_config
+from dpn.lab.architectures import llava_config
 from dpn.config import PyramidConfig
 from dpn.flops import decoder_flops
 

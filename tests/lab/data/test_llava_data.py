@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dpn import zoo
-from dpn.data.llava import IGNORE_INDEX, LlavaCollator, LlavaDataset, encode_conversation, to_messages
+from dpn.lab import zoo
+from dpn.lab.data.llava import IGNORE_INDEX, LlavaCollator, LlavaDataset, encode_conversation, to_messages
 
 
 @pytest.fixture(scope="module")

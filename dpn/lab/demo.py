@@ -1,7 +1,7 @@
 """``dpn demo``: watch DPN work on a fresh CPU machine in minutes, with the real pipeline.
 
 1. write the synthetic fine-grained VQA benchmark (LLaVA format);
-2. take the base tiny LLaVA: the shipped checkpoint (``dpn/assets/tiny-llava-base``, produced by
+2. take the base tiny LLaVA: the shipped checkpoint (``dpn/lab/assets/tiny-llava-base``, produced by
    ``dpn train --pyramid none``; its command, seed and log sit beside it) or, with
    ``--from-scratch``, train it here;
 3. fine-tune it four ways with the same data, steps and seed: without a pyramid, with the most
@@ -27,10 +27,10 @@ from rich.table import Table
 from transformers import LlavaConfig
 
 from dpn.config import PyramidConfig, PyramidStage
-from dpn.data.synthetic import DEFAULT_FAMILIES, generate
-from dpn.evaluate import EvalOptions, evaluate
+from dpn.lab.data.synthetic import DEFAULT_FAMILIES, generate
+from dpn.lab.evaluate import EvalOptions, evaluate
 from dpn.flops import path_flops
-from dpn.train import TrainOptions, train
+from dpn.lab.train import TrainOptions, train
 
 BASE_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-llava-base"
 # Text tokens of a benchmark prompt around its image (for choosing the static schedule).

@@ -26,9 +26,9 @@ from tqdm.auto import tqdm
 from dpn.api import apply_pyramid, has_pyramid, load_pyramid, pyramid_disabled, set_probability_scale, set_router_bias
 from dpn.budget import calibrate_router_bias
 from dpn.config import CONFIG_NAME, SPEC_HELP, PyramidConfig
-from dpn.data.llava import LlavaCollator, LlavaDataset
+from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.models import get_adapter
-from dpn.timing import paired_medians
+from dpn.lab.timing import paired_medians
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
@@ -64,7 +64,7 @@ class EvalOptions:
 
 def load_for_eval(model_dir: str, pyramid: str):
     """Model, processor and the pyramid to evaluate with (``saved`` uses the one saved beside it)."""
-    from dpn import zoo
+    from dpn.lab import zoo
 
     model, processor = zoo.load(model_dir)
     model.eval()

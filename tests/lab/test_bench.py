@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from dpn.architectures import llava_config
-from dpn.bench import BenchOptions, report_markdown, run_bench, update_markdown_page
-from dpn.cli import main
+from dpn.lab.architectures import llava_config
+from dpn.lab.bench import BenchOptions, report_markdown, run_bench, update_markdown_page
+from dpn.lab.cli import main
 from dpn.config import PyramidConfig
 from dpn.flops import path_flops, vision_flops
 
@@ -70,7 +70,7 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys):
 
 
 def test_json_is_written_row_by_row_and_train_step_out_of_memory_is_reported(tmp_path, monkeypatch):
-    import dpn.bench as bench
+    import dpn.lab.bench as bench
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
@@ -88,7 +88,7 @@ def test_json_is_written_row_by_row_and_train_step_out_of_memory_is_reported(tmp
 
 
 def test_a_bad_strategy_spec_fails_before_any_timing(monkeypatch):
-    import dpn.bench as bench
+    import dpn.lab.bench as bench
 
     monkeypatch.setattr(bench, "bench_preset", lambda *a, **k: pytest.fail("timed before checking the specs"))
     with pytest.raises(ValueError):

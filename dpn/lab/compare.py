@@ -24,8 +24,8 @@ from transformers import LlavaConfig
 
 from dpn.budget import UnreachableBudgetError
 from dpn.config import PyramidConfig
-from dpn.evaluate import SUMMARY, EvalOptions, evaluate
-from dpn.train import TrainOptions, train
+from dpn.lab.evaluate import SUMMARY, EvalOptions, evaluate
+from dpn.lab.train import TrainOptions, train
 
 # Written in an evaluation's folder instead of its summary when its FLOPs target is unreachable.
 SKIPPED = "skipped.txt"

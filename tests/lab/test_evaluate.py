@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import dpn
-from dpn import zoo
-from dpn.data.llava import LlavaCollator, LlavaDataset
-from dpn.data.synthetic import generate_split
-from dpn.evaluate import EvalOptions, evaluate, greedy_answer, normalize_answer, summarize
+from dpn.lab import zoo
+from dpn.lab.data.llava import LlavaCollator, LlavaDataset
+from dpn.lab.data.synthetic import generate_split
+from dpn.lab.evaluate import EvalOptions, evaluate, greedy_answer, normalize_answer, summarize
 
 
 @pytest.fixture(scope="module")

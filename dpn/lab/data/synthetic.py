@@ -17,7 +17,7 @@ into one token with their surroundings once the grid is pooled 2x2 twice.
 ``DEFAULT_FAMILIES`` (the background's and the large shape's colour, the large shape's kind, the
 colour of the small object in a named corner) are the families the tiny reference model learns in
 CPU time; the others stay available by name (``families=`` / ``dpn data synth --families``) for
-larger models and longer training (see ``dpn/assets/tiny-llava-base/TRAINING.md``).
+larger models and longer training (see ``dpn/lab/assets/tiny-llava-base/TRAINING.md``).
 
 Everything is deterministic from the seed. The output is a JSON list per split in the LLaVA
 format (``{id, image, conversations: [{from: human, value: "<image>\\n..."}, {from: gpt, value}]}``

@@ -1,6 +1,6 @@
 """``dpn bench``: measured speed next to the FLOPs bound, on real model shapes with random weights.
 
-For an architecture preset (``dpn.architectures``) and forced routings, it measures prefill
+For an architecture preset (``dpn.lab.architectures``) and forced routings, it measures prefill
 latency (time to first token), decode throughput and peak memory, with and without the pyramid,
 and a training step (forward + backward). Each row reports the measured speedup over the vanilla
 model, the theoretical speedup from ``dpn.flops`` (the FLOPs the forward actually spent), and
@@ -31,12 +31,12 @@ import torch
 from tqdm.auto import tqdm
 
 from dpn.api import apply_pyramid, pyramid_disabled, remove_pyramid
-from dpn.architectures import llava_config
+from dpn.lab.architectures import llava_config
 from dpn.config import PyramidConfig
-from dpn.evaluate import greedy_continue
+from dpn.lab.evaluate import greedy_continue
 from dpn.flops import vision_flops
 from dpn.models import get_adapter
-from dpn.timing import paired_medians, sync
+from dpn.lab.timing import paired_medians, sync
 
 ROUTINGS = ("weakest", "mixed", "strongest")
 DEFAULT_TEXT_TOKENS = 64
