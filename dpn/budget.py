@@ -1,20 +1,27 @@
-"""The inference-time budget knob of a trained DPN: one router bias, calibrated to a FLOPs target.
+"""Inference-time knobs of a trained DPN: the router bias (calibrated to a FLOPs target) and the
+probability scaling. They live on the model's DPN module, never in its config.
 
-``router_bias`` (see ``PyramidConfig``) adds ``bias x expert scale`` to every router's
-log-probabilities: at each stage a larger bias can only move a sample's choice toward a
-stronger-compressing expert, so the LLM FLOPs fall as the bias grows. ``calibrate_router_bias``
-bisects on the bias until the mean FLOPs ratio on calibration batches meets a target.
+``router_bias`` adds ``bias x expert scale`` to every router's log-probabilities: at each stage a
+larger bias can only move a sample's choice toward a stronger-compressing expert, so the LLM FLOPs
+fall as the bias grows. ``calibrate_router_bias`` bisects on the bias until the mean FLOPs ratio
+on calibration batches meets a target. ``dpn.save_pyramid`` keeps both settings beside the weights.
+
+    dpn.set_router_bias(model, 2.0)              # until changed
+    with dpn.router_bias(model, 2.0): ...        # inside the block only
+    with dpn.probability_scale(model, "train_only"): ...
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from dpn.api import set_router_bias
+from dpn.api import get_pyramid
+from dpn.strategies.base import check_choice
+from dpn.strategies.dpn import PROBABILITY_SCALES, DynamicPyramid
 
 # The bias is in log-probability units; beyond this magnitude every router is saturated.
 MAX_BIAS = 30.0
@@ -23,6 +30,58 @@ BISECTION_STEPS = 14
 
 class UnreachableBudgetError(ValueError):
     """A FLOPs target below what the pyramid reaches with every router at its strongest expert."""
+
+
+def _dpn_module(model: nn.Module, knob: str) -> DynamicPyramid:
+    """``model``'s DPN module; ``knob`` says what the knob does, for the error when the model runs
+    another strategy."""
+    pyramid = get_pyramid(model)
+    if not isinstance(pyramid, DynamicPyramid):
+        raise ValueError(f"{knob} a DPN's routers; this model runs {pyramid.options.name!r}")
+    return pyramid
+
+
+def set_router_bias(model: nn.Module, bias: float) -> None:
+    """Set the router bias of ``model``'s DPN (kept by ``dpn.save_pyramid``; the config is unchanged)."""
+    _dpn_module(model, "the router bias moves").router_bias = float(bias)
+
+
+def get_router_bias(model: nn.Module) -> float:
+    return _dpn_module(model, "the router bias moves").router_bias
+
+
+@contextmanager
+def router_bias(model: nn.Module, bias: float) -> Iterator[nn.Module]:
+    """Run ``model``'s DPN with ``bias`` inside the block; the previous bias returns after."""
+    module = _dpn_module(model, "the router bias moves")
+    previous = module.router_bias
+    module.router_bias = float(bias)
+    try:
+        yield model
+    finally:
+        module.router_bias = previous
+
+
+def set_probability_scale(model: nn.Module, scale: str | None) -> None:
+    """Override how ``model``'s DPN scales pooled tokens by the router probability
+    (``DPNConfig.probability_scale``), e.g. ``"train_only"`` to evaluate a DPN trained the paper's
+    way unscaled; None returns to the config's."""
+    module = _dpn_module(model, "probability_scale applies to")
+    if scale is not None:
+        check_choice("probability_scale", scale, PROBABILITY_SCALES)
+    module.probability_scale_override = scale
+
+
+@contextmanager
+def probability_scale(model: nn.Module, scale: str) -> Iterator[nn.Module]:
+    """Run ``model``'s DPN with probability scaling ``scale`` inside the block."""
+    module = _dpn_module(model, "probability_scale applies to")
+    previous = module.probability_scale_override
+    set_probability_scale(model, scale)
+    try:
+        yield model
+    finally:
+        module.probability_scale_override = previous
 
 
 @torch.no_grad()
@@ -59,7 +118,7 @@ def calibrate_router_bias(
                 f"ask for a target >= {lowest:.3f}"
             )
         low, high, best = -MAX_BIAS, MAX_BIAS, (MAX_BIAS, lowest)
-        for _ in tqdm(range(steps), desc=f"calibrating the router bias for {target:.2f} x FLOPs", disable=not progress):
+        for _ in _steps(steps, f"calibrating the router bias for {target:.2f} x FLOPs", progress):
             middle = (low + high) / 2
             set_router_bias(model, middle)
             ratio = mean_flops_ratio(model, batches)
@@ -71,3 +130,15 @@ def calibrate_router_bias(
         return best
     finally:
         model.train(was_training)
+
+
+def _steps(steps: int, description: str, progress: bool) -> Iterable[int]:
+    """``range(steps)``, with a progress bar when asked for and tqdm is installed (the library does
+    not require it)."""
+    if progress:
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return range(steps)
+        return tqdm(range(steps), desc=description)
+    return range(steps)

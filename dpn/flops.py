@@ -20,7 +20,6 @@ depend on the pyramid.
 
 from __future__ import annotations
 
-from itertools import product
 from typing import Any
 
 import torch
@@ -85,38 +84,20 @@ def segment_layer_tokens(num_layers: int, stage_layers: list[int], segment_token
     return counts
 
 
-def path_flops(model_config: Any, pyramid: Any, text_tokens: int) -> list[dict]:
-    """One row per routing path of ``pyramid``: experts, visual tokens per segment, LLM prefill
-    GFLOPs and the ratio to the vanilla model, for one image and ``text_tokens`` text tokens.
-    A token-selection strategy (fastv, pdrop) has a single path."""
-    from dpn.config import visual_tokens_after
-    from dpn.models import get_adapter
-
-    adapter = get_adapter(model_config)
-    text_config = adapter.text_config(model_config)
-    grid = adapter.visual_grid(model_config)
-    num_layers = adapter.num_layers(model_config)
+def path_flops(geometry: Any, pyramid: Any, text_tokens: int) -> list[dict]:
+    """One row per routing path of ``pyramid`` (a ``PyramidConfig``) on a model of ``geometry`` (a
+    ``dpn.ModelGeometry``): labels, visual tokens per segment, LLM prefill GFLOPs and the ratio to
+    the vanilla model, for one image and ``text_tokens`` text tokens. The paths come from the
+    strategy's config (``token_paths``), so every registered strategy is counted the same way."""
+    if geometry.image_grids is None:
+        raise ValueError(f"{geometry.model_type} images have no fixed grid; FLOPs per path need one")
+    text_config, num_layers = geometry.text_config, geometry.num_layers
     layers = [stage.layer for stage in pyramid.stages]
-    vanilla = decoder_flops(text_config, [text_tokens + grid[0] * grid[1]] * num_layers)
+    vanilla = decoder_flops(text_config, [text_tokens + geometry.image_tokens] * num_layers)
     rows = []
-    if pyramid.selects_tokens:  # one path: each stage keeps its ratio of what is left
-        from dpn.strategies.selection import kept_count
-
-        visual = [grid[0] * grid[1]]
-        for stage in pyramid.stages:
-            visual.append(kept_count(visual[-1], stage.keep_ratio))
-        flops = decoder_flops(text_config, segment_layer_tokens(num_layers, layers, [text_tokens + v for v in visual]))
-        labels = [f"keep {stage.keep_ratio:g}" for stage in pyramid.stages]
-        return [{"path": labels, "experts": labels, "visual_tokens": visual, "llm_gflops": flops / GIGA,
-                 "ratio": flops / vanilla}]
-    for path in product(*(stage.experts for stage in pyramid.stages)):
-        visual = visual_tokens_after(grid, list(path), pyramid.min_tokens_to_pool)
-        flops = decoder_flops(text_config, segment_layer_tokens(num_layers, layers, [text_tokens + v for v in visual]))
-        rows.append({
-            "path": list(path),
-            "experts": ["x".join(map(str, e)) for e in path],
-            "visual_tokens": visual,
-            "llm_gflops": flops / GIGA,
-            "ratio": flops / vanilla,
-        })
+    for path in pyramid.strategy.token_paths(pyramid.stages, geometry.image_grids):
+        tokens = segment_layer_tokens(num_layers, layers, [text_tokens + v for v in path.visual_tokens])
+        flops = decoder_flops(text_config, tokens)
+        rows.append({"experts": path.labels, "visual_tokens": path.visual_tokens, "llm_gflops": flops / GIGA,
+                     "ratio": flops / vanilla})
     return rows

@@ -17,7 +17,8 @@ from dpn.transfer import host_tensor
 
 @dataclass
 class VisualSpans:
-    """One entry per image: its sample, first position in the (padded) sequence, and grid shape."""
+    """One entry per grid of visual tokens (an image has one or more): its sample, first position
+    in the (padded) sequence, and grid shape."""
 
     sample: list[int] = field(default_factory=list)
     start: list[int] = field(default_factory=list)
@@ -52,12 +53,15 @@ def ranks_within(sizes: torch.Tensor, total: int) -> torch.Tensor:
     return torch.arange(total, device=sizes.device) - torch.repeat_interleave(group_start, sizes, output_size=total)
 
 
-def find_visual_spans(image_mask: torch.Tensor, grid: tuple[int, int]) -> VisualSpans:
-    """Split each sample's runs of image tokens into images of ``grid`` tokens.
+def find_visual_spans(image_mask: torch.Tensor, grids) -> VisualSpans:
+    """Split each sample's runs of image tokens into images, each laid out as ``grids`` in order.
 
-    Raises ``ValueError`` when a run is not a whole number of grids: the visual tokens would not
-    form the 2D grid the pyramid pools.
+    ``grids`` is one image's grids, ``((rows, cols), ...)`` (a single ``(rows, cols)`` is one grid).
+    Raises ``ValueError`` when a run is not a whole number of images: the visual tokens would not
+    form the 2D grids the pyramid pools.
     """
+    if isinstance(grids[0], int):
+        grids = (tuple(grids),)
     spans = VisualSpans()
     mask = image_mask.to(torch.int8)
     before = F.pad(mask[:, :-1], (1, 0))
@@ -67,20 +71,24 @@ def find_visual_spans(image_mask: torch.Tensor, grid: tuple[int, int]) -> Visual
     edges = torch.stack([(mask == 1) & (before == 0), (mask == 1) & (after == 0)]).nonzero().tolist()
     starts = [edge[1:] for edge in edges if edge[0] == 0]
     ends = [edge[1:] for edge in edges if edge[0] == 1]
-    size = grid[0] * grid[1]
+    size = sum(rows * cols for rows, cols in grids)
     for (b, first), (_, last) in zip(starts, ends):
         length = last - first + 1
         if length % size:
+            shape = " + ".join(f"{rows}x{cols}" for rows, cols in grids)
             raise ValueError(
                 f"sample {b} has a run of {length} image tokens at position {first}, which is not a whole number of "
-                f"{grid[0]}x{grid[1]} = {size}-token image grids; the processor and the model's vision config disagree "
+                f"{shape} = {size}-token image grids; the processor and the model's vision config disagree "
                 "(check image_size, patch_size and vision_feature_select_strategy)"
             )
-        for image in range(length // size):
-            spans.sample.append(b)
-            spans.start.append(first + image * size)
-            spans.rows.append(grid[0])
-            spans.cols.append(grid[1])
+        start = first
+        for _ in range(length // size):
+            for rows, cols in grids:
+                spans.sample.append(b)
+                spans.start.append(start)
+                spans.rows.append(rows)
+                spans.cols.append(cols)
+                start += rows * cols
     return spans
 
 

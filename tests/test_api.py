@@ -22,7 +22,7 @@ def _logits(model, batch, images):
 @pytest.fixture
 def trained_pyramid(tmp_path):
     model = tiny_llava()
-    dpn.apply_pyramid(model, dpn.PyramidConfig.paper_default(model.config))
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
     with torch.no_grad():  # make the routers differ from a fresh initialisation
         for parameter in model.pyramid.parameters():
             parameter.add_(torch.randn_like(parameter))
@@ -34,7 +34,7 @@ def test_save_load_reproduces_logits_exactly(tmp_path, trained_pyramid):
     images = pixels(2)
     expected = _logits(trained_pyramid, batch, images)
     dpn.save_pyramid(trained_pyramid, tmp_path)
-    assert json.loads((tmp_path / "pyramid_config.json").read_text())["version"] == 1
+    assert json.loads((tmp_path / "pyramid_config.json").read_text())["version"] == 2  # bumped: the strategy's config is nested
 
     fresh = tiny_llava()
     dpn.load_pyramid(fresh, tmp_path)
@@ -59,7 +59,7 @@ def test_save_pretrained_round_trip(tmp_path, trained_pyramid):
 def test_load_replaces_an_existing_pyramid(tmp_path, trained_pyramid):
     dpn.save_pyramid(trained_pyramid, tmp_path)
     other = tiny_llava()
-    dpn.apply_pyramid(other, dpn.PyramidConfig(stages=[dpn.PyramidStage(layer=0, experts=[(1, 1)])]))
+    dpn.apply_pyramid(other, dpn.PyramidConfig(stages=[dpn.PoolingStage(layer=0, experts=[(1, 1)])]))
     dpn.load_pyramid(other, tmp_path)
     assert len(other.pyramid.routers) == len(trained_pyramid.pyramid.routers)
 
@@ -99,7 +99,7 @@ def test_missing_files_are_a_clear_error(tmp_path):
 
 def test_pyramid_keys_are_left_out_of_save_pretrained_only_while_applied(tmp_path):
     model = tiny_llava()
-    dpn.apply_pyramid(model, dpn.PyramidConfig.paper_default(model.config))
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
     assert any(k.startswith("pyramid.") for k in model._keys_to_ignore_on_save)
     dpn.remove_pyramid(model)
     assert not any(k.startswith("pyramid.") for k in model._keys_to_ignore_on_save)
@@ -107,7 +107,7 @@ def test_pyramid_keys_are_left_out_of_save_pretrained_only_while_applied(tmp_pat
 
 def test_router_weights_follow_model_dtype():
     model = tiny_llava().to(torch.bfloat16)
-    dpn.apply_pyramid(model, dpn.PyramidConfig.paper_default(model.config))
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
     assert {p.dtype for p in model.pyramid.parameters()} == {torch.bfloat16}
     batch = batch_of([make_prompt(3, 5, seed=1)])
     with torch.no_grad():

@@ -41,7 +41,7 @@ def test_vanilla_flops_match_flop_counter():
 @pytest.mark.parametrize("forced", [0, 1, 2, [2, 0, 1]])
 def test_pyramid_flops_match_flop_counter(forced):
     model = tiny_llava(attn="eager")
-    dpn.apply_pyramid(model, dpn.PyramidConfig.paper_default(model.config))
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
     batch = batch_of([make_prompt(3, 5, seed=1)])
     out, measured, _ = _measured(model, batch, pixels(1), force_experts=forced)
     assert out.routing.flops[0].item() == pytest.approx(measured, rel=0.02)

@@ -16,7 +16,7 @@ def test_readme_first_lines_are_the_setup_commands():
     lines = README.read_text().splitlines()
     commands = [line.strip() for line in lines[:5] if line.startswith("    ")]
     assert len(commands) == 2
-    assert commands[0].endswith("pip install -e . && dpn demo") and commands[1].endswith("pytest")
+    assert commands[0].endswith('pip install -e ".[lab]" && dpn demo') and commands[1].endswith("pytest")
 
 
 def test_readme_snippet_runs(tmp_path, monkeypatch):

@@ -6,14 +6,16 @@ import pytest
 import torch
 
 import dpn
-from dpn.config import PyramidStage, visual_tokens_after
+from dpn.strategies.pooling import visual_tokens_after
 from helpers import GRID, IMAGE_TOKEN_ID, batch_of, make_prompt, pixels, tiny_llava
 
 MIXED_EXPERTS = [(1, 1), (1, 2), (2, 2)]
 
 
 def pyramid_config(experts=MIXED_EXPERTS, layers=(1, 2, 4), **kwargs) -> dpn.PyramidConfig:
-    return dpn.PyramidConfig(stages=[PyramidStage(layer=l, experts=list(experts)) for l in layers], **kwargs)
+    """A DPN pyramid on the test model; ``kwargs`` go to the shared config or to DPN's."""
+    stages = [dpn.PoolingStage(layer=l, experts=list(experts)) for l in layers]
+    return dpn.presets.build({"stages": stages, "strategy": dpn.DPNConfig()}, **kwargs)
 
 
 def valid_logits(out, row: int) -> torch.Tensor:
@@ -179,7 +181,7 @@ def test_forced_expert_token_counts_follow_grid_arithmetic(expert):
     with torch.no_grad():
         out = model(**batch, pixel_values=pixels(1), force_experts=expert, output_hidden_states=True)
     path = [stage.experts[expert] for stage in config.stages]
-    expected_visual = visual_tokens_after(GRID, path, config.min_tokens_to_pool)
+    expected_visual = visual_tokens_after(GRID, path, config.strategy.min_tokens_to_pool)
     assert out.routing.visual_tokens[0].tolist() == expected_visual
     text = text_before + 2 + text_after
     boundaries = [0, *(s.layer + 1 for s in config.stages), 6]
@@ -228,7 +230,7 @@ def test_straight_through_scale_keeps_values_and_the_router_gradient():
     forced = torch.tensor([[0, 1, 0], [1, 0, 1]])  # both images stay big enough to be routed at every stage
     outputs = {}
     for name, options in {"value": {}, "straight_through": {"probability_scale": "straight_through"},
-                          "unscaled": {"scale_by_probability": False}}.items():
+                          "unscaled": {"probability_scale": "none"}}.items():
         model = tiny_llava()
         dpn.apply_pyramid(model, pyramid_config(routing_loss="none", **options))
         model.train()
@@ -248,7 +250,7 @@ def test_train_only_scale_scales_in_training_and_not_at_inference():
     forced = torch.tensor([[0, 1, 0], [1, 0, 1]])
     logits = {}
     for name, options in {"value": {}, "train_only": {"probability_scale": "train_only"},
-                          "unscaled": {"scale_by_probability": False}}.items():
+                          "unscaled": {"probability_scale": "none"}}.items():
         model = tiny_llava()
         dpn.apply_pyramid(model, pyramid_config(routing_loss="none", **options))
         with torch.no_grad():
@@ -279,7 +281,7 @@ def test_training_samples_experts_and_inference_takes_argmax():
 
 def test_routing_loss_matches_hand_computation():
     config = pyramid_config(layers=(1, 3))
-    pyramid = dpn.strategies.DynamicPyramid(config, hidden_size=8)
+    pyramid = dpn.strategies.DynamicPyramid(config, dpn.geometry_of(tiny_llava().config))
     stage0 = torch.tensor([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])  # s*p: 2*0.5 = 1.0 and 0*0.6 = 0 -> mean 0.5
     stage1 = torch.tensor([[0.1, 0.1, 0.8]])  # 2*0.8 = 1.6 -> above the 1.5 target
     # per stage: max(0, 1.5 - 0.5) = 1.0 and max(0, 1.5 - 1.6) = 0; mean over stages = 0.5
@@ -368,7 +370,7 @@ def test_text_only_batch_passes_through_and_decoding_steps_skip_routing():
 
 # ------------------------------------------------------------------------ length groups after a stage
 def test_length_groups_split_only_when_it_saves():
-    from dpn.runtime import length_groups
+    from dpn.runtime.segments import length_groups
 
     cpu = torch.device("cpu")
     groups = length_groups([100, 52, 95, 50, 25], 100, cpu)
@@ -378,11 +380,11 @@ def test_length_groups_split_only_when_it_saves():
 
 
 def test_length_groups_give_the_same_results_as_one_padded_batch(monkeypatch):
-    import dpn.runtime
+    import dpn.runtime.segments
 
     calls = []
-    original = dpn.runtime._run_length_groups
-    monkeypatch.setattr(dpn.runtime, "_run_length_groups", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = dpn.runtime.segments.run_length_groups
+    monkeypatch.setattr(dpn.runtime.segments, "run_length_groups", lambda *a, **k: calls.append(1) or original(*a, **k))
     prompts = [make_prompt(2, 3, seed=1), make_prompt(9, 1, seed=2), make_prompt(4, 7, seed=3), make_prompt(6, 6, seed=4)]
     batch = batch_of(prompts)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -417,7 +419,7 @@ def test_a_missing_router_token_fails_only_for_strategies_that_read_it():
     batch = batch_of([make_prompt(2, 2) + [router_token, 30], make_prompt(3, 1)])  # the second has no token
     model = tiny_llava()
     for spec in ("static:2x2", "fastv:0.5", "paper"):
-        config = dpn.PyramidConfig.from_spec(spec, model.config)
+        config = dpn.presets.from_spec(spec, model.config)
         config = dpn.PyramidConfig.from_dict({**config.to_dict(), "router_input": "router_token",
                                               "router_token_id": router_token})
         dpn.apply_pyramid(model, config)

@@ -1,17 +1,16 @@
-"""Per-architecture adapters, keyed by ``config.model_type``.
+"""Per-family adapters, keyed by ``config.model_type`` (see ``dpn.models.base``).
 
-An adapter tells the runtime where a multimodal model keeps the pieces it needs: the text decoder
-(embeddings, decoder layers, final norm, rotary embedding), the LM head, the image-token id, the
-shape of one image's visual-token grid, and how to embed a batch with its images merged in. The
-runtime itself never names an architecture, so LLaVA-NeXT or Qwen2-VL are one new adapter each.
+The runtime itself never names a family, so LLaVA-NeXT or Qwen2-VL are one new adapter each.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from dpn.models.base import ModelAdapter
+from dpn.geometry import ModelGeometry
+from dpn.models.base import CallInputs, ModelAdapter, PreparedBatch
 from dpn.models.llava import LlavaAdapter
+from dpn.models.positions import LinearPositions
 
 _ADAPTERS: dict[str, ModelAdapter] = {}
 
@@ -33,6 +32,17 @@ def get_adapter(model_or_config: Any) -> ModelAdapter:
     return _ADAPTERS[model_type]
 
 
+def geometry_of(model_or_config: Any) -> ModelGeometry:
+    """The ``ModelGeometry`` of a model or its config (a geometry is returned as it is)."""
+    if isinstance(model_or_config, ModelGeometry):
+        return model_or_config
+    config = getattr(model_or_config, "config", model_or_config)
+    return get_adapter(config).geometry(config)
+
+
 register_adapter(LlavaAdapter())
 
-__all__ = ["ModelAdapter", "LlavaAdapter", "get_adapter", "register_adapter"]
+__all__ = [
+    "CallInputs", "LinearPositions", "LlavaAdapter", "ModelAdapter", "PreparedBatch", "geometry_of", "get_adapter",
+    "register_adapter",
+]

@@ -1,30 +1,59 @@
-"""The interface every architecture adapter implements."""
+"""The contract between the pyramid runtime and one multimodal model family.
+
+An adapter is stateless, one per family, registered by ``config.model_type``. It says where the
+family keeps what the runtime needs (the text decoder, the LM head), reads the family's config
+into a ``ModelGeometry``, declares the family's own forward arguments (``input_names``: pixel
+values, image sizes, grid shapes, ...), and *prepares* a batch: the embeddings with visual
+features merged in, every grid of visual tokens (an image may be several grids, each with its own
+shape), the input positions (1-D or multi-axis, by its ``positions`` policy) and any extra
+arguments its decoder layers need. The runtime never names a family.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from dpn.geometry import ModelGeometry
+from dpn.models.positions import LinearPositions
+from dpn.spans import VisualSpans
+
+
+@dataclass
+class CallInputs:
+    """What the runtime has resolved about a call before the adapter prepares it."""
+
+    input_ids: torch.Tensor | None
+    inputs_embeds: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    valid: torch.Tensor  # (batch, length) bool: real tokens of this call, not padding
+    past_length: int  # tokens already in the cache
+    family: dict[str, Any]  # the adapter's own ``input_names`` that the call gave
+
+
+@dataclass
+class PreparedBatch:
+    hidden: torch.Tensor  # (batch, length, d): embeddings with visual features merged in
+    spans: VisualSpans  # every grid of visual tokens (none when the call brings no images)
+    positions: torch.Tensor  # the input positions, in the adapter's policy's shape
+    layer_arguments: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of every decoder layer
+
 
 class ModelAdapter(ABC):
-    """Where a multimodal model keeps what the pyramid runtime needs. Stateless: one per architecture."""
+    """Where a multimodal model keeps what the pyramid runtime needs."""
 
     model_types: tuple[str, ...] = ()
+    input_names: tuple[str, ...] = ()
+    positions = LinearPositions()
 
     @abstractmethod
-    def text_config(self, config: Any) -> Any:
-        """The config of the text decoder."""
-
-    @abstractmethod
-    def visual_grid(self, config: Any) -> tuple[int, int]:
-        """(rows, columns) of the visual tokens of one image, in the order they sit in the sequence."""
-
-    @abstractmethod
-    def image_token_id(self, config: Any) -> int:
-        """The placeholder token id that marks visual tokens in ``input_ids``."""
+    def geometry(self, config: Any) -> ModelGeometry:
+        """The family's config read into a ``ModelGeometry`` (raises ``ValueError`` for layouts dpn cannot pool)."""
 
     @abstractmethod
     def decoder(self, model: nn.Module) -> nn.Module:
@@ -35,18 +64,5 @@ class ModelAdapter(ABC):
         """The output projection to the vocabulary."""
 
     @abstractmethod
-    def embed(
-        self,
-        model: nn.Module,
-        input_ids: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-        pixel_values: torch.Tensor | None,
-        **vision_kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token embeddings with image features merged in, and the (batch, seq) mask of image tokens."""
-
-    def num_layers(self, config: Any) -> int:
-        return int(self.text_config(config).num_hidden_layers)
-
-    def hidden_size(self, config: Any) -> int:
-        return int(self.text_config(config).hidden_size)
+    def prepare(self, model: nn.Module, call: CallInputs) -> PreparedBatch:
+        """Embeddings, visual grids and input positions of a call (see ``PreparedBatch``)."""

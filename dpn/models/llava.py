@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpn.models.base import ModelAdapter
+from dpn.geometry import ModelGeometry
+from dpn.models.base import CallInputs, ModelAdapter, PreparedBatch
+from dpn.spans import VisualSpans, find_visual_spans
 
 # Vision towers whose sequence starts with a class token (dropped by the "default" feature strategy).
 _CLASS_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
@@ -19,14 +21,21 @@ _CLASS_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
 
 class LlavaAdapter(ModelAdapter):
     model_types = ("llava",)
+    input_names = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes",
+                   "mm_encoder_outputs")
 
-    def text_config(self, config: Any) -> Any:
-        return config.text_config
+    def geometry(self, config: Any) -> ModelGeometry:
+        text = config.text_config
+        return ModelGeometry(
+            model_type=config.model_type,
+            text_config=text,
+            num_layers=int(text.num_hidden_layers),
+            hidden_size=int(text.hidden_size),
+            image_token_id=int(config.image_token_id),
+            image_grids=(self._grid(config),),
+        )
 
-    def image_token_id(self, config: Any) -> int:
-        return int(config.image_token_id)
-
-    def visual_grid(self, config: Any) -> tuple[int, int]:
+    def _grid(self, config: Any) -> tuple[int, int]:
         vision = config.vision_config
         if vision.model_type not in _CLASS_TOKENS:
             raise ValueError(
@@ -34,8 +43,7 @@ class LlavaAdapter(ModelAdapter):
                 f"supported: {sorted(_CLASS_TOKENS)}"
             )
         side = vision.image_size // vision.patch_size
-        class_tokens = _CLASS_TOKENS[vision.model_type]
-        if config.vision_feature_select_strategy == "full" and class_tokens:
+        if config.vision_feature_select_strategy == "full" and _CLASS_TOKENS[vision.model_type]:
             raise ValueError(
                 "vision_feature_select_strategy='full' keeps the class token, so the visual tokens are not a grid; "
                 "use 'default' to pool them as a pyramid"
@@ -48,28 +56,31 @@ class LlavaAdapter(ModelAdapter):
     def lm_head(self, model: nn.Module) -> nn.Module:
         return model.lm_head
 
-    def embed(
-        self,
-        model: nn.Module,
-        input_ids: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-        pixel_values: torch.Tensor | None,
-        **vision_kwargs: Any,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    def prepare(self, model: nn.Module, call: CallInputs) -> PreparedBatch:
+        input_ids, inputs_embeds = call.input_ids, call.inputs_embeds
         llava = model.model
+        image_token_id = model.config.image_token_id
         if inputs_embeds is None:
             inputs_embeds = llava.get_input_embeddings()(input_ids)
-            image_mask = input_ids == model.config.image_token_id
+            image_mask = input_ids == image_token_id
         else:
-            image_token = llava.get_input_embeddings()(
-                torch.tensor(model.config.image_token_id, device=inputs_embeds.device)
-            )
+            image_token = llava.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
             image_mask = (inputs_embeds == image_token).all(-1)
-        if pixel_values is None:
-            return inputs_embeds, image_mask
-        features = llava.get_image_features(pixel_values=pixel_values, return_dict=True, **vision_kwargs).pooler_output
+        batch, length, _ = inputs_embeds.shape
+        positions = self.positions.initial(call.position_ids, call.attention_mask, batch, length, call.past_length,
+                                           inputs_embeds.device)
+        family = dict(call.family)
+        pixel_values = family.pop("pixel_values", None)
+        # generate() encodes the images once before the prefill and passes them here.
+        encoded = (family.pop("mm_encoder_outputs", None) or {}).get("image")
+        if pixel_values is not None and encoded is not None:
+            raise ValueError("give pixel_values or mm_encoder_outputs, not both")
+        if pixel_values is None and encoded is None:  # as in the stock model, placeholders without images are text
+            return PreparedBatch(inputs_embeds, VisualSpans(), positions)
+        if encoded is None:
+            vision = {k: v for k, v in family.items() if v is not None}
+            encoded = llava.get_image_features(pixel_values=pixel_values, return_dict=True, **vision)
+        features = encoded.pooler_output
         features = torch.cat(list(features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
         if int(image_mask.sum()) != features.shape[0]:
             raise ValueError(
@@ -77,4 +88,5 @@ class LlavaAdapter(ModelAdapter):
                 "visual features; each image needs exactly one run of image tokens of the grid's size"
             )
         inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)
-        return inputs_embeds, image_mask
+        spans = find_visual_spans(image_mask & call.valid, self.geometry(model.config).image_grids)
+        return PreparedBatch(inputs_embeds, spans, positions)

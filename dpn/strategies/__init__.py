@@ -1,32 +1,29 @@
-"""Compression strategies; each plans, per stage, which new tokens replace which images.
+"""Compression strategies, one file each, registered by name (``dpn.strategies.base``).
 
-``build_strategy`` maps a config's ``strategy`` name to its class (see ``dpn.config``).
+Built in: ``dpn`` (the paper's routers), ``static``, ``random``, ``projector`` (pooling peers and
+ablations), ``fastv`` and ``pdrop`` (token selection). A new method is one file that
+defines its stage, config and module and calls ``register_strategy`` (and ``register_spec`` for a
+``--pyramid`` spec string); import it before building its configs.
 """
 
-from dpn.config import PyramidConfig
-from dpn.strategies.base import StageInput, StagePlan, Strategy
-from dpn.strategies.dpn import BudgetInputs, DynamicPyramid, Router
-from dpn.strategies.pooling import GridPooling, RandomPooling, StaticPooling
-from dpn.strategies.selection import AttentionSelection
-
-STRATEGY_CLASSES = {
-    "dpn": DynamicPyramid,
-    "static": StaticPooling,
-    "projector": StaticPooling,
-    "random": RandomPooling,
-    "fastv": AttentionSelection,
-    "pdrop": AttentionSelection,
-}
-
-
-def build_strategy(config: PyramidConfig, hidden_size: int) -> Strategy:
-    """The strategy module for ``config`` (only ``dpn`` has weights: its routers)."""
-    if config.strategy == "dpn":
-        return DynamicPyramid(config, hidden_size)
-    return STRATEGY_CLASSES[config.strategy](config)
-
+from dpn.strategies.base import (
+    Stage, StageInput, StagePlan, Strategy, StrategyConfig, TokenCounts, TokenPath, register_spec, register_strategy,
+    registered_strategies, strategy_entry,
+)
+from dpn.strategies import dpn, fastv, pdrop, projector, random_experts, static  # noqa: F401  (registration)
+from dpn.strategies.dpn import DPNConfig, DynamicPyramid, Router
+from dpn.strategies.fastv import FastVConfig
+from dpn.strategies.pdrop import PDropConfig
+from dpn.strategies.pooling import GridPooling, PoolingConfig, PoolingStage
+from dpn.strategies.projector import ProjectorConfig
+from dpn.strategies.random_experts import RandomConfig, RandomPooling
+from dpn.strategies.selection import AttentionSelection, SelectionConfig, SelectionStage
+from dpn.strategies.static import StaticConfig, StaticPooling
 
 __all__ = [
-    "AttentionSelection", "BudgetInputs", "DynamicPyramid", "GridPooling", "RandomPooling", "Router", "StageInput",
-    "StagePlan", "StaticPooling", "Strategy", "build_strategy",
+    "AttentionSelection", "DPNConfig", "DynamicPyramid", "FastVConfig", "GridPooling", "PDropConfig",
+    "PoolingConfig", "PoolingStage", "ProjectorConfig", "RandomConfig", "RandomPooling", "Router", "SelectionConfig",
+    "SelectionStage", "Stage", "StageInput", "StagePlan", "StaticConfig", "StaticPooling", "Strategy",
+    "StrategyConfig", "TokenCounts", "TokenPath", "register_spec", "register_strategy", "registered_strategies",
+    "strategy_entry",
 ]

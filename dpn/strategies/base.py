@@ -1,33 +1,153 @@
-"""The interface between the runtime and a compression strategy.
+"""What every compression strategy is made of, and the registry that names them.
 
-A strategy looks at the hidden states after a stage's layer and says, for some images, which new
-tokens replace them. The runtime does the rest: it rebuilds the shorter sequences, their masks,
-positions, labels and cache bookkeeping. A strategy never touches the layout itself.
+A strategy is three things, registered together with :func:`register_strategy`:
+
+- a **stage** type (:class:`Stage` subclass): what one compression point says besides its layer
+  (pooling strides, a keep ratio, ...);
+- a **config** (:class:`StrategyConfig` subclass): the strategy's own hyper-parameters, their
+  validation (alone, against the stages, against a model's geometry) and the visual tokens each
+  routing path keeps (what ``dpn flops`` and budget losses count);
+- a **module** (:class:`Strategy` subclass): at each stage it looks at the hidden states and says,
+  for some images, which new tokens replace them (``plan``); it may own weights and an auxiliary
+  loss. The runtime rebuilds the shorter sequences, masks, positions, labels and cache; a
+  strategy never touches the layout, and the runtime never names a strategy.
+
+Spec strings (``--pyramid fastv:0.5``) map to presets with :func:`register_spec`.
 """
 
 from __future__ import annotations
 
+import math
 from abc import ABCMeta, abstractmethod
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
-from dpn.config import PyramidConfig
+from dpn.geometry import ModelGeometry
 from dpn.spans import VisualSpans
 
+if TYPE_CHECKING:
+    from dpn.config import PyramidConfig
 
+# A stage at this layer compresses before the first decoder layer (projector-side pooling).
+BEFORE_FIRST_LAYER = -1
+
+
+# ------------------------------------------------------------------------------------ configs
+@dataclass
+class Stage:
+    """One compression point, after decoder layer ``layer`` (0-indexed; -1: before the first layer)."""
+
+    layer: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layer, bool) or not isinstance(self.layer, int):
+            raise ValueError(f"stage layer must be an int, got {self.layer!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Stage:
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or "layer" not in data or set(data) - names:
+            raise ValueError(f"a stage of this strategy has the keys {sorted(names)}; got {data!r}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class TokenPath:
+    """One way a single image can go through the stages: a label per stage and the visual tokens
+    before the first stage and after each."""
+
+    labels: list[str]
+    visual_tokens: list[int]
+
+
+@dataclass
+class StrategyConfig(metaclass=ABCMeta):
+    """Hyper-parameters of one strategy (subclasses add fields; ``name`` and ``stage_class`` are
+    class attributes). Validates its own fields in ``__post_init__``."""
+
+    name: ClassVar[str]
+    stage_class: ClassVar[type[Stage]] = Stage
+
+    def check_stages(self, stages: list[Stage]) -> None:
+        """Raise ``ValueError`` if ``stages`` do not fit this strategy (type, count, layers)."""
+        wrong = [type(s).__name__ for s in stages if type(s) is not self.stage_class]
+        if wrong:
+            raise ValueError(f"the stages of a {self.name} pyramid are {self.stage_class.__name__}s, got {wrong}")
+        if any(s.layer == BEFORE_FIRST_LAYER for s in stages) and not self.allows_layer_before_first():
+            raise ValueError(f"only the projector strategy compresses before the first layer (layer {BEFORE_FIRST_LAYER})")
+
+    def allows_layer_before_first(self) -> bool:
+        return False
+
+    def check_geometry(self, stages: list[Stage], geometry: ModelGeometry) -> None:
+        """Raise ``ValueError`` if the pyramid cannot run on a model of this geometry."""
+        lowest = BEFORE_FIRST_LAYER if self.allows_layer_before_first() else 0
+        for stage in stages:
+            if not lowest <= stage.layer < geometry.num_layers - 1:
+                raise ValueError(
+                    f"stage layer {stage.layer} is out of range: the model has {geometry.num_layers} decoder layers, "
+                    f"so a stage must compress after a layer in {lowest}..{geometry.num_layers - 2}"
+                )
+
+    @abstractmethod
+    def token_paths(self, stages: list[Stage], grids: tuple[tuple[int, int], ...]) -> list[TokenPath]:
+        """Every routing path of one image with these ``grids`` and the visual tokens it keeps."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **{f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StrategyConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known - {"name"})
+        if unknown:
+            raise ValueError(f"unknown {cls.name} strategy keys {unknown}; known keys are {sorted(known)}")
+        return cls(**{k: v for k, v in data.items() if k != "name"})
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """``value`` as a float in (0, 1], or a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"{name} must be a fraction in (0, 1], got {value!r}")
+    return float(value)
+
+
+def check_finite(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------ modules
 @dataclass
 class StagePlan:
     """New tokens for some images, in the order of ``spans``.
 
     Attributes:
-        spans: indices (into the current ``VisualSpans``) of the images being replaced.
-        rows: the replacement tokens of all those images, concatenated, shape (P, d).
+        spans: indices (into the current ``VisualSpans``) of the grids being replaced.
+        rows: the replacement tokens of all those grids, concatenated, shape (P, d).
         representatives: for each replacement token, the flat index (sample * seq_len + position) of
             the original token it stands for; its position (``keep`` mode) and label come from there.
-        grids: the (rows, cols) grid of each replaced image after this stage (selected tokens form
+        grids: the (rows, cols) grid of each replaced grid after this stage (selected tokens form
             a single row).
         experts: (batch,) chosen expert per sample, -1 where the sample was not routed.
         expert_probability: (batch,) probability of the chosen expert (0 where not routed).
@@ -61,13 +181,13 @@ class StageInput:
 
     Attributes:
         hidden: (batch, length, d) output of the stage's layer.
-        spans: where each image's visual tokens sit.
+        spans: where each grid of visual tokens sits.
         query_index: (batch,) the last prompt token of each sample (-1 for none): the router's
             input, and the query whose attention ranks tokens for fastv / pdrop.
         valid: (batch, length) real tokens.
         forced: (batch,) expert per sample forced by the caller (-1: the strategy decides), or None.
         layer: the stage's decoder layer (None before the first layer).
-        layer_input: (batch, length) input of that layer (None before the first layer).
+        layer_input: (batch, length, d) input of that layer (None before the first layer).
         position_embeddings: the rotary (cos, sin) that layer ran with.
     """
 
@@ -81,19 +201,30 @@ class StageInput:
     position_embeddings: Any = None
 
 
-class Strategy(nn.Module, metaclass=ABCMeta):
-    """A compression strategy: plans each stage; may own trainable weights and an auxiliary loss.
+@dataclass
+class TokenCounts:
+    """Per-sample token counts of a prefill, before the first stage (for auxiliary losses)."""
 
-    Subclasses hold no per-call state: everything about a call lives in ``StageInput`` and the
-    returned ``StagePlan``. ``reads_query``: whether plans read each sample's ``query_index`` (then
-    a sample with an image must have one).
+    text: torch.Tensor  # (batch,)
+    visual: torch.Tensor  # (batch,)
+
+
+class Strategy(nn.Module, metaclass=ABCMeta):
+    """A compression strategy's module: plans each stage; may own weights and an auxiliary loss.
+
+    ``config`` is the whole (copied) ``PyramidConfig``; ``options`` its strategy part. Subclasses
+    hold no per-call state: everything about a call lives in ``StageInput`` and the returned
+    ``StagePlan``. ``reads_query``: whether plans read each sample's ``query_index`` (then a
+    sample with an image must have one).
     """
 
-    reads_query = False
+    reads_query: ClassVar[bool] = False
 
-    def __init__(self, config: PyramidConfig) -> None:
+    def __init__(self, config: PyramidConfig, geometry: ModelGeometry) -> None:
         super().__init__()
         self.config = config
+        self.options = config.strategy
+        self.geometry = geometry
 
     @property
     def stage_layers(self) -> list[int]:
@@ -101,13 +232,95 @@ class Strategy(nn.Module, metaclass=ABCMeta):
 
     def num_choices(self, stage: int) -> int:
         """How many experts ``force_experts`` may pick from at ``stage`` (0: forcing does not apply)."""
-        experts = self.config.stages[stage].experts
-        return len(experts) if experts is not None else 0
+        return 0
 
     @abstractmethod
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
         """New tokens for the images of this stage (see ``StagePlan``)."""
 
-    def routing_loss(self, plans: list[StagePlan], budget: Any = None) -> torch.Tensor | None:
-        """An auxiliary loss over the plans of one forward (None when the strategy has none)."""
+    def auxiliary_loss(self, plans: list[StagePlan], counts: TokenCounts) -> torch.Tensor | None:
+        """A loss over the plans of one forward, added to the LM loss in training (None: none)."""
         return None
+
+    @property
+    def auxiliary_loss_weight(self) -> float:
+        return 0.0
+
+    def total_loss(self, lm_loss: torch.Tensor, auxiliary: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
+        """The training loss: ``lm_loss + weight * auxiliary * scale`` (``scale``: e.g. 1 / the
+        gradient-accumulation steps when the auxiliary loss is a per-batch mean). The one place
+        the auxiliary loss is weighted."""
+        if auxiliary is None:
+            return lm_loss
+        return lm_loss + self.auxiliary_loss_weight * scale * auxiliary
+
+    def inference_state(self) -> dict[str, str]:
+        """Inference-time settings of this module (not its config) that ``save_pyramid`` keeps."""
+        return {}
+
+    def load_inference_state(self, state: dict[str, str]) -> None:
+        """Restore what ``inference_state`` returned."""
+
+
+# ----------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class StrategyEntry:
+    name: str
+    config_class: type[StrategyConfig]
+    strategy_class: type[Strategy]
+
+
+# A spec builder turns the argument after "name:" (or None) into stages and a strategy config.
+SpecBuilder = Callable[[ModelGeometry, "str | None"], "tuple[list[Stage], StrategyConfig]"]
+
+
+@dataclass(frozen=True)
+class SpecEntry:
+    name: str
+    build: SpecBuilder
+    usage: str
+
+
+_STRATEGIES: dict[str, StrategyEntry] = {}
+_SPECS: dict[str, SpecEntry] = {}
+
+
+def register_strategy(name: str, config_class: type[StrategyConfig], strategy_class: type[Strategy]) -> None:
+    """Make ``name`` a strategy: ``PyramidConfig(strategy=config_class(...))`` runs ``strategy_class``."""
+    if getattr(config_class, "name", None) != name:
+        raise ValueError(f"{config_class.__name__}.name must be {name!r} to register it under that name")
+    _STRATEGIES[name] = StrategyEntry(name, config_class, strategy_class)
+
+
+def register_spec(name: str, build: SpecBuilder, usage: str) -> None:
+    """Make ``name[:ARGUMENT]`` a spec string (``--pyramid``) built by ``build(geometry, argument)``."""
+    _SPECS[name] = SpecEntry(name, build, usage)
+
+
+def strategy_entry(name: str) -> StrategyEntry:
+    if name not in _STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; registered: {sorted(_STRATEGIES)}")
+    return _STRATEGIES[name]
+
+
+def registered_strategies() -> list[str]:
+    return sorted(_STRATEGIES)
+
+
+def spec_entry(name: str) -> SpecEntry | None:
+    return _SPECS.get(name)
+
+
+def registered_specs() -> list[SpecEntry]:
+    return list(_SPECS.values())
+
+
+def parse_fraction_argument(spec: str, argument: str) -> float:
+    """The number after ``name:`` in a spec, a fraction in (0, 1]."""
+    try:
+        value = float(argument)
+    except ValueError as err:
+        raise ValueError(f"pyramid spec {spec!r}: {argument!r} is not a number") from err
+    if not 0 < value <= 1:
+        raise ValueError(f"pyramid spec {spec!r}: the fraction must be in (0, 1]")
+    return value

@@ -11,17 +11,91 @@ LLM FLOPs toward a target fraction; at inference ``router_bias`` trades accuracy
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpn.config import PyramidConfig
 from dpn.flops import decoder_flops, segment_layer_tokens
-from dpn.strategies.base import StagePlan
-from dpn.strategies.pooling import GridPooling
+from dpn.geometry import ModelGeometry
+from dpn.strategies.base import (
+    StagePlan, TokenCounts, check_choice, check_finite, check_fraction, parse_fraction_argument, register_spec,
+    register_strategy,
+)
+from dpn.strategies.pooling import PAPER_MIN_TOKENS, GridPooling, PoolingConfig, PoolingStage, paper_pooling_stages
 from dpn.transfer import host_tensor
+
+PAPER_TEMPERATURE = 10.0
+PAPER_LOSS_TARGET = 1.5
+PAPER_LOSS_WEIGHT = 1e-3
+# Router bottleneck: Linear(d, d / 4).
+PAPER_ROUTER_REDUCTION = 4
+ROUTING_LOSSES = ("hinge", "budget", "none")
+# How the chosen expert's probability p scales the pooled tokens: "value" multiplies them by p (the
+# paper), "straight_through" by p / stop_gradient(p), which leaves every value as it is and still
+# gives the router the gradient through p; "train_only" multiplies by p while training and not at
+# inference; "none" leaves them unscaled (the routers then learn from the routing loss alone).
+PROBABILITY_SCALES = ("value", "straight_through", "train_only", "none")
+
+
+@dataclass
+class DPNConfig(PoolingConfig):
+    """The routers and their loss (pooling and ``min_tokens_to_pool``: see ``PoolingConfig``).
+
+    Attributes:
+        router_temperature: probabilities are ``softmax(logits / router_temperature)``.
+        sample_in_training: in training mode, sample the expert from the router's probabilities;
+            otherwise (and always at inference) take the argmax.
+        probability_scale: see ``PROBABILITY_SCALES``.
+        routing_loss: ``"hinge"`` (the paper's loss), ``"budget"`` (the batch's expected LLM FLOPs
+            ratio under the router's probabilities is pulled toward ``budget_target``) or ``"none"``.
+        routing_loss_weight: total loss = LM loss + weight * routing loss.
+        routing_loss_target: the hinge's target for the mean confident compression per stage.
+        budget_target: the FLOPs fraction of the vanilla LLM the ``budget`` loss aims at.
+        expert_scales: compression level of each expert, one list per stage (default: its index).
+        router_reduction: the router's hidden width is ``hidden_size // router_reduction``.
+    """
+
+    name = "dpn"
+    router_temperature: float = PAPER_TEMPERATURE
+    sample_in_training: bool = True
+    probability_scale: str = "value"
+    routing_loss: str = "hinge"
+    routing_loss_weight: float = PAPER_LOSS_WEIGHT
+    routing_loss_target: float = PAPER_LOSS_TARGET
+    budget_target: float | None = None
+    expert_scales: list[list[float]] | None = None
+    router_reduction: int = PAPER_ROUTER_REDUCTION
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("probability_scale", self.probability_scale, PROBABILITY_SCALES)
+        check_choice("routing_loss", self.routing_loss, ROUTING_LOSSES)
+        check_finite("router_temperature", self.router_temperature)
+        if not self.router_temperature > 0:
+            raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}")
+        check_finite("routing_loss_weight", self.routing_loss_weight)
+        check_finite("routing_loss_target", self.routing_loss_target)
+        if isinstance(self.router_reduction, bool) or not isinstance(self.router_reduction, int) \
+                or self.router_reduction < 1:
+            raise ValueError(f"router_reduction must be an int >= 1, got {self.router_reduction!r}")
+        if self.routing_loss == "budget":
+            if self.budget_target is None:
+                raise ValueError("routing_loss='budget' needs budget_target, a FLOPs fraction in (0, 1]; got None")
+            self.budget_target = check_fraction("budget_target (routing_loss='budget')", self.budget_target)
+
+    def check_stages(self, stages: list[PoolingStage]) -> None:
+        super().check_stages(stages)
+        if self.expert_scales is not None and (
+            len(self.expert_scales) != len(stages)
+            or any(len(sc) != len(st.experts) for sc, st in zip(self.expert_scales, stages))
+        ):
+            raise ValueError("expert_scales needs one list per stage with one scale per expert")
+
+    def scales(self, stage: int, num_experts: int) -> list[float]:
+        if self.expert_scales is not None:
+            return [float(s) for s in self.expert_scales[stage]]
+        return [float(i) for i in range(num_experts)]
 
 
 class Router(nn.Module):
@@ -41,32 +115,34 @@ class Router(nn.Module):
         return self.up(F.gelu(self.down(self.norm(hidden))))
 
 
-@dataclass
-class BudgetInputs:
-    """Per-sample token counts of a prefill, for the ``budget`` routing loss."""
-
-    text_config: Any
-    num_layers: int
-    text_tokens: torch.Tensor  # (batch,)
-    visual_tokens: torch.Tensor  # (batch,) before the first stage
-
-
 class DynamicPyramid(GridPooling):
-    """The per-stage routers of a pyramid and the pooling they drive. Holds no per-call state."""
+    """The per-stage routers of a pyramid and the pooling they drive.
+
+    Two inference-time settings live on the module, not in the config (see ``dpn.budget``):
+    ``router_bias`` (the budget knob) and ``probability_scale_override``. Both are saved beside
+    the weights by ``dpn.save_pyramid``.
+    """
 
     reads_query = True
+    options: DPNConfig
 
-    def __init__(self, config: PyramidConfig, hidden_size: int) -> None:
-        super().__init__(config)
+    def __init__(self, config, geometry: ModelGeometry) -> None:
+        super().__init__(config, geometry)
         self.routers = nn.ModuleList(
-            Router(hidden_size, len(stage.experts), config.router_reduction) for stage in config.stages
+            Router(geometry.hidden_size, len(stage.experts), self.options.router_reduction) for stage in config.stages
         )
+        self.router_bias = 0.0
+        self.probability_scale_override: str | None = None
+
+    @property
+    def probability_scale(self) -> str:
+        return self.probability_scale_override or self.options.probability_scale
 
     def token_scale(self, probability: torch.Tensor) -> torch.Tensor | None:
         """p (the paper), p / stop_gradient(p) (``straight_through``: values unscaled, same gradient),
         or None: scaling off, or ``train_only`` at inference."""
-        mode = self.config.probability_scale
-        if not self.config.scale_by_probability or (mode == "train_only" and not self.training):
+        mode = self.probability_scale
+        if mode == "none" or (mode == "train_only" and not self.training):
             return None
         return probability / probability.detach() if mode == "straight_through" else probability
 
@@ -76,12 +152,13 @@ class DynamicPyramid(GridPooling):
         ``router_bias`` shifts the log-probabilities by bias x expert scale before the choice,
         moving the pyramid along its accuracy / FLOPs curve without retraining.
         """
-        logits = self.routers[stage](router_hidden).float() / self.config.router_temperature
-        if self.config.router_bias:
-            scales = host_tensor(self.config.scales(stage), logits.device, logits.dtype)
-            logits = torch.log_softmax(logits, dim=-1) + self.config.router_bias * scales
+        logits = self.routers[stage](router_hidden).float() / self.options.router_temperature
+        if self.router_bias:
+            scales = self.options.scales(stage, logits.shape[-1])
+            logits = torch.log_softmax(logits, dim=-1) + self.router_bias * host_tensor(scales, logits.device,
+                                                                                        logits.dtype)
         probs = torch.softmax(logits, dim=-1)
-        if self.training and self.config.sample_in_training:
+        if self.training and self.options.sample_in_training:
             choice = torch.multinomial(probs.detach(), 1).squeeze(-1)
         else:
             choice = probs.argmax(-1)
@@ -90,16 +167,18 @@ class DynamicPyramid(GridPooling):
     def choose(self, stage, inputs, samples):
         return self.route(stage, inputs.hidden[samples, inputs.query_index[samples]])
 
-    def routing_loss(self, plans: list[StagePlan], budget: BudgetInputs | None = None) -> torch.Tensor | None:
-        if self.config.routing_loss == "hinge":
+    @property
+    def auxiliary_loss_weight(self) -> float:
+        return self.options.routing_loss_weight
+
+    def auxiliary_loss(self, plans: list[StagePlan], counts: TokenCounts) -> torch.Tensor | None:
+        if self.options.routing_loss == "hinge":
             return self.hinge_loss([p.router_probs[p.routed] for p in plans])
-        if self.config.routing_loss == "budget":
-            if budget is None:
-                raise ValueError("the budget routing loss needs the batch's token counts")
-            return self.budget_loss(plans, budget)
+        if self.options.routing_loss == "budget":
+            return self.budget_loss(plans, counts)
         return None
 
-    def hinge_loss(self, stage_probs: list[torch.Tensor]) -> torch.Tensor | None:
+    def hinge_loss(self, stage_probs: list[torch.Tensor | None]) -> torch.Tensor | None:
         """The paper's hinge: mean over stages of max(0, target - mean_b s[argmax p_b] * max p_b).
 
         ``stage_probs`` holds, per stage, the router probabilities of the samples routed there.
@@ -108,33 +187,81 @@ class DynamicPyramid(GridPooling):
         for stage, probs in enumerate(stage_probs):
             if probs is None or probs.shape[0] == 0:
                 continue
-            scales = host_tensor(self.config.scales(stage), probs.device, probs.dtype)
+            scales = host_tensor(self.options.scales(stage, probs.shape[-1]), probs.device, probs.dtype)
             confidence, expert = probs.max(dim=-1)
-            terms.append(F.relu(self.config.routing_loss_target - (scales[expert] * confidence).mean()))
+            terms.append(F.relu(self.options.routing_loss_target - (scales[expert] * confidence).mean()))
         if not terms:
             return None
         return torch.stack(terms).mean()
 
-    def budget_loss(self, plans: list[StagePlan], budget: BudgetInputs) -> torch.Tensor | None:
+    def budget_loss(self, plans: list[StagePlan], counts: TokenCounts) -> torch.Tensor | None:
         """(mean over samples with images of the expected LLM FLOPs ratio - budget_target) squared.
 
         The expectation is over the router's probabilities, stage by stage: an expert (kh, kw)
         divides the visual tokens by kh * kw. Samples share one budget, so a hard sample may keep
         more tokens when easy ones keep fewer. Per-layer attention uses the expected count too.
         """
-        with_images = budget.visual_tokens > 0
+        with_images = counts.visual > 0
         if not bool(with_images.any()):
             return None
-        visual = budget.visual_tokens.float()
-        segment_tokens = [budget.text_tokens.float() + visual]
+        visual = counts.visual.float()
+        text = counts.text.float()
+        segment_tokens = [text + visual]
         for stage, plan in enumerate(plans):
             shrink = host_tensor([1.0 / (kh * kw) for kh, kw in self.config.stages[stage].experts],
                                  visual.device, torch.float32)
             factor = torch.where(plan.routed, (plan.router_probs * shrink).sum(-1), torch.ones_like(visual))
             visual = visual * factor
-            segment_tokens.append(budget.text_tokens.float() + visual)
-        layer_tokens = torch.stack(segment_layer_tokens(budget.num_layers, self.stage_layers, segment_tokens), dim=1)
-        expected = decoder_flops(budget.text_config, layer_tokens)
-        vanilla = decoder_flops(budget.text_config, segment_tokens[0][:, None].expand_as(layer_tokens))
+            segment_tokens.append(text + visual)
+        layers = self.geometry.num_layers
+        layer_tokens = torch.stack(segment_layer_tokens(layers, self.stage_layers, segment_tokens), dim=1)
+        expected = decoder_flops(self.geometry.text_config, layer_tokens)
+        vanilla = decoder_flops(self.geometry.text_config, segment_tokens[0][:, None].expand_as(layer_tokens))
         ratio = (expected / vanilla)[with_images]
-        return (ratio.mean() - self.config.budget_target) ** 2
+        return (ratio.mean() - self.options.budget_target) ** 2
+
+    def inference_state(self) -> dict[str, str]:
+        state = {}
+        if self.router_bias:
+            state["router_bias"] = repr(float(self.router_bias))
+        if self.probability_scale_override is not None:
+            state["probability_scale"] = self.probability_scale_override
+        return state
+
+    def load_inference_state(self, state: dict[str, str]) -> None:
+        self.router_bias = float(state.get("router_bias", 0.0))
+        scale = state.get("probability_scale")
+        if scale is not None:
+            check_choice("probability_scale", scale, PROBABILITY_SCALES)
+        self.probability_scale_override = scale
+
+
+def preset(geometry: ModelGeometry, min_tokens_to_pool: int = PAPER_MIN_TOKENS, **options) -> dict:
+    """The paper's schedule scaled to the model's depth and checked against its visual grid.
+
+    Stages sit after 1/4, 1/2 and 3/4 of the decoder layers (layers 8, 16, 24 of a 32-layer LLM)
+    with experts keep / 1x2 / 2x2. An expert that would not divide the visual grid on some routing
+    path is dropped from that stage (and a stage left with only 1x1 is dropped), so the preset is
+    valid for any grid.
+    """
+    return {"stages": paper_pooling_stages(geometry, min_tokens_to_pool),
+            "strategy": DPNConfig(min_tokens_to_pool=min_tokens_to_pool, **options)}
+
+
+def _paper_spec(geometry: ModelGeometry, argument: str | None) -> dict:
+    if argument:
+        raise ValueError(f"pyramid spec 'paper:{argument}' takes no argument; use 'paper' or 'budget:F'")
+    return preset(geometry)
+
+
+def _budget_spec(geometry: ModelGeometry, argument: str | None) -> dict:
+    if not argument:
+        raise ValueError("pyramid spec 'budget' needs a FLOPs fraction: budget:0.5")
+    target = parse_fraction_argument(f"budget:{argument}", argument)
+    return preset(geometry, routing_loss="budget", budget_target=target)
+
+
+register_strategy("dpn", DPNConfig, DynamicPyramid)
+register_spec("paper", _paper_spec, "paper (= dpn)")
+register_spec("dpn", _paper_spec, "dpn")
+register_spec("budget", _budget_spec, "budget:F (DPN trained toward F x vanilla FLOPs)")

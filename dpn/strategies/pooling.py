@@ -1,36 +1,183 @@
-"""Grid pooling strategies: each stage pools every image on its 2D grid with a stride per sample.
+"""Grid pooling: the part shared by DPN and its pooling peers (static, random, projector).
 
-``GridPooling`` does the pooling; subclasses only choose the stride ("expert") of each sample:
-
-- ``StaticPooling``: the stage's one fixed stride (DPN's static ablation, and projector-side
-  compression when the stage sits before the first decoder layer);
-- ``RandomPooling``: a stride drawn uniformly per sample and stage (DPN's random ablation);
-- ``dpn.strategies.dpn.DynamicPyramid``: learned routers (the paper's method).
+Each stage lists ``experts``: pooling windows ``(kh, kw)`` that are also their strides, ``(1, 1)``
+keeping every token. At a stage every grid of a sample's images is pooled on its 2D layout with
+the stride chosen for that sample (``GridPooling.choose``: a router, a fixed stride, a draw). A
+grid smaller than ``min_tokens_to_pool`` is left as it is.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
+from itertools import product
 
 import torch
 
+from dpn.geometry import ModelGeometry
 from dpn.spans import pool_grid, window_origins
-from dpn.strategies.base import StageInput, StagePlan, Strategy
+from dpn.strategies.base import (
+    Stage, StageInput, StagePlan, Strategy, StrategyConfig, TokenPath, check_choice,
+)
+from dpn.strategies.schedule import paper_stage_layers
 from dpn.transfer import host_tensor
 
+Grid = tuple[int, int]
+POOLING_FUNCTIONS = ("max", "avg")
+# The paper: samples with fewer than 16 visual tokens are not pooled.
+PAPER_MIN_TOKENS = 16
+# Expert set of the paper's released training script: keep, halve, quarter.
+PAPER_EXPERTS = ((1, 1), (1, 2), (2, 2))
 
+
+@dataclass
+class PoolingStage(Stage):
+    """A pooling stage: after decoder layer ``layer``, pool with one of ``experts`` (kh, kw)."""
+
+    experts: list[tuple[int, int]] = None  # type: ignore[assignment]  # required; checked below
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.experts:
+            raise ValueError(f"stage after layer {self.layer} has no experts; give at least one (kh, kw) stride")
+        experts = []
+        for expert in self.experts:
+            if isinstance(expert, int):
+                expert = (expert, expert)
+            if (not isinstance(expert, (list, tuple)) or len(expert) != 2
+                    or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in expert)):
+                raise ValueError(f"expert {expert!r} must be a pair of positive ints (kh, kw)")
+            experts.append((int(expert[0]), int(expert[1])))
+        self.experts = experts
+
+    def to_dict(self) -> dict:
+        return {"layer": self.layer, "experts": [list(e) for e in self.experts]}
+
+    @classmethod
+    def from_dict(cls, data):
+        if isinstance(data, dict) and "keep_ratio" in data:
+            raise ValueError("a pooling stage is {layer, experts}; keep_ratio is for the token-selection strategies")
+        return super().from_dict(data)
+
+
+# ---------------------------------------------------------------------------- grid arithmetic
+def divides(grid: Grid, expert: Grid, min_tokens: int) -> bool:
+    if grid[0] * grid[1] < min_tokens:
+        return True  # too small to pool: left as it is
+    return grid[0] % expert[0] == 0 and grid[1] % expert[1] == 0
+
+
+def pooled_grid(grid: Grid, expert: Grid, min_tokens: int) -> Grid:
+    """Grid after pooling with ``expert``; grids below ``min_tokens`` are not pooled."""
+    if grid[0] * grid[1] < min_tokens:
+        return grid
+    return grid[0] // expert[0], grid[1] // expert[1]
+
+
+def reachable_grids(grid: Grid, stages: list[PoolingStage], min_tokens: int) -> set[Grid]:
+    """Every grid a grid can become after ``stages``, over all routing paths (paths that divide)."""
+    grids = {grid}
+    for stage in stages:
+        grids = {pooled_grid(g, e, min_tokens) for g, e in product(grids, stage.experts) if divides(g, e, min_tokens)}
+    return grids
+
+
+def visual_tokens_after(grid: Grid, path: list[Grid], min_tokens: int) -> list[int]:
+    """Visual tokens of one grid before the first stage and after each stage of ``path``."""
+    counts = [grid[0] * grid[1]]
+    for expert in path:
+        grid = pooled_grid(grid, expert, min_tokens)
+        counts.append(grid[0] * grid[1])
+    return counts
+
+
+def dividing_stages(grids: tuple[Grid, ...], layers: list[int], experts: list[Grid], min_tokens: int,
+                    keep_single: bool = False) -> list[PoolingStage]:
+    """Stages at ``layers`` with the ``experts`` that divide every grid reachable there; a stage left
+    with nothing (or, unless ``keep_single``, with only 1x1) is dropped. Makes presets valid for any grid."""
+    stages: list[PoolingStage] = []
+    for layer in layers:
+        reachable = [g for grid in grids for g in reachable_grids(grid, stages, min_tokens)]
+        usable = [e for e in experts if all(divides(g, e, min_tokens) for g in reachable)]
+        if usable and (keep_single or usable != [(1, 1)]):  # a stage that can only keep everything does nothing
+            stages.append(PoolingStage(layer=layer, experts=usable))
+    return stages
+
+
+def paper_pooling_stages(geometry: ModelGeometry, min_tokens: int = PAPER_MIN_TOKENS) -> list[PoolingStage]:
+    """The paper's stages (1/4, 1/2, 3/4 of depth; experts keep / 1x2 / 2x2), without what would
+    not divide the model's grids on some routing path."""
+    return dividing_stages(_fixed_grids(geometry), paper_stage_layers(geometry.num_layers), list(PAPER_EXPERTS),
+                           min_tokens)
+
+
+def _fixed_grids(geometry: ModelGeometry) -> tuple[Grid, ...]:
+    if geometry.image_grids is None:
+        raise ValueError(f"{geometry.model_type} images have no fixed grid; give the pyramid's stages explicitly")
+    return geometry.image_grids
+
+
+# ------------------------------------------------------------------------------------- config
+@dataclass
+class PoolingConfig(StrategyConfig):
+    """Shared by the pooling strategies.
+
+    Attributes:
+        pooling: ``"max"`` (the paper's choice) or ``"avg"`` pooling of each window.
+        min_tokens_to_pool: a grid with fewer tokens than this at a stage is left as it is.
+    """
+
+    stage_class = PoolingStage
+    pooling: str = "max"
+    min_tokens_to_pool: int = PAPER_MIN_TOKENS
+
+    def __post_init__(self) -> None:
+        check_choice("pooling", self.pooling, POOLING_FUNCTIONS)
+        if isinstance(self.min_tokens_to_pool, bool) or not isinstance(self.min_tokens_to_pool, int) \
+                or self.min_tokens_to_pool < 0:
+            raise ValueError(f"min_tokens_to_pool must be an int >= 0, got {self.min_tokens_to_pool!r}")
+
+    def check_geometry(self, stages: list[PoolingStage], geometry: ModelGeometry) -> None:
+        super().check_geometry(stages, geometry)
+        for grid in geometry.image_grids or ():  # grids known only per call are checked by the runtime
+            stages_so_far: list[PoolingStage] = []
+            for stage in stages:
+                for g in reachable_grids(grid, stages_so_far, self.min_tokens_to_pool):
+                    for expert in stage.experts:
+                        if not divides(g, expert, self.min_tokens_to_pool):
+                            raise ValueError(
+                                f"expert {expert} of the stage after layer {stage.layer} does not divide the "
+                                f"{g[0]}x{g[1]} visual grid that earlier stages can produce from the model's "
+                                f"{grid[0]}x{grid[1]} grid; choose strides that divide every reachable grid"
+                            )
+                stages_so_far.append(stage)
+
+    def token_paths(self, stages: list[PoolingStage], grids: tuple[Grid, ...]) -> list[TokenPath]:
+        paths = []
+        for path in product(*(stage.experts for stage in stages)):
+            per_grid = [visual_tokens_after(grid, list(path), self.min_tokens_to_pool) for grid in grids]
+            paths.append(TokenPath(["x".join(map(str, e)) for e in path], [sum(c) for c in zip(*per_grid)]))
+        return paths
+
+
+# ------------------------------------------------------------------------------------- module
 class GridPooling(Strategy):
+    """Pools every grid of a sample with the stride ``choose`` picks for the sample."""
+
     @abstractmethod
     def choose(self, stage: int, inputs: StageInput, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Expert probabilities (n, E) in fp32 and the chosen expert (n,) for the rows ``samples``."""
 
+    def num_choices(self, stage: int) -> int:
+        return len(self.config.stages[stage].experts)
+
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
-        """Choose an expert for every sample with a poolable image and pool its images with it."""
+        """Choose an expert for every sample with a poolable grid and pool its grids with it."""
         hidden, spans = inputs.hidden, inputs.spans
         batch, seq_len, width = hidden.shape
         device = hidden.device
         experts = self.config.stages[stage].experts
-        eligible = [k for k in range(len(spans)) if spans.size(k) >= self.config.min_tokens_to_pool]
+        eligible = [k for k in range(len(spans)) if spans.size(k) >= self.options.min_tokens_to_pool]
         plan = StagePlan.unrouted(batch, len(experts), device)
         if not eligible:
             return plan
@@ -50,6 +197,11 @@ class GridPooling(Strategy):
         groups: dict[tuple[int, int, int, int], list[int]] = {}
         for k in eligible:
             kernel = experts[choice_of_sample[spans.sample[k]]]
+            if not divides((spans.rows[k], spans.cols[k]), kernel, self.options.min_tokens_to_pool):
+                raise ValueError(
+                    f"expert {kernel} of the stage after layer {self.config.stages[stage].layer} does not divide the "
+                    f"{spans.rows[k]}x{spans.cols[k]} grid of sample {spans.sample[k]}"
+                )
             groups.setdefault((spans.rows[k], spans.cols[k], *kernel), []).append(k)
 
         flat = hidden.reshape(batch * seq_len, width)
@@ -57,7 +209,7 @@ class GridPooling(Strategy):
         for (n_rows, n_cols, kh, kw), members in groups.items():
             index = spans.token_index(members, seq_len, device).view(len(members), n_rows * n_cols)
             tokens = flat[index].view(len(members), n_rows, n_cols, width)
-            pooled = pool_grid(tokens, (kh, kw), self.config.pooling).reshape(len(members), -1, width)
+            pooled = pool_grid(tokens, (kh, kw), self.options.pooling).reshape(len(members), -1, width)
             if scale is not None:
                 member_samples = host_tensor([spans.sample[k] for k in members], device)
                 pooled = pooled * scale[member_samples].to(pooled.dtype)[:, None, None]
@@ -76,19 +228,10 @@ class GridPooling(Strategy):
         return None
 
 
-class StaticPooling(GridPooling):
-    """One fixed stride per stage: the ``static`` and ``projector`` strategies."""
-
-    def choose(self, stage, inputs, samples):
-        probs = torch.ones(samples.shape[0], 1, device=samples.device)
-        return probs, torch.zeros(samples.shape[0], dtype=torch.long, device=samples.device)
-
-
-class RandomPooling(GridPooling):
-    """Each sample's stride drawn uniformly from the stage's experts (seed with ``torch.manual_seed``)."""
-
-    def choose(self, stage, inputs, samples):
-        num_experts = len(self.config.stages[stage].experts)
-        probs = torch.full((samples.shape[0], num_experts), 1.0 / num_experts, device=samples.device)
-        choice = torch.randint(0, num_experts, (samples.shape[0],), device=samples.device)
-        return probs, choice
+def parse_stride(spec: str, argument: str | None) -> Grid:
+    """The ``KHxKW`` after ``name:`` in a spec."""
+    try:
+        kh, kw = (int(k) for k in (argument or "").lower().split("x"))
+    except ValueError as err:
+        raise ValueError(f"pyramid spec {spec!r}: the stride must look like 2x2") from err
+    return kh, kw

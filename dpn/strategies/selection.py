@@ -1,27 +1,61 @@
-"""Attention-ranked token selection: FastV (arXiv 2403.06764) and PyramidDrop (arXiv 2410.17247).
+"""Attention-ranked token selection: the part shared by FastV (arXiv 2403.06764) and PyramidDrop
+(arXiv 2410.17247).
 
-At a stage, each image keeps ``keep_ratio`` of its remaining visual tokens: those that receive
-the most attention from the sample's last prompt token at the stage's layer (head-averaged).
-FastV is one stage (K = 2, R = 50% by default); PyramidDrop is several, each keeping a ratio
-of what is left. Kept tokens stay in their original order; they no longer form a 2D grid, so
-an image becomes a single row of tokens. Nothing here is trained (the model may be fine-tuned
-with the selection in place).
+At a stage, each grid keeps ``keep_ratio`` of its remaining visual tokens: those that receive the
+most attention from the sample's query token (the last prompt token) at the stage's layer,
+averaged over heads. Kept tokens stay in their original order; they no longer form a 2D grid, so
+a grid becomes a single row of tokens. Nothing here is trained (the model may be fine-tuned with
+the selection in place).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from dpn.attention import query_attention
-from dpn.strategies.base import StageInput, StagePlan, Strategy
+from dpn.strategies.base import Stage, StageInput, StagePlan, Strategy, StrategyConfig, TokenPath, check_fraction
 
 
 def kept_count(tokens: int, keep_ratio: float) -> int:
-    """Tokens an image of ``tokens`` keeps at ``keep_ratio`` (at least one)."""
+    """Tokens a grid of ``tokens`` keeps at ``keep_ratio`` (at least one)."""
     return max(1, round(tokens * keep_ratio))
 
 
+@dataclass
+class SelectionStage(Stage):
+    """After decoder layer ``layer``, keep ``keep_ratio`` of each grid's remaining visual tokens."""
+
+    keep_ratio: float = None  # type: ignore[assignment]  # required; checked below
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.keep_ratio = check_fraction("keep_ratio", self.keep_ratio)
+
+    @classmethod
+    def from_dict(cls, data):
+        if isinstance(data, dict) and "experts" in data:
+            raise ValueError(f"a token-selection stage needs a keep_ratio (and no experts): "
+                             f"{{layer, keep_ratio}}; got keys {sorted(data)}")
+        return super().from_dict(data)
+
+
+@dataclass
+class SelectionConfig(StrategyConfig):
+    stage_class = SelectionStage
+
+    def token_paths(self, stages: list[SelectionStage], grids) -> list[TokenPath]:
+        counts = [[rows * cols] for rows, cols in grids]
+        for stage in stages:
+            for grid_counts in counts:
+                grid_counts.append(kept_count(grid_counts[-1], stage.keep_ratio))
+        return [TokenPath([f"keep {s.keep_ratio:g}" for s in stages], [sum(c) for c in zip(*counts)])]
+
+
 class AttentionSelection(Strategy):
+    """Keeps each grid's most-attended tokens (query: the sample's last prompt token)."""
+
     reads_query = True
 
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
@@ -29,18 +63,17 @@ class AttentionSelection(Strategy):
         batch, seq_len, width = hidden.shape
         device = hidden.device
         plan = StagePlan.unrouted(batch, 0, device)
-        images = list(range(len(spans)))  # the runtime has checked that each has a query token
-        if not images:
+        if not len(spans):  # the runtime has checked that each image has a query token
             return plan
         if inputs.layer is None or inputs.layer_input is None:
-            raise ValueError(f"{self.config.strategy} ranks tokens with a decoder layer's attention; "
+            raise ValueError(f"{self.options.name} ranks tokens with a decoder layer's attention; "
                              "its stages must sit after a layer (layer >= 0)")
         scores = query_attention(
             inputs.layer, inputs.layer_input, inputs.position_embeddings, inputs.query_index.clamp(min=0), inputs.valid
         ).flatten()
         keep_ratio = self.config.stages[stage].keep_ratio
         groups: dict[int, list[int]] = {}
-        for k in images:
+        for k in range(len(spans)):
             groups.setdefault(spans.size(k), []).append(k)
         flat = hidden.reshape(batch * seq_len, width)
         rows, representatives = [], []

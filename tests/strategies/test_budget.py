@@ -6,26 +6,25 @@ import pytest
 import torch
 
 import dpn
-from dpn.config import PyramidStage
 from dpn.flops import decoder_flops
-from dpn.strategies import BudgetInputs, DynamicPyramid, StagePlan
+from dpn.strategies import DynamicPyramid, PoolingStage, StagePlan, TokenCounts
 from helpers import batch_of, make_prompt, pixels, tiny_llava
 
 
 def budget_config(target=0.5, **kwargs):
-    return dpn.PyramidConfig(stages=[PyramidStage(1, [(1, 1), (2, 2)]), PyramidStage(3, [(1, 1), (1, 2)])],
-                             routing_loss="budget", budget_target=target, **kwargs)
+    return dpn.PyramidConfig(stages=[PoolingStage(1, [(1, 1), (2, 2)]), PoolingStage(3, [(1, 1), (1, 2)])],
+                             strategy=dpn.DPNConfig(routing_loss="budget", budget_target=target, **kwargs))
 
 
 def test_budget_loss_equals_the_expected_flops_by_hand():
     model = tiny_llava()
     text_config = model.config.text_config
     config = budget_config(target=0.5)
-    pyramid = DynamicPyramid(config, hidden_size=64)
+    pyramid = DynamicPyramid(config, dpn.geometry_of(model))
     probs = [torch.tensor([[0.25, 0.75], [1.0, 0.0]]), torch.tensor([[0.5, 0.5], [0.0, 1.0]])]
     plans = [StagePlan(router_probs=p, routed=torch.tensor([True, True])) for p in probs]
     text, visual = torch.tensor([10, 20]), torch.tensor([64, 64])
-    loss = pyramid.budget_loss(plans, BudgetInputs(text_config, 6, text, visual))
+    loss = pyramid.budget_loss(plans, TokenCounts(text=text, visual=visual))
     ratios = []
     for sample, (t, v) in enumerate(zip([10.0, 20.0], [64.0, 64.0])):
         after_first = v * (probs[0][sample, 0] + probs[0][sample, 1] / 4)
@@ -59,7 +58,7 @@ def test_budget_loss_trains_the_routers_toward_the_target():
 
 def calibration_setup():
     model = tiny_llava(seed=6)
-    dpn.apply_pyramid(model, dpn.PyramidConfig.paper_default(model.config))
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
     batches = [{**batch_of([make_prompt(3 + s, 4, seed=s + 10 * b) for s in range(4)]), "pixel_values": pixels(4, b)}
                for b in range(2)]
     return model, batches
@@ -78,7 +77,8 @@ def test_router_bias_moves_flops_monotonically():
 def test_calibration_meets_the_target_and_refuses_the_unreachable():
     model, batches = calibration_setup()
     bias, ratio = dpn.calibrate_router_bias(model, batches, target=0.8, progress=False)
-    assert ratio <= 0.8 and dpn.get_pyramid_config(model).router_bias == bias
+    assert ratio <= 0.8 and dpn.get_router_bias(model) == bias
+    assert dpn.get_pyramid_config(model) == dpn.presets.paper(model.config)  # the knob is not in the config
     assert dpn.budget.mean_flops_ratio(model, batches) == pytest.approx(ratio)
     with pytest.raises(ValueError, match="cannot go below"):
         dpn.calibrate_router_bias(model, batches, target=0.05, progress=False)
@@ -86,6 +86,6 @@ def test_calibration_meets_the_target_and_refuses_the_unreachable():
 
 def test_router_bias_is_for_dpn_only():
     model = tiny_llava()
-    dpn.apply_pyramid(model, dpn.PyramidConfig.fastv(model.config))
+    dpn.apply_pyramid(model, dpn.presets.fastv(model.config))
     with pytest.raises(ValueError, match="moves a DPN's routers"):
         dpn.set_router_bias(model, 1.0)

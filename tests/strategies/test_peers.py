@@ -7,7 +7,6 @@ import torch
 
 import dpn
 from dpn.attention import query_attention
-from dpn.config import PyramidStage
 from dpn.spans import find_visual_spans
 from dpn.strategies import AttentionSelection, StageInput
 from dpn.strategies.selection import kept_count
@@ -19,12 +18,12 @@ VISUAL = GRID[0] * GRID[1]  # 64 tokens per image in the test model
 def peer_configs(model) -> dict[str, dpn.PyramidConfig]:
     """One config per peer strategy on the 6-layer test model."""
     return {
-        "static": dpn.PyramidConfig.static(model.config, (2, 2)),
-        "random": dpn.PyramidConfig.random_experts(model.config),
-        "projector": dpn.PyramidConfig.projector(model.config, (2, 2)),
-        "fastv": dpn.PyramidConfig.fastv(model.config, keep_ratio=0.3),
-        "pdrop": dpn.PyramidConfig(strategy="pdrop", routing_loss="none", stages=[
-            PyramidStage(1, keep_ratio=0.5), PyramidStage(3, keep_ratio=0.5)]),
+        "static": dpn.presets.static(model.config, (2, 2)),
+        "random": dpn.presets.random(model.config),
+        "projector": dpn.presets.projector(model.config, (2, 2)),
+        "fastv": dpn.presets.fastv(model.config, keep_ratio=0.3),
+        "pdrop": dpn.PyramidConfig(strategy=dpn.PDropConfig(), stages=[
+            dpn.SelectionStage(1, keep_ratio=0.5), dpn.SelectionStage(3, keep_ratio=0.5)]),
     }
 
 
@@ -125,7 +124,7 @@ def test_cached_generation_matches_full_recompute(name, attn):
 def test_fastv_keeps_the_tokens_eager_attention_ranks_highest():
     """The one attention row FastV computes equals the eager kernel's, and so does its choice."""
     model = tiny_llava(seed=2, attn="eager")
-    config = dpn.PyramidConfig.fastv(model.config, keep_ratio=0.25, layer=2)
+    config = dpn.presets.fastv(model.config, keep_ratio=0.25, layer=2)
     prompts = [make_prompt(3, 5, seed=1), make_prompt(8, 2, seed=2)]
     batch = batch_of(prompts)
     images = pixels(2)
@@ -146,7 +145,7 @@ def test_fastv_keeps_the_tokens_eager_attention_ranks_highest():
     # The strategy keeps exactly the top-ranked visual tokens, in their original order.
     image = batch["input_ids"] == model.config.image_token_id
     hidden = reference.hidden_states[stage_layer + 1]
-    plan = AttentionSelection(config).plan(0, StageInput(
+    plan = AttentionSelection(config, dpn.geometry_of(model)).plan(0, StageInput(
         hidden=hidden, spans=find_visual_spans(image, GRID), query_index=torch.full((2,), query),
         valid=batch["attention_mask"].bool(), layer=decoder.layers[stage_layer], layer_input=layer_input,
         position_embeddings=decoder.rotary_emb(layer_input, positions),
@@ -165,7 +164,7 @@ def test_fastv_keeps_the_tokens_eager_attention_ranks_highest():
 
 def test_selection_strategies_refuse_forced_experts():
     model = tiny_llava()
-    dpn.apply_pyramid(model, dpn.PyramidConfig.fastv(model.config))
+    dpn.apply_pyramid(model, dpn.presets.fastv(model.config))
     with pytest.raises(ValueError, match="force_experts applies to pooling strategies"):
         model(**batch_of([make_prompt(2, 2)]), pixel_values=pixels(1), force_experts=1)
 
@@ -176,8 +175,8 @@ def test_selection_strategies_refuse_forced_experts():
 ])
 def test_specs_name_every_strategy(spec, strategy, tmp_path):
     model = tiny_llava()
-    config = dpn.PyramidConfig.from_spec(spec, model.config)
-    assert config.strategy == strategy
+    config = dpn.presets.from_spec(spec, model.config)
+    assert config.strategy.name == strategy
     dpn.apply_pyramid(model, config)
     dpn.save_pyramid(model, tmp_path)
     reloaded = dpn.load_pyramid(tiny_llava(), tmp_path)
@@ -185,22 +184,27 @@ def test_specs_name_every_strategy(spec, strategy, tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (dict(strategy="fastv", stages=[PyramidStage(1, keep_ratio=0.5), PyramidStage(2, keep_ratio=0.5)]), "fastv prunes once"),
-    (dict(strategy="pdrop", stages=[PyramidStage(1, [(2, 2)])]), "needs a keep_ratio"),
-    (dict(strategy="dpn", stages=[PyramidStage(1, keep_ratio=0.5)]), "keep_ratio is for fastv and pdrop"),
-    (dict(strategy="static", stages=[PyramidStage(1, [(1, 1), (2, 2)])], routing_loss="none"), "exactly one expert"),
-    (dict(strategy="random", stages=[PyramidStage(1, [(1, 1), (2, 2)])]), "no router"),
-    (dict(strategy="dpn", stages=[PyramidStage(1, [(2, 2)])], routing_loss="budget"), "needs budget_target"),
+    (dict(strategy={"name": "fastv"}, stages=[{"layer": 1, "keep_ratio": 0.5}, {"layer": 2, "keep_ratio": 0.5}]),
+     "fastv prunes once"),
+    (dict(strategy={"name": "pdrop"}, stages=[{"layer": 1, "experts": [[2, 2]]}]), "needs a keep_ratio"),
+    (dict(strategy={"name": "dpn"}, stages=[{"layer": 1, "keep_ratio": 0.5}]), "keep_ratio is for the token-selection"),
+    (dict(strategy={"name": "static"}, stages=[{"layer": 1, "experts": [[1, 1], [2, 2]]}]), "exactly one expert"),
+    (dict(strategy={"name": "random", "routing_loss": "hinge"}, stages=[{"layer": 1, "experts": [[1, 1], [2, 2]]}]),
+     "unknown random strategy keys \\['routing_loss'\\]"),
+    (dict(strategy={"name": "dpn", "routing_loss": "budget"}, stages=[{"layer": 1, "experts": [[2, 2]]}]),
+     "needs budget_target"),
+    (dict(strategy={"name": "fastv"}, stages=[dpn.PoolingStage(1, [(2, 2)])]), "stages of a fastv pyramid are SelectionStage"),
+    (dict(strategy={"name": "tome"}, stages=[{"layer": 1}]), "unknown strategy 'tome'"),
 ])
 def test_inconsistent_strategy_configs_are_clear_errors(bad, message):
     with pytest.raises(ValueError, match=message):
-        dpn.PyramidConfig(**bad)
+        dpn.PyramidConfig.from_dict({"version": 2, **bad})
 
 
 @pytest.mark.parametrize("spec", ["fastv:0", "fastv:1.5", "projector:2", "static:ax2", "budget:x"])
 def test_bad_specs_say_what_is_wrong(spec):
     with pytest.raises(ValueError, match="pyramid spec"):
-        dpn.PyramidConfig.from_spec(spec, tiny_llava().config)
+        dpn.presets.from_spec(spec, tiny_llava().config)
 
 
 @pytest.mark.parametrize("name", PEERS)

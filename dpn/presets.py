@@ -1,0 +1,107 @@
+"""Ready-made pyramids for a model, by function or by spec string (``--pyramid``).
+
+Every preset takes a model or its config (the geometry is read from it) and keyword overrides:
+those naming a ``PyramidConfig`` field (``positions``, ``router_input``, ...) go to the shared
+config, the others to the strategy's config (``pooling="avg"``, ``router_temperature=5``, ...).
+
+    dpn.presets.paper(model)              # DPN as in the paper, scaled to the model's depth and grid
+    dpn.presets.from_spec("fastv:0.25", model)
+
+Spec strings are registered by each strategy (``dpn.strategies.base.register_spec``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from dpn.config import PyramidConfig
+from dpn.geometry import ModelGeometry
+from dpn.models import geometry_of
+from dpn.strategies import dpn as dpn_strategy
+from dpn.strategies import fastv as fastv_strategy
+from dpn.strategies import pdrop as pdrop_strategy
+from dpn.strategies import projector as projector_strategy
+from dpn.strategies import random_experts, static as static_strategy
+from dpn.strategies.base import registered_specs, spec_entry
+from dpn.strategies.fastv import FASTV_KEEP_RATIO, FASTV_LAYER
+from dpn.strategies.pdrop import PDROP_KEEP_RATIO
+
+_SHARED = {f.name for f in fields(PyramidConfig)} - {"stages", "strategy"}
+
+
+def build(preset: dict[str, Any], **overrides: Any) -> PyramidConfig:
+    """A ``PyramidConfig`` from a strategy's preset (``stages``, ``strategy`` and shared fields)
+    with ``overrides`` sent to the shared config or the strategy's."""
+    shared = {k: v for k, v in overrides.items() if k in _SHARED}
+    own = {k: v for k, v in overrides.items() if k not in _SHARED}
+    strategy = preset["strategy"]
+    known = {f.name for f in fields(strategy)}
+    unknown = sorted(set(own) - known)
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} are not options of the {strategy.name} strategy or of the pyramid; "
+                         f"{strategy.name} takes {sorted(known)}, the pyramid {sorted(_SHARED)}")
+    return PyramidConfig(**{**preset, "strategy": replace(strategy, **own) if own else strategy, **shared})
+
+
+def paper(model: Any, **overrides: Any) -> PyramidConfig:
+    """DPN as in the paper: stages after 1/4, 1/2, 3/4 of depth, experts keep / 1x2 / 2x2 (those that
+    divide the model's grid), routers on the last prompt token, hinge routing loss."""
+    geometry = geometry_of(model)
+    return build(dpn_strategy.preset(geometry, **_pooling_arguments(overrides)), **overrides)
+
+
+def static(model: Any, stride: tuple[int, int], **overrides: Any) -> PyramidConfig:
+    """The paper's stages, each with one fixed ``stride`` (DPN's static ablation)."""
+    return build(static_strategy.preset(geometry_of(model), stride, **_pooling_arguments(overrides)), **overrides)
+
+
+def random(model: Any, **overrides: Any) -> PyramidConfig:
+    """The paper's stages and experts, each sample's expert drawn uniformly (an ablation)."""
+    return build(random_experts.preset(geometry_of(model), **_pooling_arguments(overrides)), **overrides)
+
+
+def projector(model: Any, stride: tuple[int, int], **overrides: Any) -> PyramidConfig:
+    """One fixed pooling of the visual grid before the first decoder layer."""
+    config = build(projector_strategy.preset(geometry_of(model), stride), **overrides)
+    config.validate_for(geometry_of(model))
+    return config
+
+
+def fastv(model: Any, keep_ratio: float = FASTV_KEEP_RATIO, layer: int = FASTV_LAYER, **overrides: Any) -> PyramidConfig:
+    """FastV: layers before ``layer`` (its K) see every token; from ``layer`` on, ``keep_ratio`` of them."""
+    return build(fastv_strategy.preset(geometry_of(model), keep_ratio=keep_ratio, layer=layer), **overrides)
+
+
+def pdrop(model: Any, keep_ratio: float = PDROP_KEEP_RATIO, **overrides: Any) -> PyramidConfig:
+    """PyramidDrop at DPN's stage depths: each stage keeps ``keep_ratio`` of the remaining tokens."""
+    return build(pdrop_strategy.preset(geometry_of(model), keep_ratio=keep_ratio), **overrides)
+
+
+def _pooling_arguments(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The override that also shapes a pooling preset's stages (which grids are too small to pool)."""
+    return {"min_tokens_to_pool": overrides.pop("min_tokens_to_pool")} if "min_tokens_to_pool" in overrides else {}
+
+
+def spec_help() -> str:
+    """One line naming every spec string (for ``--help``)."""
+    return " | ".join(["none", *(entry.usage for entry in registered_specs()), "a path to a pyramid_config.json"])
+
+
+def from_spec(spec: str, model: Any) -> PyramidConfig | None:
+    """A config from a spec string (see ``spec_help()``), a path to a pyramid_config.json, or None for "none"."""
+    if spec == "none":
+        return None
+    name, _, argument = spec.partition(":")
+    entry = spec_entry(name)
+    if entry is not None:
+        geometry: ModelGeometry = geometry_of(model)
+        return build(entry.build(geometry, argument or None))
+    path = Path(spec)
+    if path.exists():
+        return PyramidConfig.load(path)
+    raise ValueError(f"pyramid spec {spec!r} is not one of: {spec_help()}")
+
+
+__all__ = ["build", "fastv", "from_spec", "paper", "pdrop", "projector", "random", "spec_help", "static"]

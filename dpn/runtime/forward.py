@@ -1,0 +1,134 @@
+"""The pyramid forward: a Hugging Face decoder stack run segment by segment, shrinking in between.
+
+``PyramidForward`` replaces the ``forward`` of one model instance (see ``dpn.apply_pyramid``) and
+keeps the stock forward's signature. The family's adapter prepares the batch (embeddings, visual
+grids, positions); then the stock decoder layers run in *segments*, the layers between two stages.
+After each segment the strategy plans new tokens for each sample's grids and ``shrink`` rebuilds
+the batch. Masks, rotary embeddings, labels and the ``PyramidCache`` follow the new layout. What
+the call did (routing, token counts, FLOPs) is returned in the output, never kept on the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from transformers.modeling_utils import slice_logits_to_keep
+
+from dpn.models import CallInputs, get_adapter
+from dpn.outputs import PyramidCausalLMOutput
+from dpn.runtime.inputs import CallArguments, chunk_validity, forced_experts, last_valid, no_query, query_index
+from dpn.runtime.layout import Chunk, shrink
+from dpn.runtime.record import routing_record
+from dpn.runtime.segments import SegmentRunner, layer_types_of, prepare_cache, segment_bounds
+from dpn.strategies.base import StageInput, TokenCounts
+from dpn.transfer import host_tensor
+
+
+class PyramidForward:
+    """The ``forward`` of one model instance with a pyramid: the stock forward's signature (so
+    ``generate`` and the Trainer see the arguments they expect) plus ``force_experts``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        stock = inspect.signature(type(model).forward.__get__(model))
+        parameters = [p for p in stock.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        extra = [p for p in stock.parameters.values() if p.kind is p.VAR_KEYWORD]
+        force = inspect.Parameter("force_experts", inspect.Parameter.KEYWORD_ONLY, default=None)
+        self.__signature__ = stock.replace(parameters=[*parameters, force, *extra])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> PyramidCausalLMOutput | tuple:
+        bound = self.__signature__.bind(*args, **kwargs)
+        arguments = dict(bound.arguments)
+        for parameter in self.__signature__.parameters.values():
+            if parameter.kind is parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(parameter.name, {}))
+        return pyramid_forward(self.model, **arguments)
+
+
+def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **arguments: Any) -> PyramidCausalLMOutput | tuple:
+    """Forward of a model with a pyramid; ``arguments`` are those of the model's own forward.
+
+    ``force_experts`` (testing and analysis) fixes the expert per sample and stage: an int, one int
+    per stage, or a (batch, stages) tensor; -1 lets the router decide. Decoding steps ignore it.
+    """
+    adapter, strategy = get_adapter(model), model.pyramid
+    config, geometry = strategy.config, strategy.geometry
+    call = CallArguments.sort(arguments, adapter.input_names)
+    use_cache = call.use_cache
+    if use_cache is None:
+        use_cache = bool(getattr(geometry.text_config, "use_cache", True)) and not model.training
+    cache = prepare_cache(call.past_key_values, use_cache, model.config, len(config.stages) + 1)
+    past_length = cache.input_length() if cache is not None else 0
+    tokens = call.input_ids if call.input_ids is not None else call.inputs_embeds
+    (batch, length), device = tokens.shape[:2], tokens.device
+    valid = chunk_validity(call.attention_mask, batch, length, past_length, device)
+    prepared = adapter.prepare(model, CallInputs(call.input_ids, call.inputs_embeds, call.position_ids,
+                                                 call.attention_mask, valid, past_length, call.family))
+    if call.labels is not None and call.labels.shape != (batch, length):
+        raise ValueError(f"labels have shape {tuple(call.labels.shape)} but the inputs are {(batch, length)}")
+    spans = prepared.spans
+    prefill = length > 1 or len(spans) > 0  # decoding steps skip routing and bookkeeping
+    query = (query_index(config, call.input_ids, valid, call.labels, spans, strategy.reads_query) if len(spans)
+             else no_query(batch, device))
+    chunk = Chunk(prepared.hidden, valid, prepared.positions, call.labels, spans, query)
+    forced = forced_experts(force_experts, batch, strategy, device) if prefill else None
+    track_shift = cache is not None and config.positions == "renumber" and len(spans) > 0
+    decoder = adapter.decoder(model)
+    layers = decoder.layers[: geometry.num_layers]
+    runner = SegmentRunner(
+        model.config, geometry.text_config, decoder, layers, layer_types_of(geometry.text_config), adapter.positions,
+        cache, use_cache, prepared.layer_arguments, config.group_by_length, bool(call.output_hidden_states),
+        adapter.positions.at(chunk.positions, last_valid(valid)) if track_shift else None,
+    )
+
+    bounds = segment_bounds(config, len(layers))
+    plans, visual_counts, queries, keys = [], [spans.tokens_per_sample(batch)], [], []
+    all_hidden = (chunk.hidden,) if call.output_hidden_states else None
+    reshaped, previous = False, None
+    for segment, segment_layers in enumerate(bounds):
+        if segment > 0 and len(chunk.spans):
+            stage = segment - 1
+            stage_layer = config.stages[stage].layer
+            plan = strategy.plan(stage, StageInput(
+                hidden=chunk.hidden, spans=chunk.spans, query_index=chunk.router_index, valid=chunk.valid,
+                forced=None if forced is None else forced[stage], layer=layers[stage_layer] if stage_layer >= 0 else None,
+                layer_input=previous.last_layer_input, position_embeddings=previous.position_embeddings,
+            ))
+            plans.append(plan)
+            chunk, changed = shrink(chunk, plan, config.positions, adapter.positions)
+            reshaped = reshaped or changed
+            visual_counts.append(chunk.spans.tokens_per_sample(batch))
+        previous = runner.run(segment, segment_layers, chunk, reshaped)
+        chunk = previous.chunk
+        if all_hidden is not None:
+            all_hidden += previous.layer_outputs
+        queries.append(previous.queries)
+        keys.append(previous.keys)
+
+    logits = adapter.lm_head(model)(slice_logits_to_keep(decoder.norm(chunk.hidden), call.logits_to_keep))
+    lm_loss = None
+    if call.labels is not None:
+        lm_loss = model.loss_function(logits=logits, labels=chunk.labels, vocab_size=geometry.text_config.vocab_size,
+                                      **call.loss)
+    auxiliary = None
+    if plans and (call.labels is not None or strategy.training):  # a loss term: not spent on plain inference
+        visual = host_tensor(visual_counts[0], device)
+        auxiliary = strategy.auxiliary_loss(plans, TokenCounts(text=valid.sum(1) - visual, visual=visual))
+    loss = lm_loss
+    if lm_loss is not None and strategy.training:
+        loss = strategy.total_loss(lm_loss, auxiliary)
+    output = PyramidCausalLMOutput(
+        loss=loss,
+        logits=logits,
+        past_key_values=cache if use_cache else None,
+        hidden_states=all_hidden,
+        lm_loss=lm_loss,
+        routing_loss=auxiliary,
+        routing=(routing_record(geometry.text_config, strategy, plans, visual_counts, queries, keys, bounds)
+                 if prefill else None),
+        labels=chunk.labels,
+        attention_mask=chunk.valid.long(),
+    )
+    return output if call.return_dict is not False else output.to_tuple()

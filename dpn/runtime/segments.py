@@ -1,0 +1,219 @@
+"""Segments: the decoder layers between two stages, run on one layout.
+
+Each segment gets its own attention masks (``create_causal_mask`` from its 2D key mask) and rotary
+embeddings; after a stage with per-sample routing, samples of similar length may run the
+segment's layers as separate groups (``length_groups``), each padded to its own longest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from dpn.runtime.cache import PyramidCache
+from dpn.runtime.inputs import last_valid
+from dpn.runtime.layout import Chunk
+from dpn.transfer import host_tensor
+
+# Length grouping (``length_groups``): samples within 10% of their group's longest share a group;
+# grouping is used when it cuts the token rows computed by at least 15%.
+PADDING_TOLERANCE = 0.1
+MIN_GROUPING_SAVING = 0.15
+MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+
+
+def segment_bounds(config, num_layers: int) -> list[tuple[int, int]]:
+    edges = [0, *(stage.layer + 1 for stage in config.stages), num_layers]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def layer_types_of(text_config: Any) -> list[str]:
+    layer_types = getattr(text_config, "layer_types", None)
+    if layer_types:
+        return list(layer_types)
+    kind = "sliding_attention" if getattr(text_config, "sliding_window", None) is not None else "full_attention"
+    return [kind] * text_config.num_hidden_layers
+
+
+def attention_masks(text_config, layer_types, first, end, hidden, key_mask, cache, positions) -> dict[str, Any]:
+    masks = {}
+    for index in range(first, end):
+        kind = layer_types[index]
+        if kind in masks:
+            continue
+        if kind not in MASK_FUNCTIONS:
+            raise ValueError(f"dpn does not support decoder layers of type {kind!r}")
+        masks[kind] = MASK_FUNCTIONS[kind](
+            config=text_config,
+            inputs_embeds=hidden,
+            attention_mask=key_mask,
+            past_key_values=cache,
+            position_ids=positions,
+            layer_idx=index,
+        )
+    return masks
+
+
+def prepare_cache(past_key_values: Any, use_cache: bool, model_config: Any, num_segments: int):
+    if isinstance(past_key_values, PyramidCache):
+        if past_key_values.num_segments != num_segments:
+            raise ValueError(
+                f"this PyramidCache has {past_key_values.num_segments} segments but the pyramid has {num_segments}"
+            )
+        return past_key_values
+    if past_key_values is not None:
+        if past_key_values.get_seq_length() > 0:
+            raise ValueError(
+                f"past_key_values is a filled {type(past_key_values).__name__} from a model without this pyramid; "
+                "its layers do not match the pyramid's layouts. Start from an empty cache or a PyramidCache."
+            )
+        return PyramidCache(config=model_config, num_segments=num_segments)
+    return PyramidCache(config=model_config, num_segments=num_segments) if use_cache else None
+
+
+def run_layers(layers, layer_types, bounds, hidden, masks, position_embeddings, positions, cache, use_cache: bool,
+               layer_arguments: dict) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Run decoder layers ``bounds[0]..bounds[1]-1``: the output, the last layer's input, every layer's output."""
+    outputs = ()
+    layer_input = hidden
+    for index in range(*bounds):
+        layer_input = hidden
+        hidden = layers[index](
+            hidden,
+            attention_mask=masks[layer_types[index]],
+            position_embeddings=position_embeddings,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=use_cache,
+            **layer_arguments,
+        )
+        outputs += (hidden,)
+    return hidden, layer_input, outputs
+
+
+def length_groups(lengths: list[int], width: int, device: torch.device) -> list[tuple[torch.Tensor, int]] | None:
+    """Split a left-padded batch of ``width`` columns and per-sample ``lengths`` (real tokens, known
+    on the host) into groups of similar length, or None when that saves little.
+
+    After a stage with per-sample routing, one sample that kept every token sets the padded length
+    of the whole batch, and every layer would run at that length. Groups of samples whose lengths
+    are within ``PADDING_TOLERANCE`` of their longest run separately, each padded to its own longest.
+    Returns (sample indices, padded length) per group, when the token rows computed fall by at least
+    ``MIN_GROUPING_SAVING``.
+    """
+    batch = len(lengths)
+    order = sorted(range(batch), key=lambda sample: -lengths[sample])  # stable: ties keep batch order
+    sorted_lengths = [lengths[sample] for sample in order]
+    groups, start = [], 0
+    for i in range(1, batch + 1):
+        if i == batch or sorted_lengths[i] < sorted_lengths[start] * (1 - PADDING_TOLERANCE):
+            groups.append((host_tensor(order[start:i], device), max(1, sorted_lengths[start])))
+            start = i
+    rows = sum(len(members) * length for members, length in groups)
+    if len(groups) == 1 or rows > (1 - MIN_GROUPING_SAVING) * batch * width:
+        return None
+    return groups
+
+
+def run_length_groups(model_config, text_config, layer_types, layers, bounds, chunk: Chunk, positions, groups,
+                      cache, use_cache: bool, rotary, layer_arguments: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run one segment's layers group by group (see ``length_groups``); returns the segment's output
+    and the last layer's input in the full left-padded layout, and fills ``cache`` as one call would."""
+    first, end = bounds
+    length = chunk.hidden.shape[1]
+    outputs, last_inputs, group_caches = [], [], []
+    for members, group_length in groups:
+        window = slice(length - group_length, length)
+        hidden = chunk.hidden[members, window]
+        group_positions = positions[members, window]
+        group_cache = DynamicCache(config=model_config) if cache is not None else None
+        masks = attention_masks(text_config, layer_types, first, end, hidden, chunk.valid[members, window],
+                                 group_cache, group_positions)
+        hidden, layer_input, _ = run_layers(layers, layer_types, bounds, hidden, masks, rotary(hidden, group_positions),
+                                             group_positions, group_cache, use_cache, layer_arguments)
+        left = (0, 0, length - group_length, 0)  # pad the sequence dimension on the left
+        outputs.append(F.pad(hidden, left))
+        last_inputs.append(F.pad(layer_input, left))
+        group_caches.append((group_cache, left))
+    order = torch.cat([members for members, _ in groups])
+
+    def merge(parts: list[torch.Tensor]) -> torch.Tensor:
+        stacked = torch.cat(parts)
+        return stacked.new_zeros(stacked.shape).index_copy(0, order, stacked)
+
+    if cache is not None and use_cache:
+        for index in range(first, end):
+            keys = merge([F.pad(c.layers[index].keys, left) for c, left in group_caches])
+            values = merge([F.pad(c.layers[index].values, left) for c, left in group_caches])
+            cache.update(keys, values, index)
+    return merge(outputs), merge(last_inputs)
+
+
+# ------------------------------------------------------------------------------------- running
+@dataclass
+class SegmentResult:
+    chunk: Chunk  # the segment's output layout and hidden states
+    last_layer_input: torch.Tensor | None  # input of its last layer (what a stage after it may rank with)
+    position_embeddings: Any  # the rotary (cos, sin) its layers ran with
+    layer_outputs: tuple[torch.Tensor, ...]  # every layer's output (only when hidden states are collected)
+    queries: torch.Tensor  # (batch,) tokens each of its layers processed per sample
+    keys: torch.Tensor  # (batch,) keys each of its layers attended to per sample
+
+
+@dataclass
+class SegmentRunner:
+    """Runs one call's segments; holds what is fixed for the call (nothing about it stays on the model)."""
+
+    model_config: Any
+    text_config: Any
+    decoder: torch.nn.Module
+    layers: list
+    layer_types: list[str]
+    policy: Any  # the adapter's position policy
+    cache: PyramidCache | None
+    use_cache: bool
+    layer_arguments: dict
+    group_by_length: bool
+    collect_hidden: bool
+    input_last: torch.Tensor | None  # (batch,) last input position, when renumbered segments must record a shift
+
+    def run(self, segment: int, bounds: tuple[int, int], chunk: Chunk, reshaped: bool) -> SegmentResult:
+        first, end = bounds
+        batch, device, cache = chunk.valid.shape[0], chunk.valid.device, self.cache
+        shift = cache.shift(segment) if cache is not None else 0
+        positions = self.policy.shifted(chunk.positions, shift)
+        past_mask = (cache.past_mask(segment, batch, device) if cache is not None
+                     else torch.zeros(batch, 0, dtype=torch.bool, device=device))
+        position_embeddings = self.decoder.rotary_emb(chunk.hidden, positions)
+        groups = None
+        if (reshaped and not self.collect_hidden and past_mask.shape[1] == 0 and end > first and self.group_by_length
+                and all(self.layer_types[index] == "full_attention" for index in range(first, end))):
+            groups = length_groups(chunk.lengths, chunk.valid.shape[1], device)
+        outputs: tuple[torch.Tensor, ...] = ()
+        if groups is not None:
+            hidden, last_input = run_length_groups(
+                self.model_config, self.text_config, self.layer_types, self.layers, bounds, chunk, positions, groups,
+                cache, self.use_cache, self.decoder.rotary_emb, self.layer_arguments,
+            )
+        else:
+            key_mask = torch.cat([past_mask, chunk.valid], dim=1)
+            masks = attention_masks(self.text_config, self.layer_types, first, end, chunk.hidden, key_mask, cache,
+                                    positions)
+            hidden, last_input, outputs = run_layers(self.layers, self.layer_types, bounds, chunk.hidden, masks,
+                                                     position_embeddings, positions, cache, self.use_cache,
+                                                     self.layer_arguments)
+        chunk = replace(chunk, hidden=hidden)
+        if cache is not None:
+            new_shift = None
+            if reshaped and self.input_last is not None:
+                # Later tokens come with input positions; this segment's positions lag by what pooling removed.
+                segment_last = self.policy.at(chunk.positions, last_valid(chunk.valid))
+                new_shift = shift + (self.input_last - segment_last)
+            cache.append(segment, chunk.valid, new_shift)
+        queries = chunk.valid.sum(1)
+        return SegmentResult(chunk, last_input, position_embeddings, outputs, queries, past_mask.sum(1) + queries)

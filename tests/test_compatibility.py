@@ -1,0 +1,75 @@
+"""Version-1 files and outputs: what the code before the version-2 config wrote still loads and
+gives bit-identical outputs (fixtures in tests/fixtures/v1, written by make_fixtures.py there)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import dpn
+from dpn.config import read_config
+from helpers import IMAGE_TOKEN_ID, batch_of, make_prompt, pixels, tiny_llava
+
+V1 = Path(__file__).parent / "fixtures" / "v1"
+FORCED = [[0, 1, 2], [2, 1, 0], [1, 2, 1], [-1, -1, -1]]
+EXPECTED = load_file(V1 / "outputs.safetensors")
+
+
+def fixture_batch():
+    """The batch make_fixtures.py used: left-padded, mixed lengths, a two-image sample, a text-only one."""
+    prompts = [make_prompt(3, 5, seed=1), make_prompt(9, 2, seed=2), make_prompt(1, 2, images=2, seed=4),
+               [11, 12, 13, 14, 15, 16, 17]]
+    batch = batch_of(prompts)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[labels == IMAGE_TOKEN_ID] = -100
+    return {**batch, "pixel_values": pixels(4), "labels": labels}
+
+
+def assert_outputs(model, forced, name):
+    with torch.no_grad():
+        out = model(**fixture_batch(), force_experts=forced)
+    assert torch.equal(out.logits, EXPECTED[f"{name}.logits"])
+    assert torch.equal(out.loss.reshape(1), EXPECTED[f"{name}.loss"])
+
+
+@pytest.mark.parametrize("name", ["static", "random", "projector", "fastv", "pdrop"])
+def test_version_1_configs_load_and_give_the_same_logits(name):
+    config = dpn.PyramidConfig.load(V1 / f"{name}.json")
+    assert config.version == 2 and config.strategy.name == name
+    model = tiny_llava(seed=0)
+    dpn.apply_pyramid(model, config)
+    forced = None
+    if name in ("static", "random", "projector"):
+        forced = [[min(e, len(s.experts) - 1) for e, s in zip(row, config.stages)] for row in FORCED]
+    assert_outputs(model, forced, name)
+
+
+@pytest.mark.parametrize("name", ["dpn", "dpn_biased"])
+def test_version_1_dpn_checkpoints_load_and_give_the_same_outputs(name):
+    model = dpn.load_pyramid(tiny_llava(seed=0), V1 / name)
+    assert_outputs(model, FORCED, f"{name}.forced")
+    assert_outputs(model, None, f"{name}.routed")  # the routers decide: their weights (and bias) came back
+    batch = fixture_batch()
+    batch.pop("labels")
+    with torch.no_grad():
+        generated = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated, EXPECTED[f"{name}.generated"])
+
+
+def test_version_1_migration_moves_each_field_where_it_now_lives(tmp_path):
+    config, inference = read_config(V1 / "dpn_biased")
+    assert config.strategy == dpn.DPNConfig(pooling="avg", probability_scale="none")
+    assert config.positions == "keep" and inference == {"router_bias": "0.8"}
+    model = dpn.load_pyramid(tiny_llava(seed=0), V1 / "dpn_biased")
+    assert dpn.get_router_bias(model) == 0.8
+    # Saved again, it is a version-2 pair whose config no longer holds the bias; it reloads the same.
+    dpn.save_pyramid(model, tmp_path)
+    saved = json.loads((tmp_path / "pyramid_config.json").read_text())
+    assert saved["version"] == 2 and "router_bias" not in json.dumps(saved)
+    assert dpn.get_router_bias(dpn.load_pyramid(tiny_llava(seed=0), tmp_path)) == 0.8
+    # The v1 paper config is what today's preset builds.
+    assert dpn.PyramidConfig.load(V1 / "dpn") == dpn.presets.paper(tiny_llava().config)
