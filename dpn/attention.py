@@ -49,16 +49,33 @@ def query_attention(
     rows = torch.arange(batch, device=layer_input.device)
     normed = layer.input_layernorm(layer_input)
     query = attention.q_proj(normed[rows, query_index]).view(batch, 1, -1, head_dim)
-    keys = attention.k_proj(normed).view(batch, length, -1, head_dim)
     if hasattr(attention, "q_norm"):
-        query, keys = attention.q_norm(query), attention.k_norm(keys)
+        query = attention.q_norm(query)
     cos, sin = position_embeddings
-    cos, sin = cos.to(query.dtype), sin.to(query.dtype)
-    query = _rotate(query, cos[rows, query_index][:, None, None], sin[rows, query_index][:, None, None])
-    keys = _rotate(keys, cos[:, :, None], sin[:, :, None])
+    query = _rotate(query, cos.to(query.dtype)[rows, query_index][:, None, None],
+                    sin.to(query.dtype)[rows, query_index][:, None, None])
+    keys = _rotated_keys(attention, normed, position_embeddings)
     query, keys = query.transpose(1, 2).float(), keys.transpose(1, 2).float()  # (b, H, 1, hd), (b, G, L, hd)
     keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
     scores = (query @ keys.transpose(-1, -2)).squeeze(2) * attention.scaling  # (b, H, L)
     visible = valid & (torch.arange(length, device=valid.device)[None, :] <= query_index[:, None])
     scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
     return torch.softmax(scores, dim=-1).mean(1)
+
+
+def _rotated_keys(attention: nn.Module, normed: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """(batch, length, key heads, head_dim): the attention's keys of the normed layer input, rotated."""
+    batch, length, _ = normed.shape
+    keys = attention.k_proj(normed).view(batch, length, -1, attention.head_dim)
+    if hasattr(attention, "k_norm"):
+        keys = attention.k_norm(keys)
+    cos, sin = position_embeddings
+    return _rotate(keys, cos.to(keys.dtype)[:, :, None], sin.to(keys.dtype)[:, :, None])
+
+
+@torch.no_grad()
+def layer_keys(layer: nn.Module, layer_input: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """(batch, length, key heads * head_dim): the keys ``layer`` computes for ``layer_input``, after
+    its rotary embedding, every key head side by side (what DART scores its pivots by)."""
+    keys = _rotated_keys(layer.self_attn, layer.input_layernorm(layer_input), position_embeddings)
+    return keys.flatten(2)

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from dpn.models import geometry_of
+
 GIGA = 1e9
 FLOPS_PER_MAC = 2
 GATED_MLP_MATRICES = 3  # gate, up and down projections
@@ -84,11 +86,12 @@ def segment_layer_tokens(num_layers: int, stage_layers: list[int], segment_token
     return counts
 
 
-def path_flops(geometry: Any, pyramid: Any, text_tokens: int) -> list[dict]:
-    """One row per routing path of ``pyramid`` (a ``PyramidConfig``) on a model of ``geometry`` (a
-    ``dpn.ModelGeometry``): labels, visual tokens per segment, LLM prefill GFLOPs and the ratio to
-    the vanilla model, for one image and ``text_tokens`` text tokens. The paths come from the
-    strategy's config (``token_paths``), so every registered strategy is counted the same way."""
+def path_flops(model: Any, pyramid: Any, text_tokens: int) -> list[dict]:
+    """One row per routing path of ``pyramid`` (a ``PyramidConfig``) on ``model`` (a model, its
+    config or its ``ModelGeometry``): labels, visual tokens per segment, LLM prefill GFLOPs and the
+    ratio to the vanilla model, for one image and ``text_tokens`` text tokens. The paths come from
+    the strategy's config (``token_paths``), so every registered strategy is counted the same way."""
+    geometry = geometry_of(model)
     if geometry.image_grids is None:
         raise ValueError(f"{geometry.model_type} images have no fixed grid; FLOPs per path need one")
     text_config, num_layers = geometry.text_config, geometry.num_layers

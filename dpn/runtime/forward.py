@@ -95,6 +95,7 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
                 hidden=chunk.hidden, spans=chunk.spans, query_index=chunk.router_index, valid=chunk.valid,
                 forced=None if forced is None else forced[stage], layer=layers[stage_layer] if stage_layer >= 0 else None,
                 layer_input=previous.last_layer_input, position_embeddings=previous.position_embeddings,
+                decoder=decoder,
             ))
             plans.append(plan)
             chunk, changed = shrink(chunk, plan, config.positions, adapter.positions)

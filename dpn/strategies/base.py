@@ -189,6 +189,8 @@ class StageInput:
         layer: the stage's decoder layer (None before the first layer).
         layer_input: (batch, length, d) input of that layer (None before the first layer).
         position_embeddings: the rotary (cos, sin) that layer ran with.
+        decoder: the text decoder (its ``norm``, ``layers``, ``rotary_emb``), for strategies that
+            need more of the model than the stage's layer.
     """
 
     hidden: torch.Tensor
@@ -199,6 +201,7 @@ class StageInput:
     layer: nn.Module | None = None
     layer_input: torch.Tensor | None = None
     position_embeddings: Any = None
+    decoder: nn.Module | None = None
 
 
 @dataclass
