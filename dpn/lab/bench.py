@@ -32,10 +32,11 @@ from tqdm.auto import tqdm
 
 from dpn.api import apply_pyramid, pyramid_disabled, remove_pyramid
 from dpn.lab.architectures import llava_config
+from dpn import presets
 from dpn.config import PyramidConfig
 from dpn.lab.evaluate import greedy_continue
 from dpn.flops import vision_flops
-from dpn.models import get_adapter
+from dpn.models import geometry_of
 from dpn.lab.timing import paired_medians, sync
 
 ROUTINGS = ("weakest", "mixed", "strongest")
@@ -102,15 +103,14 @@ def build_model(preset: str, dtype: torch.dtype, attention: str, device: torch.d
 
 def make_batch(model, batch_size: int, text_tokens: int, device: torch.device, dtype: torch.dtype, seed: int):
     """One image per sample between two halves of random text, no padding."""
-    adapter = get_adapter(model)
-    grid = adapter.visual_grid(model.config)
-    image_token = adapter.image_token_id(model.config)
-    vocab = adapter.text_config(model.config).vocab_size
+    geometry = geometry_of(model)
+    image_token = geometry.image_token_id
+    vocab = geometry.text_config.vocab_size
     generator = torch.Generator().manual_seed(seed)
     text = torch.randint(0, vocab, (batch_size, text_tokens), generator=generator)
     text[text == image_token] = 0
     half = text_tokens // 2
-    images = torch.full((batch_size, grid[0] * grid[1]), image_token)
+    images = torch.full((batch_size, geometry.image_tokens), image_token)
     input_ids = torch.cat([text[:, :half], images, text[:, half:]], dim=1)
     size = model.config.vision_config.image_size
     pixel_values = torch.randn(batch_size, 3, size, size, generator=generator)
@@ -154,15 +154,15 @@ def bench_preset(preset: str, options: BenchOptions, device: torch.device) -> It
     """Measure every batch size and case of ``preset``, yielding each row as it is ready."""
     dtype = getattr(torch, options.dtype)
     model = build_model(preset, dtype, options.attention, device)
-    adapter = get_adapter(model)
-    paper = PyramidConfig.paper_default(model.config, sample_in_training=False)
+    geometry = geometry_of(model)
+    paper = presets.paper(model.config, sample_in_training=False)
     cases = [(routing, paper, routing) for routing in options.routings]
-    cases += [(spec, PyramidConfig.from_spec(spec, model.config), None) for spec in options.strategies]
+    cases += [(spec, presets.from_spec(spec, model.config), None) for spec in options.strategies]
     for batch_size in options.batch_sizes:
         batch = make_batch(model, batch_size, options.text_tokens, device, dtype, options.seed)
         labels = batch["input_ids"].clone()
         labels[:, : -max(1, labels.shape[1] // 8)] = -100
-        vision = batch_size * vision_flops(model.config.vision_config, adapter.hidden_size(model.config))
+        vision = batch_size * vision_flops(model.config.vision_config, geometry.hidden_size)
         vanilla_memory = _peak_memory_of(lambda: _prefill(model, batch), device)
         for name, pyramid, routing in cases:
             apply_pyramid(model, pyramid)
@@ -247,7 +247,7 @@ def run_bench(options: BenchOptions, device: torch.device | None = None, json_pa
     if unknown:
         raise ValueError(f"unknown routings {sorted(unknown)}; choose from {ROUTINGS}")
     for spec in options.strategies:  # a typo should fail now, not after the first preset's timings
-        PyramidConfig.from_spec(spec, llava_config(options.presets[0]))
+        presets.from_spec(spec, llava_config(options.presets[0]))
     report = {
         "device": device_description(device), "torch": torch.__version__, "dtype": options.dtype,
         "attention": options.attention, "options": asdict(options), "rows": [],

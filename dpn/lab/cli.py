@@ -17,11 +17,14 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from dpn import presets
+from dpn.config import PyramidConfig
+from dpn.flops import GIGA, decoder_flops, path_flops, vision_flops
 from dpn.lab.architectures import ARCHITECTURES, llava_config
 from dpn.lab.bench import ROUTINGS
-from dpn.config import PROBABILITY_SCALES, SPEC_HELP, PyramidConfig
-from dpn.flops import GIGA, decoder_flops, path_flops, vision_flops
-from dpn.models import get_adapter
+from dpn.lab.compare import TRAINING_FREE
+from dpn.models import geometry_of
+from dpn.strategies.dpn import PROBABILITY_SCALES
 
 DEFAULT_TEXT_TOKENS = 64  # a typical LLaVA-1.5 prompt around one image
 
@@ -29,26 +32,28 @@ DEFAULT_TEXT_TOKENS = 64  # a typical LLaVA-1.5 prompt around one image
 def _flops_command(args: argparse.Namespace) -> int:
     console = Console()
     model_config = llava_config(args.preset)
-    pyramid = PyramidConfig.load(args.pyramid) if args.pyramid else PyramidConfig.paper_default(model_config)
-    adapter = get_adapter(model_config)
-    pyramid.validate_for(adapter.num_layers(model_config), adapter.visual_grid(model_config))
-    rows = path_flops(model_config, pyramid, args.text_tokens)
-    text_config = adapter.text_config(model_config)
-    grid = adapter.visual_grid(model_config)
-    vanilla_tokens = args.text_tokens + grid[0] * grid[1]
-    vanilla = decoder_flops(text_config, [vanilla_tokens] * adapter.num_layers(model_config))
+    pyramid = presets.from_spec(args.pyramid, model_config) if args.pyramid else presets.paper(model_config)
+    if pyramid is None:
+        raise ValueError("dpn flops needs a pyramid; 'none' has nothing to count")
+    geometry = geometry_of(model_config)
+    pyramid.validate_for(geometry)
+    rows = path_flops(geometry, pyramid, args.text_tokens)
+    text_config = geometry.text_config
+    vanilla = decoder_flops(text_config, [args.text_tokens + geometry.image_tokens] * geometry.num_layers)
     vision = vision_flops(model_config.vision_config, text_config.hidden_size)
+    stage_layers = [s.layer for s in pyramid.stages]
     if args.json:
         print(json.dumps({
-            "preset": args.preset, "text_tokens": args.text_tokens, "grid": list(grid),
-            "stage_layers": [s.layer for s in pyramid.stages], "vanilla_llm_gflops": vanilla / GIGA,
+            "preset": args.preset, "text_tokens": args.text_tokens, "grid": list(geometry.image_grids[0]),
+            "strategy": pyramid.strategy.name, "stage_layers": stage_layers, "vanilla_llm_gflops": vanilla / GIGA,
             "vision_gflops": vision / GIGA, "paths": rows,
         }, indent=2))
         return 0
+    grids = " + ".join(f"{r}x{c}" for r, c in geometry.image_grids)
     console.print(
-        f"[bold]{args.preset}[/]: {adapter.num_layers(model_config)} layers, d={text_config.hidden_size}, "
-        f"{grid[0]}x{grid[1]} = {grid[0] * grid[1]} visual tokens + {args.text_tokens} text tokens, "
-        f"stages after layers {[s.layer for s in pyramid.stages]} (0-indexed)"
+        f"[bold]{args.preset}[/]: {geometry.num_layers} layers, d={text_config.hidden_size}, "
+        f"{grids} = {geometry.image_tokens} visual tokens + {args.text_tokens} text tokens, "
+        f"{pyramid.strategy.name} stages after layers {stage_layers} (0-indexed)"
     )
     console.print(
         f"vanilla LLM prefill: {vanilla / GIGA:.1f} GFLOPs; vision tower + projector: {vision / GIGA:.1f} GFLOPs "
@@ -78,22 +83,21 @@ def _trace(console: Console, model_config, pyramid: PyramidConfig, text_tokens: 
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from dpn.api import apply_pyramid
+    from dpn.api import apply_pyramid, get_pyramid
 
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(model_config).eval()
     apply_pyramid(model, pyramid)
-    adapter = get_adapter(model_config)
-    grid = adapter.visual_grid(model_config)
-    vocab = adapter.text_config(model_config).vocab_size
-    image_token = adapter.image_token_id(model_config)
+    geometry = geometry_of(model_config)
+    image_token = geometry.image_token_id
     before = text_tokens // 2
-    text = torch.randint(0, vocab, (text_tokens,))
+    text = torch.randint(0, geometry.text_config.vocab_size, (text_tokens,))
     text[text == image_token] = 0
-    ids = torch.cat([text[:before], torch.full((grid[0] * grid[1],), image_token), text[before:]])[None]
+    ids = torch.cat([text[:before], torch.full((geometry.image_tokens,), image_token), text[before:]])[None]
     size = model_config.vision_config.image_size
-    experts = 0 if pyramid.selects_tokens else max(len(s.experts) for s in pyramid.stages)
-    paths = {"as configured (random weights)": None, **{f"all expert {i}": i for i in range(experts)}}
+    strategy = get_pyramid(model)
+    choices = [strategy.num_choices(stage) for stage in range(len(pyramid.stages))]
+    paths = {"as configured (random weights)": None, **{f"all expert {i}": i for i in range(max(choices))}}
     table = Table(title="tokens per decoder layer, one forward (text + visual)")
     table.add_column("routing")
     table.add_column("experts")
@@ -101,7 +105,7 @@ def _trace(console: Console, model_config, pyramid: PyramidConfig, text_tokens: 
     table.add_column("FLOPs ratio", justify="right")
     for name, forced in paths.items():
         if forced is not None:
-            forced = [min(forced, len(s.experts) - 1) for s in pyramid.stages]
+            forced = [min(forced, n - 1) for n in choices]
         with torch.no_grad():
             out = model(input_ids=ids, pixel_values=torch.randn(1, 3, size, size), force_experts=forced)
         routing = out.routing
@@ -129,16 +133,10 @@ def _synth_command(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace) -> int:
-    from dpn.lab.train import TrainOptions, train
+    from dpn.lab.train import parse_train_args, train
 
-    options = TrainOptions(
-        data=args.data, output_dir=args.output, image_folder=args.image_folder, pyramid=args.pyramid,
-        init_from=args.init_from, freeze_vision=args.freeze_vision, max_steps=args.steps,
-        batch_size=args.batch_size, gradient_accumulation=args.grad_accum, learning_rate=args.lr,
-        router_learning_rate=args.router_lr, warmup_steps=args.warmup_steps, save_steps=args.save_steps,
-        logging_steps=args.logging_steps, seed=args.seed, max_length=args.max_length, limit=args.limit,
-    )
-    out = train(options)
+    options, training_args = parse_train_args(args.train_argv)  # exits 2 on a bad flag, prints --help
+    out = train(options, training_args)
     print(f"model written to {out}")
     return 0
 
@@ -191,7 +189,7 @@ def _compare_command(args: argparse.Namespace) -> int:
     run_compare(CompareOptions(
         base=args.base, train_data=args.train_data, test_data=args.test_data, out_dir=args.out, seeds=args.seeds,
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, router_learning_rate=args.router_lr,
-        train_limit=args.train_limit, test_limit=args.test_limit, fastv_ratios=args.fastv, pdrop_ratios=args.pdrop,
+        train_limit=args.train_limit, test_limit=args.test_limit, training_free=args.training_free,
         static_strides=args.static, projector_strides=args.projector, dpn_budgets=args.dpn_budget,
         ablations=not args.no_ablations, markdown=args.markdown, image_dir=args.image_dir, command=command,
     ))
@@ -233,24 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "model learns; see dpn.lab.data.synthetic.FAMILIES)")
     synth.set_defaults(handler=_synth_command)
 
-    trainer = commands.add_parser("train", help="train or fine-tune a LLaVA model, with or without a pyramid")
-    trainer.add_argument("--data", required=True, help="LLaVA-format JSON file")
-    trainer.add_argument("--image-folder", help="folder the JSON's image paths are relative to (default: its folder)")
-    trainer.add_argument("--output", required=True, help="output directory (resumes from its last checkpoint)")
-    trainer.add_argument("--pyramid", default="paper", help=SPEC_HELP)
-    trainer.add_argument("--init-from", help="checkpoint to fine-tune (default: a fresh tiny LLaVA)")
-    trainer.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
-    trainer.add_argument("--steps", type=int, default=500, help="optimizer steps")
-    trainer.add_argument("--batch-size", type=int, default=32)
-    trainer.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    trainer.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (cosine schedule)")
-    trainer.add_argument("--router-lr", type=float, help="learning rate of the routers (default: --lr)")
-    trainer.add_argument("--warmup-steps", type=int, default=50)
-    trainer.add_argument("--save-steps", type=int, default=100, help="checkpoint every N steps")
-    trainer.add_argument("--logging-steps", type=int, default=10)
-    trainer.add_argument("--seed", type=int, default=0)
-    trainer.add_argument("--max-length", type=int, default=2048, help="longest tokenised sample")
-    trainer.add_argument("--limit", type=int, help="use only the first N samples")
+    # dpn train's flags (dpn's TrainOptions and every TrainingArguments field) are parsed by
+    # dpn.lab.train.train_parser, an HfArgumentParser: this subparser takes its words as they are
+    # (no "-" prefix, so no flag of its own, not even --help) and hands them over.
+    trainer = commands.add_parser(
+        "train", help="train or fine-tune a LLaVA model, with or without a pyramid (every Trainer option "
+                      "is a flag: dpn train --help)", add_help=False, prefix_chars="\0")
+    trainer.add_argument("train_argv", nargs="*", metavar="FLAG", help="see dpn train --help")
     trainer.set_defaults(handler=_train_command)
 
     evaluator = commands.add_parser("eval", help="accuracy and efficiency on LLaVA-format data (resumable)")
@@ -258,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--data", required=True, help="LLaVA-format JSON file")
     evaluator.add_argument("--image-folder", help="folder the JSON's image paths are relative to (default: its folder)")
     evaluator.add_argument("--output", required=True, help="results directory (an interrupted run resumes)")
-    evaluator.add_argument("--pyramid", default="saved", help=f"saved (the one beside the model) | {SPEC_HELP}")
+    evaluator.add_argument("--pyramid", default="saved", help=f"saved (the one beside the model) | {presets.spec_help()}")
     evaluator.add_argument("--batch-size", type=int, default=32)
     evaluator.add_argument("--max-new-tokens", type=int, default=8)
     evaluator.add_argument("--limit", type=int, help="evaluate only the first N samples")
@@ -294,8 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--router-lr", type=float, default=1e-3)
     compare.add_argument("--train-limit", type=int, help="fine-tune on the first N samples")
     compare.add_argument("--test-limit", type=int, help="evaluate on the first N samples")
-    compare.add_argument("--fastv", type=float, nargs="+", default=[0.75, 0.5, 0.25], help="FastV keep ratios")
-    compare.add_argument("--pdrop", type=float, nargs="+", default=[0.75, 0.5, 0.25], help="PyramidDrop keep ratios")
+    compare.add_argument("--training-free", nargs="+", default=list(TRAINING_FREE), metavar="SPEC",
+                         help="training-free strategies run on the vanilla fine-tune (any --pyramid spec); "
+                              f"default: {' '.join(TRAINING_FREE)}")
     compare.add_argument("--static", nargs="+", default=["1x2", "2x2"], help="static strides")
     compare.add_argument("--projector", nargs="+", default=["2x2", "3x3"], help="projector-side pooling strides")
     compare.add_argument("--dpn-budget", type=float, nargs="+", default=[0.8, 0.6],
@@ -323,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(handler=_bench_command)
     flops = commands.add_parser("flops", help="per-stage visual tokens and LLM FLOPs of a pyramid on a real geometry")
     flops.add_argument("--preset", default="llava-1.5-7b", choices=sorted(ARCHITECTURES))
-    flops.add_argument("--pyramid", help="a pyramid_config.json (default: the paper's schedule for the preset)")
+    flops.add_argument("--pyramid", help=f"{presets.spec_help()} (default: paper)")
     flops.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="text tokens around the image")
     flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flops.add_argument("--trace", action="store_true",

@@ -12,6 +12,7 @@ top) and accuracy-vs-FLOPs Pareto plots: overall and per difficulty.
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 import time
@@ -23,9 +24,12 @@ from rich.console import Console
 from transformers import LlavaConfig
 
 from dpn.budget import UnreachableBudgetError
+from dpn import presets
 from dpn.config import PyramidConfig
+from dpn.models import geometry_of
+from dpn.strategies.pooling import PoolingStage
 from dpn.lab.evaluate import SUMMARY, EvalOptions, evaluate
-from dpn.lab.train import TrainOptions, train
+from dpn.lab.train import PyramidTrainingArguments, TrainOptions, train
 
 # Written in an evaluation's folder instead of its summary when its FLOPs target is unreachable.
 SKIPPED = "skipped.txt"
@@ -33,9 +37,12 @@ SKIPPED = "skipped.txt"
 DIFFICULTIES = ("easy", "medium", "hard")
 # FLOPs ratios within this of each other count as matched when comparing strategies.
 MATCHED_FLOPS_SLACK = 0.02
-# Plot style per strategy family (matplotlib format strings).
+# The training-free points compare runs by default: FastV and PyramidDrop at three budgets each.
+TRAINING_FREE = ("fastv:0.75", "fastv:0.5", "fastv:0.25", "pdrop:0.75", "pdrop:0.5", "pdrop:0.25")
+# Plot style per strategy family (matplotlib format strings); other families take the spare styles.
 STYLES = {"vanilla": "k*", "dpn": "C3o-", "static": "C0s-", "projector": "C1^-", "random": "C7x",
           "fastv": "C2v-", "pdrop": "C4D-"}
+SPARE_STYLES = ("C5P-", "C6h-", "C8X-", "C9p-")
 
 
 @dataclass
@@ -65,8 +72,8 @@ class CompareOptions:
     test_limit: int | None = None
     static_strides: list[str] = field(default_factory=lambda: ["1x2", "2x2"])
     projector_strides: list[str] = field(default_factory=lambda: ["2x2", "3x3"])
-    fastv_ratios: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
-    pdrop_ratios: list[float] = field(default_factory=lambda: [0.75, 0.5, 0.25])
+    # Training-free strategies (any --pyramid spec), run on the vanilla fine-tune of each seed.
+    training_free: list[str] = field(default_factory=lambda: list(TRAINING_FREE))
     dpn_budgets: list[float] = field(default_factory=lambda: [0.8, 0.6])
     ablations: bool = True
     measure_latency: bool = True
@@ -89,20 +96,19 @@ def trained_variants(options: CompareOptions, model_config: Any, config_dir: Pat
 
 def ablation_configs(model_config: Any) -> dict[str, PyramidConfig]:
     """The paper's ablations of DPN: routing loss off, average pooling, stages early or late."""
-    paper = PyramidConfig.paper_default(model_config)
-    num_layers = model_config.text_config.num_hidden_layers
+    paper = presets.paper(model_config)
+    num_layers = geometry_of(model_config).num_layers
     count = len(paper.stages)
-    experts = [stage.experts for stage in paper.stages]
 
     def at(layers: list[int]) -> PyramidConfig:
-        stages = [{"layer": layer, "experts": e} for layer, e in zip(layers, experts)]
-        return PyramidConfig.from_dict({**paper.to_dict(), "stages": stages})
+        stages = [PoolingStage(layer, stage.experts) for layer, stage in zip(layers, paper.stages)]
+        return PyramidConfig(stages=stages, strategy=paper.strategy)
 
     early = list(range(count))
     late = list(range(num_layers - 1 - count, num_layers - 1))
     configs = {
-        "dpn, no routing loss": PyramidConfig.from_dict({**paper.to_dict(), "routing_loss": "none"}),
-        "dpn, avg pooling": PyramidConfig.from_dict({**paper.to_dict(), "pooling": "avg"}),
+        "dpn, no routing loss": presets.paper(model_config, routing_loss="none"),
+        "dpn, avg pooling": presets.paper(model_config, pooling="avg"),
     }
     if early != [s.layer for s in paper.stages]:
         configs["dpn, early stages"] = at(early)
@@ -116,8 +122,7 @@ def evaluation_points(options: CompareOptions, trained: dict[str, str]) -> list[
     points += [Point(f"dpn @ {b:g} FLOPs", "dpn", "dpn", budget=b) for b in options.dpn_budgets]
     points += [Point(name, name.split(":")[0], name) for name in trained if name.startswith(("static:", "projector:"))]
     points.append(Point("random", "random", "random"))
-    points += [Point(f"fastv:{r:g}", "fastv", "vanilla", pyramid=f"fastv:{r}") for r in options.fastv_ratios]
-    points += [Point(f"pdrop:{r:g}", "pdrop", "vanilla", pyramid=f"pdrop:{r}") for r in options.pdrop_ratios]
+    points += [Point(spec, spec.partition(":")[0], "vanilla", pyramid=spec) for spec in options.training_free]
     points += [Point(name, "dpn", name, ablation=True) for name in trained if name.startswith("dpn, ")]
     return points
 
@@ -197,11 +202,12 @@ def _finetune(options: CompareOptions, name: str, spec: str, seed: int, out: Pat
         return run_dir
     console.print(f"fine-tuning {name} (seed {seed})")
     return train(TrainOptions(
-        data=options.train_data, output_dir=str(run_dir), pyramid=spec, init_from=options.base,
-        max_steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
-        router_learning_rate=options.router_learning_rate, warmup_steps=max(1, options.steps // 10),
+        data=options.train_data, pyramid=spec, init_from=options.base,
+        router_learning_rate=options.router_learning_rate, limit=options.train_limit, progress=options.progress,
+    ), PyramidTrainingArguments(
+        output_dir=str(run_dir), max_steps=options.steps, per_device_train_batch_size=options.batch_size,
+        learning_rate=options.learning_rate, warmup_steps=max(1, options.steps // 10),
         save_steps=max(1, options.steps // 2), logging_steps=max(1, options.steps // 10), seed=seed,
-        limit=options.train_limit, progress=options.progress,
     ))
 
 
@@ -312,12 +318,14 @@ def plot_pareto(rows: list[dict[str, Any]], image_dir: Path) -> list[Path]:
     paths = []
     for metric in ("accuracy", *DIFFICULTIES):
         figure, axis = plt.subplots(figsize=(6, 4.2))
-        families = [f for f in STYLES if any(r["family"] == f and not r["ablation"] and r.get(metric) for r in rows)]
+        present = {r["family"] for r in rows if not r["ablation"] and r.get(metric)}
+        families = [f for f in STYLES if f in present] + sorted(present - set(STYLES))
+        styles = {**dict(zip(sorted(present - set(STYLES)), itertools.cycle(SPARE_STYLES))), **STYLES}
         for family in families:
             points = sorted((r for r in rows if r["family"] == family and not r["ablation"] and r.get(metric)),
                             key=lambda r: r["flops_ratio"][0])
             axis.errorbar([p["flops_ratio"][0] for p in points], [p[metric][0] for p in points],
-                          yerr=[p[metric][1] for p in points], fmt=STYLES[family], label=family, capsize=3)
+                          yerr=[p[metric][1] for p in points], fmt=styles[family], label=family, capsize=3)
         axis.set_xlabel("LLM prefill FLOPs / vanilla")
         axis.set_ylabel(f"{metric} accuracy" if metric != "accuracy" else "accuracy (all questions)")
         axis.grid(alpha=0.3)

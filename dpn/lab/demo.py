@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from itertools import product
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,14 @@ from rich.console import Console
 from rich.table import Table
 from transformers import LlavaConfig
 
-from dpn.config import PyramidConfig, PyramidStage
+from dpn import presets
+from dpn.config import PyramidConfig
 from dpn.lab.data.synthetic import DEFAULT_FAMILIES, generate
 from dpn.lab.evaluate import EvalOptions, evaluate
 from dpn.flops import path_flops
-from dpn.lab.train import TrainOptions, train
+from dpn.models import geometry_of
+from dpn.strategies import PoolingStage, StaticConfig
+from dpn.lab.train import PyramidTrainingArguments, TrainOptions, train
 
 BASE_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-llava-base"
 # Text tokens of a benchmark prompt around its image (for choosing the static schedule).
@@ -112,11 +116,13 @@ def _finetune(options: DemoOptions, base: Path, name: str, pyramid: str) -> Path
     """Fine-tune ``base`` with ``pyramid``: every variant gets the same data, steps and seed."""
     out = Path(options.out_dir)
     return train(TrainOptions(
-        data=str(out / "data" / "train.json"), output_dir=str(out / name), pyramid=pyramid, init_from=str(base),
-        max_steps=options.finetune_steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
-        router_learning_rate=options.router_learning_rate, warmup_steps=max(1, options.finetune_steps // 10),
+        data=str(out / "data" / "train.json"), pyramid=pyramid, init_from=str(base),
+        router_learning_rate=options.router_learning_rate, limit=options.train_samples, progress=options.progress,
+    ), PyramidTrainingArguments(
+        output_dir=str(out / name), max_steps=options.finetune_steps, per_device_train_batch_size=options.batch_size,
+        learning_rate=options.learning_rate, warmup_steps=max(1, options.finetune_steps // 10),
         save_steps=max(1, options.finetune_steps // 2), logging_steps=max(1, options.finetune_steps // 10),
-        seed=options.seed, limit=options.train_samples, progress=options.progress,
+        seed=options.seed,
     ))
 
 
@@ -143,9 +149,10 @@ def _base_model(options: DemoOptions, out: Path, data: Path, console: Console) -
         generate(base_data, train=options.base_train_samples, val=0, test=0, seed=options.seed + 1,
                  turns=BASE_TURNS, progress=options.progress)
     return train(TrainOptions(
-        data=str(base_data / "train.json"), output_dir=str(out / "base"), pyramid="none", max_steps=options.base_steps,
-        batch_size=options.batch_size, learning_rate=5e-4, warmup_steps=50, save_steps=250, logging_steps=25,
-        seed=options.seed, progress=options.progress,
+        data=str(base_data / "train.json"), pyramid="none", progress=options.progress,
+    ), PyramidTrainingArguments(
+        output_dir=str(out / "base"), max_steps=options.base_steps, per_device_train_batch_size=options.batch_size,
+        learning_rate=5e-4, warmup_steps=50, save_steps=250, logging_steps=25, seed=options.seed,
     ))
 
 
@@ -153,12 +160,14 @@ def static_schedules(model_dir: Path) -> list[tuple[PyramidConfig, float]]:
     """Every fixed (one expert per stage) schedule over the paper's stages, with its LLM FLOPs
     ratio for a benchmark-sized prompt. The all-1x1 schedule (no pooling) is left out."""
     config = LlavaConfig.from_pretrained(model_dir)
-    paper = PyramidConfig.paper_default(config)
+    geometry = geometry_of(config)
+    paper = presets.paper(config)
     schedules = []
-    for row in path_flops(config, paper, PROMPT_TEXT_TOKENS):
-        if any(expert != (1, 1) for expert in row["path"]):
-            stages = [PyramidStage(s.layer, [e]) for s, e in zip(paper.stages, row["path"])]
-            schedules.append((PyramidConfig(stages=stages, routing_loss="none"), row["ratio"]))
+    for path in product(*(stage.experts for stage in paper.stages)):
+        if any(expert != (1, 1) for expert in path):
+            stages = [PoolingStage(s.layer, [e]) for s, e in zip(paper.stages, path)]
+            schedule = PyramidConfig(stages=stages, strategy=StaticConfig())
+            schedules.append((schedule, path_flops(geometry, schedule, PROMPT_TEXT_TOKENS)[0]["ratio"]))
     return schedules
 
 

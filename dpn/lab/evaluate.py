@@ -23,12 +23,13 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dpn.api import apply_pyramid, has_pyramid, load_pyramid, pyramid_disabled, set_probability_scale, set_router_bias
-from dpn.budget import calibrate_router_bias
-from dpn.config import CONFIG_NAME, SPEC_HELP, PyramidConfig
+from dpn import presets
+from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid, pyramid_disabled
+from dpn.budget import calibrate_router_bias, set_probability_scale, set_router_bias
+from dpn.config import CONFIG_NAME
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
-from dpn.models import get_adapter
 from dpn.lab.timing import paired_medians
+from dpn.models import geometry_of
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
@@ -72,7 +73,7 @@ def load_for_eval(model_dir: str, pyramid: str):
         if (Path(model_dir) / CONFIG_NAME).is_file():
             load_pyramid(model, model_dir)
     else:
-        config = PyramidConfig.from_spec(pyramid, model.config)
+        config = presets.from_spec(pyramid, model.config)
         if config is not None:
             apply_pyramid(model, config)
     return model, processor
@@ -165,7 +166,9 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     results = [done[_record_id(r, i)] for i, r in enumerate(dataset.records) if _record_id(r, i) in done]
     summary = summarize(results)
     summary["model"] = options.model
-    summary["pyramid"] = PyramidConfig.to_dict(model.pyramid.config) if has_pyramid(model) else None
+    summary["pyramid"] = get_pyramid(model).config.to_dict() if has_pyramid(model) else None
+    if has_pyramid(model) and get_pyramid(model).inference_state():  # settings on the module, not in its config
+        summary["inference"] = get_pyramid(model).inference_state()
     if calibration is not None:
         summary["calibration"] = calibration
     if latency["pyramid"]:
@@ -180,11 +183,10 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
 
 def _prompts(model, processor, data: str, image_folder: str | None, limit: int | None) -> LlavaDataset:
     """The samples of ``data`` encoded as generation prompts for ``model``."""
-    adapter = get_adapter(model)
-    grid = adapter.visual_grid(model.config)
+    geometry = geometry_of(model)
     return LlavaDataset(
-        data, image_folder, processor, image_tokens=grid[0] * grid[1],
-        image_token_id=adapter.image_token_id(model.config), for_generation=True, limit=limit,
+        data, image_folder, processor, image_tokens=geometry.image_tokens, image_token_id=geometry.image_token_id,
+        for_generation=True, limit=limit,
     )
 
 

@@ -11,11 +11,18 @@
 - checkpoints carry the pyramid (``pyramid_config.json`` + safetensors router weights) and resuming
   reloads it, so no router state is silently lost.
 
-``train`` wires it to LLaVA-format data; ``dpn train`` is its command line.
+``train`` wires it to LLaVA-format data. Its arguments are two dataclasses: ``TrainOptions`` (dpn's
+own: data, pyramid, ...) and ``PyramidTrainingArguments`` (``transformers.TrainingArguments`` with
+dpn's defaults: cosine schedule, lr 5e-4, adam_beta2 0.98, ...). ``dpn train`` is their command line
+(``train_parser``, a ``transformers.HfArgumentParser``): every Trainer option is a flag there.
 """
 
 from __future__ import annotations
 
+import dpn
+
+import argparse
+import copy
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -23,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.hf_argparser import string_to_bool
+from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
-from dpn.api import apply_pyramid, has_pyramid, load_pyramid_weights, save_pyramid
+from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid_weights, save_pyramid
 from dpn.config import PyramidConfig
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
-from dpn.models import get_adapter
+from dpn.models import geometry_of
 
 PYRAMID_PREFIX = "pyramid."
 
@@ -57,9 +65,8 @@ class PyramidTrainer(Trainer):
         loss = lm_loss
         routing_loss = outputs.get("routing_loss")
         unwrapped = self.accelerator.unwrap_model(model)
-        if routing_loss is not None and model.training and has_pyramid(unwrapped):
-            weight = unwrapped.pyramid.config.routing_loss_weight
-            loss = loss + weight * routing_loss / accumulation
+        if model.training and has_pyramid(unwrapped):  # the routing loss is a per-batch mean
+            loss = get_pyramid(unwrapped).total_loss(lm_loss, routing_loss, scale=1 / accumulation)
         if model.training and outputs.get("routing") is not None:
             self._routing_history.append(routing_stats(outputs["routing"], routing_loss))
         return (loss, outputs) if return_outputs else loss
@@ -144,42 +151,156 @@ def routing_stats(routing, routing_loss: torch.Tensor | None) -> dict[str, float
     return stats
 
 
+# The alias a field's flag also answers to, beside ``--field_name`` and ``--field-name``: the short
+# flags ``dpn train`` had before it took every TrainingArguments field (docs and scripts use them).
+ALIASES = {
+    "router_learning_rate": "--router-lr",
+    "output_dir": "--output",
+    "max_steps": "--steps",
+    "per_device_train_batch_size": "--batch-size",
+    "learning_rate": "--lr",
+    "gradient_accumulation_steps": "--grad-accum",
+}
+
+
+def _help(text: str, field_name: str | None = None) -> dict[str, Any]:
+    """A field's ``metadata``: help text, and the field's alias flag if it has one."""
+    metadata: dict[str, Any] = {"help": text}
+    if field_name in ALIASES:
+        metadata["aliases"] = [ALIASES[field_name]]
+    return metadata
+
+
+def _ours(field_name: str, text: str, default: str = "%(default)s") -> dict[str, Any]:
+    """``metadata`` of a TrainingArguments field whose default is dpn's, not the Trainer's."""
+    trainers = TrainingArguments.__dataclass_fields__[field_name].default
+    return _help(f"{text} (default: {default}, dpn's; the Trainer's: {trainers})", field_name)
+
+
 @dataclass
 class TrainOptions:
-    """Everything ``train`` needs; the CLI maps one flag to each field."""
+    """dpn's own options of ``train``; the Trainer's are ``PyramidTrainingArguments``."""
 
-    data: str
-    output_dir: str
-    image_folder: str | None = None
-    pyramid: str = "none"
-    init_from: str | None = None
-    freeze_vision: bool = False
-    max_steps: int = 500
-    batch_size: int = 32
-    gradient_accumulation: int = 1
-    learning_rate: float = 5e-4
-    router_learning_rate: float | None = None
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    save_steps: int = 100
-    logging_steps: int = 10
-    seed: int = 0
-    max_length: int = 2048
-    limit: int | None = None
-    progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    _argument_group_name = "dpn options"
+
+    data: str = field(metadata=_help("LLaVA-format JSON file (required)"))
+    image_folder: str | None = field(
+        default=None, metadata=_help("folder the JSON's image paths are relative to (default: the JSON's folder)"))
+    pyramid: str = field(default="paper", metadata=_help(f"pyramid to train with: {dpn.presets.spec_help()}"))
+    init_from: str | None = field(
+        default=None, metadata=_help("checkpoint to fine-tune (default: a fresh tiny LLaVA from --seed)"))
+    freeze_vision: bool = field(default=False, metadata=_help("do not train the vision tower"))
+    router_learning_rate: float | None = field(
+        default=None, metadata=_help("the routers' learning rate (default: --learning_rate)", "router_learning_rate"))
+    max_length: int = field(default=2048, metadata=_help("longest tokenised sample"))
+    limit: int | None = field(default=None, metadata=_help("use only the first N samples (default: all)"))
+    progress: bool = field(
+        default=True, metadata=_help("print progress; --no_progress also hides the Trainer's progress bars"))
 
 
-def build_model(options: TrainOptions):
-    """The model and processor to train: ``init_from`` checkpoint, or a fresh tiny LLaVA."""
+def _on_gpu(args: TrainingArguments) -> bool:
+    return torch.cuda.is_available() and not args.use_cpu
+
+
+@dataclass
+class PyramidTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with dpn's defaults (``dpn train --help`` shows them beside the Trainer's).
+
+    Every field stays a flag of ``dpn train`` and an argument here; only the defaults differ, and an
+    explicit value (flag or argument) always wins.
+    ``output_dir`` is required. ``bf16`` and ``dataloader_pin_memory`` default to ``None``: on when
+    training on a CUDA GPU (that supports bf16; not with ``fp16``), off otherwise.
+    """
+
+    _argument_group_name = "Trainer options (transformers.TrainingArguments)"
+
+    output_dir: str = field(
+        metadata=_help("output directory (required); training resumes from its last checkpoint", "output_dir"))
+    max_steps: int = field(default=500, metadata=_ours("max_steps", "optimizer steps (overrides num_train_epochs)"))
+    per_device_train_batch_size: int = field(
+        default=32, metadata=_ours("per_device_train_batch_size", "batch size per device"))
+    gradient_accumulation_steps: int = field(  # redeclared for its alias only
+        default=1, metadata=_help("batches accumulated per optimizer step", "gradient_accumulation_steps"))
+    learning_rate: float = field(default=5e-4, metadata=_ours("learning_rate", "peak learning rate"))
+    lr_scheduler_type: SchedulerType | str = field(
+        default="cosine", metadata=_ours("lr_scheduler_type", "learning rate schedule"))
+    warmup_steps: float = field(
+        default=50, metadata=_ours("warmup_steps", "linear warm-up steps (a float in [0, 1): a share of max_steps)"))
+    adam_beta2: float = field(default=0.98, metadata=_ours("adam_beta2", "Adam's second-moment decay"))
+    weight_decay: float = field(
+        default=0.0, metadata=_ours("weight_decay", "weight decay (never on biases, norms or the routers)"))
+    max_grad_norm: float = field(default=1.0, metadata=_ours("max_grad_norm", "gradient clipping norm (0: none)"))
+    bf16: bool | None = field(default=None, metadata=_ours(
+        "bf16", "bf16 mixed precision", "on when training on a CUDA GPU that supports bf16, unless --fp16"))
+    logging_steps: float = field(default=10, metadata=_ours("logging_steps", "log every N steps"))
+    report_to: None | str | list[str] = field(default="none", metadata=_ours(
+        "report_to", "integrations to report to: wandb, tensorboard, ..., all or none"))
+    save_only_model: bool = field(default=False, metadata=_ours(
+        "save_only_model", "checkpoints without optimizer, scheduler and RNG states (a run cannot resume)"))
+    save_steps: float = field(default=100, metadata=_ours("save_steps", "checkpoint every N steps"))
+    save_total_limit: int | None = field(default=2, metadata=_ours("save_total_limit", "checkpoints kept"))
+    seed: int = field(default=0, metadata=_ours("seed", "random seed (data order, routers, a fresh tiny model)"))
+    dataloader_num_workers: int = field(
+        default=0, metadata=_ours("dataloader_num_workers", "data loader worker processes"))
+    dataloader_pin_memory: bool | None = field(default=None, metadata=_ours(
+        "dataloader_pin_memory", "pin batches in memory", "on when training on a CUDA GPU"))
+    remove_unused_columns: bool = field(default=False, metadata=_ours(
+        "remove_unused_columns", "drop dataset columns the model's forward does not take"))
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ValueError("output_dir is required (--output_dir / --output): where checkpoints and the model go")
+        if self.bf16 is None:
+            self.bf16 = _on_gpu(self) and not self.fp16 and torch.cuda.is_bf16_supported()
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = _on_gpu(self)
+        super().__post_init__()
+
+
+def train_parser() -> HfArgumentParser:
+    """The parser of ``dpn train``: one flag per field of ``TrainOptions`` and ``PyramidTrainingArguments``."""
+    parser = HfArgumentParser(
+        (TrainOptions, PyramidTrainingArguments), prog="dpn train",
+        usage="dpn train --data JSON --output DIR [--pyramid SPEC] [--init-from DIR] [any TrainingArguments flag ...]",
+        description="Train or fine-tune a LLaVA model, with or without a pyramid, with PyramidTrainer. "
+                    "Running the same command again resumes from the last checkpoint in --output.",
+    )
+    for action in parser._actions:
+        # HfArgumentParser gives optional booleans (``bool | None``) a required value; let a bare
+        # ``--bf16`` / ``--gradient_checkpointing`` mean true, as it does for plain booleans.
+        if action.type is string_to_bool and action.nargs is None:
+            action.nargs, action.const = "?", True
+        if isinstance(action, argparse._StoreFalseAction) and action.option_strings[0].startswith("--no_"):
+            action.help = f"set --{action.dest} to false%(default).0s"  # not a copy of --{dest}'s help
+        if action.required:
+            action.default = argparse.SUPPRESS  # no "(default: None)" in the help
+        elif action.help and "(default: " in action.help and "%(default)" not in action.help:
+            action.help += "%(default).0s"  # says its default in words: no "(default: None)" after it
+    return parser
+
+
+def parse_train_args(argv: list[str] | None = None) -> tuple[TrainOptions, PyramidTrainingArguments]:
+    """``dpn train``'s flags as the arguments of ``train``; a bad flag exits with status 2 and a message."""
+    parser = train_parser()
+    try:
+        options, args, unknown = parser.parse_args_into_dataclasses(
+            args=sys.argv[1:] if argv is None else list(argv), return_remaining_strings=True, look_for_args_file=False)
+    except ValueError as error:  # TrainingArguments' own checks
+        parser.error(str(error))
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return options, args
+
+
+def build_model(options: TrainOptions, seed: int = 0):
+    """The model and processor to train: ``init_from`` checkpoint, or a fresh tiny LLaVA from ``seed``."""
     from dpn.lab import zoo
 
     if options.init_from:
         model, processor = zoo.load(options.init_from)
     else:
-        model, processor = zoo.build_tiny(seed=options.seed)
-    pyramid = PyramidConfig.from_spec(options.pyramid, model.config)
+        model, processor = zoo.build_tiny(seed=seed)
+    pyramid = dpn.presets.from_spec(options.pyramid, model.config)
     if pyramid is not None:
         apply_pyramid(model, pyramid)
     if options.freeze_vision:
@@ -188,40 +309,22 @@ def build_model(options: TrainOptions):
     return model, processor
 
 
-def train(options: TrainOptions, callbacks: list[TrainerCallback] | None = None) -> Path:
-    """Train (or resume training) and write the final model, processor and pyramid to ``output_dir``."""
-    output_dir = Path(options.output_dir)
-    model, processor = build_model(options)
-    adapter = get_adapter(model)
-    grid = adapter.visual_grid(model.config)
+def train(options: TrainOptions, args: PyramidTrainingArguments,
+          callbacks: list[TrainerCallback] | None = None) -> Path:
+    """Train (or resume training) and write the final model, processor and pyramid to ``args.output_dir``.
+
+    ``args`` is used as given (``PyramidTrainingArguments`` holds dpn's defaults; any
+    ``TrainingArguments`` works), except that ``options.progress=False`` also sets ``disable_tqdm``.
+    """
+    output_dir = Path(args.output_dir)
+    if not options.progress and not args.disable_tqdm:
+        args = copy.copy(args)  # the caller's arguments stay as they were
+        args.disable_tqdm = True
+    model, processor = build_model(options, seed=args.seed)
+    geometry = geometry_of(model)
     dataset = LlavaDataset(
-        options.data, options.image_folder, processor, image_tokens=grid[0] * grid[1],
-        image_token_id=adapter.image_token_id(model.config), max_length=options.max_length, limit=options.limit,
-    )
-    on_gpu = torch.cuda.is_available()
-    args = TrainingArguments(
-        output_dir=str(output_dir),
-        max_steps=options.max_steps,
-        per_device_train_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation,
-        learning_rate=options.learning_rate,
-        lr_scheduler_type="cosine",
-        warmup_steps=options.warmup_steps,
-        weight_decay=options.weight_decay,
-        adam_beta2=0.98,
-        max_grad_norm=options.max_grad_norm,
-        save_steps=options.save_steps,
-        save_total_limit=2,
-        logging_steps=options.logging_steps,
-        seed=options.seed,
-        bf16=on_gpu and torch.cuda.is_bf16_supported(),
-        remove_unused_columns=False,
-        report_to=[],
-        disable_tqdm=not options.progress,
-        dataloader_num_workers=0,
-        dataloader_pin_memory=on_gpu,
-        save_only_model=False,
-        **options.extra,
+        options.data, options.image_folder, processor, image_tokens=geometry.image_tokens,
+        image_token_id=geometry.image_token_id, max_length=options.max_length, limit=options.limit,
     )
     trainer = PyramidTrainer(
         model=model,
@@ -237,6 +340,7 @@ def train(options: TrainOptions, callbacks: list[TrainerCallback] | None = None)
         print(f"resuming from {last}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(output_dir))
-    (output_dir / "train_options.json").write_text(json.dumps(asdict(options), indent=1))
+    record = {"options": asdict(options), "training_args": args.to_dict()}
+    (output_dir / "train_options.json").write_text(json.dumps(record, indent=1, default=str))
     (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return output_dir

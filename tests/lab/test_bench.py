@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dpn
+
 import json
 
 import pytest
@@ -32,9 +34,9 @@ def test_rows_cover_every_routing_with_positive_measurements(report):
 
 def test_theoretical_speedups_agree_with_dpn_flops(report):
     config = llava_config("tiny")
-    paths = {tuple(r["experts"]): r for r in path_flops(config, PyramidConfig.paper_default(config), text_tokens=16)}
+    paths = {tuple(r["experts"]): r for r in path_flops(config, dpn.presets.paper(config), text_tokens=16)}
     weakest, _, strongest, fastv = report["rows"]
-    fastv_path = path_flops(config, PyramidConfig.from_spec("fastv:0.5", config), text_tokens=16)[0]
+    fastv_path = path_flops(config, dpn.presets.from_spec("fastv:0.5", config), text_tokens=16)[0]
     assert fastv["flops_ratio"] == pytest.approx(fastv_path["ratio"]) and fastv["visual_tokens"] == [144, 72]
     assert weakest["theoretical_speedup"] == pytest.approx(1.0)
     assert strongest["flops_ratio"] == pytest.approx(paths[("2x2", "2x2")]["ratio"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dpn
+
 import json
 
 import pytest
@@ -43,7 +45,7 @@ def test_flops_with_a_user_pyramid_file(tmp_path, capsys):
 
 def test_path_flops_agree_with_each_path():
     config = llava_config("qwen2-0.5b")
-    rows = path_flops(config, PyramidConfig.paper_default(config), text_tokens=10)
+    rows = path_flops(config, dpn.presets.paper(config), text_tokens=10)
     assert all(0 < r["ratio"] <= 1 for r in rows)
     assert sorted(r["ratio"] for r in rows)[-1] == pytest.approx(1.0)
 
@@ -59,7 +61,7 @@ def test_bad_pyramid_file_is_a_clear_cli_error(tmp_path, capsys):
                                                   ("projector:2x2", [576, 144], [-1])])
 def test_flops_of_peer_strategies(spec, visual, layers, tmp_path, capsys):
     config = llava_config("llava-1.5-7b")
-    path = PyramidConfig.from_spec(spec, config).save(tmp_path / "peer.json")
+    path = dpn.presets.from_spec(spec, config).save(tmp_path / "peer.json")
     assert main(["flops", "--preset", "llava-1.5-7b", "--pyramid", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["stage_layers"] == layers and len(report["paths"]) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dpn
+
 import json
 
 import pytest
@@ -28,7 +30,7 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
     options = CompareOptions(
         base=str(setup / "base"), train_data=str(setup / "data" / "train.json"),
         test_data=str(setup / "data" / "test.json"), out_dir=str(tmp_path / "runs"), seeds=[0, 1], steps=2,
-        batch_size=4, static_strides=["2x2"], projector_strides=["3x3"], fastv_ratios=[0.5], pdrop_ratios=[0.5],
+        batch_size=4, static_strides=["2x2"], projector_strides=["3x3"], training_free=["fastv:0.5", "pdrop:0.5"],
         dpn_budgets=[0.9, 0.05], ablations=False, measure_latency=False, markdown=str(tmp_path / "docs" / "RESULTS.md"), image_dir=str(tmp_path / "docs" / "img"),
         command="dpn compare --test", progress=False,
     )
@@ -59,10 +61,10 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
 
 def test_ablations_change_one_thing_each():
     model_config = zoo.build_tiny()[0].config
-    paper = PyramidConfig.paper_default(model_config)
+    paper = dpn.presets.paper(model_config)
     configs = ablation_configs(model_config)
-    assert configs["dpn, no routing loss"].routing_loss == "none"
-    assert configs["dpn, avg pooling"].pooling == "avg" and paper.pooling == "max"
+    assert configs["dpn, no routing loss"].strategy.routing_loss == "none"
+    assert configs["dpn, avg pooling"].strategy.pooling == "avg" and paper.strategy.pooling == "max"
     layers = {name: [s.layer for s in config.stages] for name, config in configs.items()}
     assert layers["dpn, early stages"] == [0, 1] and layers["dpn, late stages"] == [3, 4]
     assert [s.layer for s in paper.stages] == [1, 2]

@@ -19,7 +19,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert names[:3] == ["base", names[1], "fine-tuned, no pyramid"] and names[4] == "fine-tuned, DPN"
     assert names[1].startswith("base + static") and names[6].startswith("fine-tuned, static")
     unscaled = report["results"][names[5]]
-    assert names[5] == "fine-tuned, DPN, unscaled at inference" and unscaled["pyramid"]["probability_scale"] == "train_only"
+    assert names[5] == "fine-tuned, DPN, unscaled at inference" and unscaled["inference"]["probability_scale"] == "train_only"
     assert names[3].startswith("fine-tuned, static") and names[3].endswith("(strongest)")
     contrast = report["discriminativeness"]
     vanilla, strongest = report["results"]["fine-tuned, no pyramid"], report["results"][names[3]]

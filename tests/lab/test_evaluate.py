@@ -19,7 +19,7 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     generate_split(root, "test", 12, seed=0)
     model, processor = zoo.build_tiny(seed=0)
-    dpn.apply_pyramid(model, dpn.PyramidConfig.paper_default(model.config))
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
     zoo.save_tiny(model, processor, root / "model")
     dpn.save_pyramid(model, root / "model")
     return root, model.eval(), processor
@@ -75,8 +75,9 @@ def test_evaluate_can_override_the_probability_scale(setup, tmp_path):
                    measure_latency=False, plot=False, progress=False)
     scaled = evaluate(EvalOptions(**options, output_dir=str(tmp_path / "scaled")))
     unscaled = evaluate(EvalOptions(**options, output_dir=str(tmp_path / "unscaled"), probability_scale="train_only"))
-    assert scaled["pyramid"]["probability_scale"] == "value"
-    assert unscaled["pyramid"]["probability_scale"] == "train_only"
+    # The override is an inference setting of the module: the config stays the trained one.
+    assert scaled["pyramid"]["strategy"]["probability_scale"] == "value" and "inference" not in scaled
+    assert unscaled["pyramid"] == scaled["pyramid"] and unscaled["inference"]["probability_scale"] == "train_only"
     assert (root / "model" / "pyramid_config.json").read_text().count("train_only") == 0  # the saved file is untouched
     with pytest.raises(ValueError, match="applies to a DPN"):
         evaluate(EvalOptions(**options, output_dir=str(tmp_path / "static"), pyramid="static:2x2",

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 import dpn
+from dpn.lab.cli import main
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.data.synthetic import generate_split
-from dpn.lab.train import PyramidTrainer, TrainOptions, train
+from dpn.lab.train import PyramidTrainer, PyramidTrainingArguments, TrainOptions, parse_train_args, train
 from dpn.lab import zoo
 
 
@@ -24,13 +27,17 @@ def data(tmp_path_factory):
 
 
 def _options(data, out, **kwargs):
-    defaults = dict(data=str(data), output_dir=str(out), pyramid="paper", max_steps=4, batch_size=4,
+    """``train``'s two arguments: each keyword goes to the dataclass with that field."""
+    defaults = dict(data=str(data), output_dir=str(out), pyramid="paper", max_steps=4, per_device_train_batch_size=4,
                     save_steps=2, logging_steps=1, warmup_steps=1, progress=False)
-    return TrainOptions(**{**defaults, **kwargs})
+    values = {**defaults, **kwargs}
+    own = {f.name for f in fields(TrainOptions)}
+    return (TrainOptions(**{k: v for k, v in values.items() if k in own}),
+            PyramidTrainingArguments(**{k: v for k, v in values.items() if k not in own}))
 
 
 def test_training_writes_routers_and_logs_routing(data, tmp_path):
-    out = train(_options(data, tmp_path / "run", router_learning_rate=1e-2))
+    out = train(*_options(data, tmp_path / "run", router_learning_rate=1e-2))
     for directory in (out, out / "checkpoint-4"):
         assert (directory / "pyramid_model.safetensors").is_file() and (directory / "pyramid_config.json").is_file()
     assert not any(k.startswith("pyramid.") for k in load_file(out / "model.safetensors"))
@@ -51,11 +58,11 @@ class _Crash(TrainerCallback):
 
 
 def test_resume_after_a_kill_reproduces_the_uninterrupted_run(data, tmp_path):
-    straight = train(_options(data, tmp_path / "straight"))
+    straight = train(*_options(data, tmp_path / "straight"))
     with pytest.raises(KeyboardInterrupt):
-        train(_options(data, tmp_path / "killed"), callbacks=[_Crash()])
+        train(*_options(data, tmp_path / "killed"), callbacks=[_Crash()])
     assert (tmp_path / "killed" / "checkpoint-2").is_dir() and not (tmp_path / "killed" / "model.safetensors").exists()
-    resumed = train(_options(data, tmp_path / "killed"))
+    resumed = train(*_options(data, tmp_path / "killed"))
     for name in ("model.safetensors", "pyramid_model.safetensors"):
         expected, actual = load_file(straight / name), load_file(resumed / name)
         assert expected.keys() == actual.keys()
@@ -67,7 +74,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run(data, tmp_path):
 
 def test_routing_loss_is_not_overweighted_by_gradient_accumulation(data, tmp_path):
     model, processor = zoo.build_tiny(seed=0)
-    config = dpn.PyramidConfig.paper_default(model.config, sample_in_training=False, routing_loss_weight=0.5)
+    config = dpn.presets.paper(model.config, sample_in_training=False, routing_loss_weight=0.5)
     dpn.apply_pyramid(model, config)
     dataset = LlavaDataset(data, None, processor, image_tokens=144, image_token_id=model.config.image_token_id)
     collate = LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id)
@@ -91,10 +98,130 @@ def test_routing_loss_is_not_overweighted_by_gradient_accumulation(data, tmp_pat
 
 def test_router_learning_rate_gets_its_own_group(data, tmp_path):
     model, _ = zoo.build_tiny(seed=0)
-    dpn.apply_pyramid(model, dpn.PyramidConfig.paper_default(model.config))
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, learning_rate=1e-4)
     optimizer = PyramidTrainer(model=model, args=args, router_learning_rate=3e-3).create_optimizer()
     router_ids = {id(p) for p in model.pyramid.parameters()}
     router_groups = [g for g in optimizer.param_groups if {id(p) for p in g["params"]} & router_ids]
     assert len(router_groups) == 1 and router_groups[0]["lr"] == 3e-3
     assert {id(p) for p in router_groups[0]["params"]} == router_ids
+
+
+# ------------------------------------------------------------------------------- dpn train's flags
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+def test_trainer_flags_and_short_aliases_reach_the_trainer(data, tmp_path):
+    options, args = parse_train_args([
+        "--data", str(data), "--output", str(tmp_path / "out"), "--weight_decay", "0.1", "--max_grad_norm", "0.5",
+        "--report_to", "none", "--lr_scheduler_type", "linear", "--steps", "7", "--batch-size", "3", "--lr", "1e-3",
+        "--grad-accum", "2", "--router-lr", "0.02", "--init-from", "ckpt", "--image-folder", "images",
+        "--freeze-vision", "--max-length", "512", "--warmup-steps", "2", "--save-steps", "5", "--logging-steps", "4",
+        "--seed", "3", "--limit", "8", "--pyramid", "static:2x2", "--bf16", "false", "--gradient_checkpointing",
+        "--no_progress",
+    ])
+    assert options == TrainOptions(data=str(data), image_folder="images", pyramid="static:2x2", init_from="ckpt",
+                                   freeze_vision=True, router_learning_rate=0.02, max_length=512, limit=8,
+                                   progress=False)
+    model, _ = zoo.build_tiny(seed=0)
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
+    trainer = PyramidTrainer(model=model, args=args, router_learning_rate=options.router_learning_rate)
+    got = trainer.args
+    assert (got.weight_decay, got.max_grad_norm, got.report_to, got.lr_scheduler_type) == \
+        (0.1, 0.5, [], SchedulerType.LINEAR)
+    assert (got.output_dir, got.max_steps, got.per_device_train_batch_size, got.learning_rate,
+            got.gradient_accumulation_steps, got.warmup_steps, got.save_steps, got.logging_steps, got.seed) == \
+        (str(tmp_path / "out"), 7, 3, 1e-3, 2, 2, 5, 4, 3)
+    assert got.bf16 is False and got.gradient_checkpointing is True
+    groups = trainer.create_optimizer().param_groups
+    assert max(g["weight_decay"] for g in groups) == 0.1 and max(g["lr"] for g in groups) == 0.02
+
+
+def test_dpn_train_runs_with_trainer_flags_and_records_them(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--output", str(out), "--steps", "1", "--batch-size", "2",
+                 "--limit", "4", "--logging-steps", "1", "--weight_decay", "0.1", "--max_grad_norm", "0.5",
+                 "--report_to", "none", "--lr_scheduler_type", "linear", "--adam_beta1", "0.8", "--no_progress"])
+    assert code == 0 and f"model written to {out}" in capsys.readouterr().out
+    record = json.loads((out / "train_options.json").read_text())
+    assert record["options"]["limit"] == 4 and record["options"]["pyramid"] == "paper"
+    trainer_args = record["training_args"]
+    assert (trainer_args["weight_decay"], trainer_args["max_grad_norm"], trainer_args["report_to"],
+            trainer_args["lr_scheduler_type"], trainer_args["adam_beta1"], trainer_args["adam_beta2"]) == \
+        (0.1, 0.5, [], "linear", 0.8, 0.98)
+    assert (trainer_args["max_steps"], trainer_args["per_device_train_batch_size"]) == (1, 2)
+    assert [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "loss" in e] == [1]
+    assert (out / "pyramid_config.json").is_file()
+
+
+DPN_DEFAULTS = dict(
+    max_steps=500, per_device_train_batch_size=32, learning_rate=5e-4, lr_scheduler_type=SchedulerType.COSINE,
+    warmup_steps=50, adam_beta2=0.98, max_grad_norm=1.0, weight_decay=0.0, save_steps=100, save_total_limit=2,
+    logging_steps=10, seed=0, report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
+    save_only_model=False, bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+    dataloader_pin_memory=torch.cuda.is_available(),
+)
+
+
+def test_dpn_defaults_are_the_parsed_defaults_and_every_flag_overrides_them(data, tmp_path):
+    options, args = parse_train_args(["--data", str(data), "--output", str(tmp_path)])
+    assert options == TrainOptions(data=str(data))
+    assert options.pyramid == "paper" and options.progress is True and options.max_length == 2048
+    assert {name: getattr(args, name) for name in DPN_DEFAULTS} == DPN_DEFAULTS
+    assert args.to_dict() == PyramidTrainingArguments(output_dir=str(tmp_path)).to_dict()  # the API's defaults too
+    overrides = dict(max_steps="3", per_device_train_batch_size="2", learning_rate="0.1", lr_scheduler_type="constant",
+                     warmup_steps="0", adam_beta2="0.9", max_grad_norm="2.0", weight_decay="0.3", save_steps="7",
+                     save_total_limit="5", logging_steps="1", seed="9", report_to="tensorboard",
+                     remove_unused_columns="true", dataloader_num_workers="1", save_only_model="true",
+                     dataloader_pin_memory=str(not DPN_DEFAULTS["dataloader_pin_memory"]))
+    assert overrides.keys() == DPN_DEFAULTS.keys() - {"bf16"}
+    argv = ["--data", str(data), "--output", str(tmp_path)]
+    for name, value in overrides.items():
+        argv += [f"--{name}", value]
+    _, args = parse_train_args(argv)
+    for name in overrides:
+        assert getattr(args, name) != DPN_DEFAULTS[name], name
+    assert args.report_to == ["tensorboard"] and args.lr_scheduler_type == SchedulerType.CONSTANT
+    # bf16 either way (on a CPU it needs --use_cpu, which also turns pinned memory off)
+    assert parse_train_args([*argv[:4], "--use_cpu", "--bf16"])[1].bf16 is True
+    assert parse_train_args([*argv[:4], "--bf16", "false"])[1].bf16 is False
+
+
+def test_help_shows_every_trainer_flag_with_the_defaults(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--help"])
+    assert exit.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: dpn train")
+    for flag in ("--weight_decay", "--report_to", "--bf16", "--gradient_checkpointing", "--deepspeed", "--fsdp",
+                 "--max_grad_norm", "--output_dir", "--output", "--steps", "--batch-size", "--lr", "--grad-accum",
+                 "--router-lr", "--init-from", "--image-folder", "--freeze-vision", "--max-length", "--limit"):
+        assert f" {flag} " in text or f" {flag}," in text, flag
+    for shown in ("(default: cosine, dpn's; the Trainer's: linear)", "(default: 0.98, dpn's; the Trainer's: 0.999)",
+                  "(default: 0.0005, dpn's;", "(default: 500, dpn's;", "(default: paper)", "(default: 2048)"):
+        assert shown in text, shown
+    assert "(default: None)" not in text.split("Trainer options")[0]  # dpn's own say what unset means
+
+
+REQUIRED = ["--data", "d.json", "--output", "out"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "d.json"], "the following arguments are required: --output_dir/--output-dir/--output"),
+    (["--output", "out"], "the following arguments are required: --data"),
+    ([], "the following arguments are required: --data, --output_dir"),
+    ([*REQUIRED, "--weight-decay-typo", "1"], "unrecognized arguments: --weight-decay-typo"),
+    ([*REQUIRED, "--steps", "many"], "argument --max_steps/--max-steps/--steps: invalid int"),
+    ([*REQUIRED, "--lr_scheduler_type", "wavy"], "--lr_scheduler_type"),
+])
+def test_a_missing_or_bad_flag_is_a_clear_error(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["train", *argv])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage: dpn train" in err and message in err
+
+
+def test_output_dir_is_required_from_python_too():
+    with pytest.raises(TypeError, match="output_dir"):
+        PyramidTrainingArguments()
+    with pytest.raises(ValueError, match="output_dir is required"):
+        PyramidTrainingArguments(output_dir="")
