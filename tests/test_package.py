@@ -25,6 +25,6 @@ def test_every_built_in_strategy_is_registered_with_a_spec():
     import dpn
     from dpn.strategies.base import registered_specs
 
-    assert {"dpn", "static", "random", "projector", "fastv", "pdrop"} <= set(dpn.strategies.registered_strategies())
+    assert {"dpn", "static", "random", "projector", "fastv", "pdrop", "dart"} <= set(dpn.strategies.registered_strategies())
     usage = dpn.presets.spec_help()
     assert all(entry.usage in usage for entry in registered_specs())

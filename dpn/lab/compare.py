@@ -37,8 +37,9 @@ SKIPPED = "skipped.txt"
 DIFFICULTIES = ("easy", "medium", "hard")
 # FLOPs ratios within this of each other count as matched when comparing strategies.
 MATCHED_FLOPS_SLACK = 0.02
-# The training-free points compare runs by default: FastV and PyramidDrop at three budgets each.
-TRAINING_FREE = ("fastv:0.75", "fastv:0.5", "fastv:0.25", "pdrop:0.75", "pdrop:0.5", "pdrop:0.25")
+# The training-free points compare runs by default: FastV, PyramidDrop and DART at three budgets each.
+TRAINING_FREE = ("fastv:0.75", "fastv:0.5", "fastv:0.25", "pdrop:0.75", "pdrop:0.5", "pdrop:0.25",
+                 "dart:0.75", "dart:0.5", "dart:0.25")
 # Plot style per strategy family (matplotlib format strings); other families take the spare styles.
 STYLES = {"vanilla": "k*", "dpn": "C3o-", "static": "C0s-", "projector": "C1^-", "random": "C7x",
           "fastv": "C2v-", "pdrop": "C4D-"}

@@ -1,7 +1,7 @@
 """Compression strategies, one file each, registered by name (``dpn.strategies.base``).
 
 Built in: ``dpn`` (the paper's routers), ``static``, ``random``, ``projector`` (pooling peers and
-ablations), ``fastv`` and ``pdrop`` (token selection). A new method is one file that
+ablations), ``fastv``, ``pdrop`` and ``dart`` (token selection). A new method is one file that
 defines its stage, config and module and calls ``register_strategy`` (and ``register_spec`` for a
 ``--pyramid`` spec string); import it before building its configs.
 """
@@ -10,7 +10,8 @@ from dpn.strategies.base import (
     Stage, StageInput, StagePlan, Strategy, StrategyConfig, TokenCounts, TokenPath, register_spec, register_strategy,
     registered_strategies, strategy_entry,
 )
-from dpn.strategies import dpn, fastv, pdrop, projector, random_experts, static  # noqa: F401  (registration)
+from dpn.strategies import dart, dpn, fastv, pdrop, projector, random_experts, static  # noqa: F401  (registration)
+from dpn.strategies.dart import DARTConfig
 from dpn.strategies.dpn import DPNConfig, DynamicPyramid, Router
 from dpn.strategies.fastv import FastVConfig
 from dpn.strategies.pdrop import PDropConfig
@@ -21,7 +22,7 @@ from dpn.strategies.selection import AttentionSelection, SelectionConfig, Select
 from dpn.strategies.static import StaticConfig, StaticPooling
 
 __all__ = [
-    "AttentionSelection", "DPNConfig", "DynamicPyramid", "FastVConfig", "GridPooling", "PDropConfig",
+    "AttentionSelection", "DARTConfig", "DPNConfig", "DynamicPyramid", "FastVConfig", "GridPooling", "PDropConfig",
     "PoolingConfig", "PoolingStage", "ProjectorConfig", "RandomConfig", "RandomPooling", "Router", "SelectionConfig",
     "SelectionStage", "Stage", "StageInput", "StagePlan", "StaticConfig", "StaticPooling", "Strategy",
     "StrategyConfig", "TokenCounts", "TokenPath", "register_spec", "register_strategy", "registered_strategies",

@@ -19,13 +19,13 @@ from dpn.flops import path_flops, vision_flops
 @pytest.fixture(scope="module")
 def report():
     options = BenchOptions(presets=["tiny"], batch_sizes=[2], repeats=2, warmup=0, decode_tokens=2, text_tokens=16,
-                           strategies=["fastv:0.5"])
+                           strategies=["fastv:0.5", "dart:0.5"])
     return run_bench(options)
 
 
 def test_rows_cover_every_routing_with_positive_measurements(report):
     assert report["device"] and report["dtype"] == "float32"
-    assert [r["routing"] for r in report["rows"]] == ["weakest", "mixed", "strongest", "fastv:0.5"]
+    assert [r["routing"] for r in report["rows"]] == ["weakest", "mixed", "strongest", "fastv:0.5", "dart:0.5"]
     for row in report["rows"]:
         for key in ("prefill_ms", "vanilla_prefill_ms", "decode_tokens_per_s", "train_step_ms"):
             assert row[key] > 0
@@ -35,9 +35,10 @@ def test_rows_cover_every_routing_with_positive_measurements(report):
 def test_theoretical_speedups_agree_with_dpn_flops(report):
     config = llava_config("tiny")
     paths = {tuple(r["experts"]): r for r in path_flops(config, dpn.presets.paper(config), text_tokens=16)}
-    weakest, _, strongest, fastv = report["rows"]
-    fastv_path = path_flops(config, dpn.presets.from_spec("fastv:0.5", config), text_tokens=16)[0]
-    assert fastv["flops_ratio"] == pytest.approx(fastv_path["ratio"]) and fastv["visual_tokens"] == [144, 72]
+    weakest, _, strongest, fastv, dart = report["rows"]
+    for row, spec in ((fastv, "fastv:0.5"), (dart, "dart:0.5")):
+        path = path_flops(config, dpn.presets.from_spec(spec, config), text_tokens=16)[0]
+        assert row["flops_ratio"] == pytest.approx(path["ratio"]) and row["visual_tokens"] == [144, 72]
     assert weakest["theoretical_speedup"] == pytest.approx(1.0)
     assert strongest["flops_ratio"] == pytest.approx(paths[("2x2", "2x2")]["ratio"])
     vanilla_llm = paths[("1x1", "1x1")]["llm_gflops"] * 1e9

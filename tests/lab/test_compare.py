@@ -30,14 +30,14 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
     options = CompareOptions(
         base=str(setup / "base"), train_data=str(setup / "data" / "train.json"),
         test_data=str(setup / "data" / "test.json"), out_dir=str(tmp_path / "runs"), seeds=[0, 1], steps=2,
-        batch_size=4, static_strides=["2x2"], projector_strides=["3x3"], training_free=["fastv:0.5", "pdrop:0.5"],
+        batch_size=4, static_strides=["2x2"], projector_strides=["3x3"], training_free=["fastv:0.5", "pdrop:0.5", "dart:0.5"],
         dpn_budgets=[0.9, 0.05], ablations=False, measure_latency=False, markdown=str(tmp_path / "docs" / "RESULTS.md"), image_dir=str(tmp_path / "docs" / "img"),
         command="dpn compare --test", progress=False,
     )
     report = run_compare(options, console=Console(file=open(tmp_path / "console.txt", "w")))
     rows = {row["name"]: row for row in report["rows"]}
     assert {"vanilla", "dpn", "dpn @ 0.9 FLOPs", "static:2x2", "projector:3x3", "random", "fastv:0.5",
-            "pdrop:0.5"} == set(rows)
+            "pdrop:0.5", "dart:0.5"} == set(rows)
     assert all(row["seeds"] == 2 for row in rows.values())
     # an unreachable FLOPs target is skipped with its reason, not fatal to the comparison
     assert list(report["skipped"]) == ["dpn @ 0.05 FLOPs"] and "cannot go below" in report["skipped"]["dpn @ 0.05 FLOPs"]
@@ -45,7 +45,7 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
     # Every compressing strategy spends fewer FLOPs than vanilla; FastV keeps half the tokens after its layer.
     assert all(row["flops_ratio"][0] < 1 for name, row in rows.items() if name not in ("vanilla", "dpn")
                and not row["ablation"])
-    assert rows["fastv:0.5"]["kept_tokens"][0] == 72.0
+    assert rows["fastv:0.5"]["kept_tokens"][0] == 72.0 and rows["dart:0.5"]["kept_tokens"][0] == 72.0
     assert rows["dpn @ 0.9 FLOPs"]["flops_ratio"][0] <= 0.9 + 1e-6
     page = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "```bash\ndpn compare --test\n```" in page and "| fastv:0.5 |" in page and "## Ablations" in page

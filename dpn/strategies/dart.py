@@ -1,0 +1,158 @@
+"""DART: duplication-aware token reduction (Wen et al., "Stop Looking for Important Tokens in
+Multimodal Language Models: Duplication Matters More", arXiv 2502.11494). Training-free.
+
+After decoder layer K - 1 (K = 2 by default), each image keeps the visual tokens that are least
+*duplicated*, not the most attended: a few **pivot** tokens are picked (the image tokens, and the
+prompt tokens after the image, whose keys in layer K - 1 have the largest L1 norm), and each pivot
+then claims, from the tokens not yet kept, an equal share of those least similar to it (cosine
+similarity of hidden states after the decoder's final norm). Image pivots are kept. Kept tokens
+keep their order and, by default, their original positions (as the reference does).
+
+Two choices differ from the reference code (ZichenWen1/DART, batch size 1): the kept count is
+exactly ``keep_ratio`` of the image (the reference keeps its image pivots on top of the budget and
+drops the budget's remainder: 132 tokens for "128"), with the remainder spread over the first
+pivots; pivots claim tokens in decreasing pivot score (the reference iterates a Python set).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dpn.attention import layer_keys
+from dpn.geometry import ModelGeometry
+from dpn.spans import VisualSpans
+from dpn.strategies.base import (
+    StageInput, StagePlan, Strategy, check_choice, parse_fraction_argument, register_spec, register_strategy,
+)
+from dpn.strategies.selection import SelectionConfig, SelectionStage, kept_count
+
+# The reference's defaults for LLaVA-1.5: prune from layer K = 2 on, keep 128 of 576 visual tokens
+# (a 77.8% reduction), 4 image pivots and 4 text pivots scored by the L1 norm of their keys.
+DART_LAYER = 2
+DART_KEEP_RATIO = 128 / 576
+DART_IMAGE_PIVOTS = 4
+DART_TEXT_PIVOTS = 4
+PIVOT_NORMS = {"l1": 1, "l2": 2}
+
+
+@dataclass
+class DARTConfig(SelectionConfig):
+    """Attributes:
+        image_pivots: pivots taken among each image's visual tokens (kept, at least 1).
+        text_pivots: pivots taken among the prompt tokens between the image and the query token.
+        pivot_norm: ``"l1"`` (the reference) or ``"l2"`` norm of a token's keys, its pivot score.
+    """
+
+    name = "dart"
+    image_pivots: int = DART_IMAGE_PIVOTS
+    text_pivots: int = DART_TEXT_PIVOTS
+    pivot_norm: str = "l1"
+
+    def __post_init__(self) -> None:
+        for field_name, lowest in (("image_pivots", 1), ("text_pivots", 0)):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ValueError(f"{field_name} must be an int >= {lowest}, got {value!r}")
+        check_choice("pivot_norm", self.pivot_norm, tuple(PIVOT_NORMS))
+
+    def check_stages(self, stages: list[SelectionStage]) -> None:
+        super().check_stages(stages)
+        if len(stages) != 1:
+            raise ValueError(f"dart prunes once: give one stage, got {len(stages)}")
+
+
+class DuplicationAwareSelection(Strategy):
+    """Keeps each image's least duplicated tokens (see the module docstring)."""
+
+    reads_query = True
+    options: DARTConfig
+
+    def plan(self, stage: int, inputs: StageInput) -> StagePlan:
+        hidden, spans = inputs.hidden, inputs.spans
+        batch, seq_len, width = hidden.shape
+        plan = StagePlan.unrouted(batch, 0, hidden.device)
+        if not len(spans):
+            return plan
+        if inputs.layer is None or inputs.layer_input is None or inputs.decoder is None:
+            raise ValueError("dart scores pivots with a decoder layer's keys; its stage must sit after a layer (>= 0)")
+        keys = layer_keys(inputs.layer, inputs.layer_input, inputs.position_embeddings)
+        scores = keys.float().norm(p=PIVOT_NORMS[self.options.pivot_norm], dim=-1)  # (batch, length)
+        # Cosine similarity after the final norm: its per-token scale cancels, its weights do not.
+        directions = F.normalize(inputs.decoder.norm(hidden).float(), dim=-1)
+        visual = _visual_mask(spans, batch, seq_len, hidden.device)
+        keep_ratio = self.config.stages[stage].keep_ratio
+        flat = hidden.reshape(batch * seq_len, width)
+        queries = inputs.query_index.tolist()  # one wait for the device, not one per image
+        chosen = []
+        for k in range(len(spans)):
+            sample, start, size = spans.sample[k], spans.start[k], spans.size(k)
+            text = _text_candidates(inputs.valid[sample] & ~visual[sample], start + size, queries[sample])
+            kept = self.select(scores[sample], directions[sample], start, size, text, kept_count(size, keep_ratio))
+            chosen.append(sample * seq_len + kept)
+            plan.spans.append(k)
+            plan.grids.append((1, kept.shape[0]))
+        plan.representatives = torch.cat(chosen)
+        plan.rows = flat[plan.representatives]
+        return plan
+
+    def select(self, scores: torch.Tensor, directions: torch.Tensor, start: int, size: int, text: torch.Tensor,
+               keep: int) -> torch.Tensor:
+        """Positions (sorted) of the ``keep`` tokens one image keeps; ``scores`` and ``directions`` are
+        its sample's pivot scores (length,) and unit hidden states (length, d), the image occupies
+        ``start .. start + size - 1`` and ``text`` holds the positions text pivots may come from."""
+        image = torch.arange(start, start + size, device=scores.device)
+        image_pivots = image[scores[image].topk(min(self.options.image_pivots, size, keep)).indices]
+        text_count = min(self.options.text_pivots, text.shape[0])
+        text_pivots = text[scores[text].topk(text_count).indices] if text_count else text[:0]
+        pivots = torch.cat([image_pivots, text_pivots])
+        remaining = keep - image_pivots.shape[0]
+        shares = [remaining // pivots.shape[0] + (i < remaining % pivots.shape[0]) for i in range(pivots.shape[0])]
+        available = torch.ones(size, dtype=torch.bool, device=scores.device)
+        available[image_pivots - start] = False
+        kept = [image_pivots]
+        for pivot, share in zip(pivots.tolist(), shares):
+            if share == 0:
+                continue
+            candidates = image[available]
+            similarity = directions[candidates] @ directions[pivot]
+            least = candidates[similarity.topk(share, largest=False).indices]
+            available[least - start] = False
+            kept.append(least)
+        return torch.cat(kept).sort().values
+
+
+def _visual_mask(spans: VisualSpans, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+    mask = torch.zeros(batch * seq_len, dtype=torch.bool, device=device)
+    mask[spans.token_index(list(range(len(spans))), seq_len, device)] = True
+    return mask.view(batch, seq_len)
+
+
+def _text_candidates(text: torch.Tensor, after: int, query: int) -> torch.Tensor:
+    """Positions of a sample's real text tokens (``text``: its mask) from ``after`` up to its query token."""
+    positions = torch.arange(text.shape[0], device=text.device)
+    return positions[text & (positions >= after) & (positions <= query)]
+
+
+def preset(geometry: ModelGeometry, keep_ratio: float = DART_KEEP_RATIO, layer: int = DART_LAYER,
+           **options) -> dict:
+    """DART at layer K = ``layer`` (its stage after layer K - 1), keeping ``keep_ratio`` of each image,
+    with kept tokens at their original positions."""
+    if not 1 <= layer < geometry.num_layers:
+        raise ValueError(
+            f"dart's layer K must be in 1..{geometry.num_layers - 1} for a {geometry.num_layers}-layer model, got {layer}"
+        )
+    return {"stages": [SelectionStage(layer - 1, keep_ratio=keep_ratio)], "strategy": DARTConfig(**options),
+            "positions": "keep"}
+
+
+def _from_spec(geometry: ModelGeometry, argument: str | None) -> dict:
+    if not argument:
+        return preset(geometry)
+    return preset(geometry, keep_ratio=parse_fraction_argument(f"dart:{argument}", argument))
+
+
+register_strategy("dart", DARTConfig, DuplicationAwareSelection)
+register_spec("dart", _from_spec, "dart[:KEEP]")
