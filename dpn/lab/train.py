@@ -35,7 +35,6 @@ from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
 from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid_weights, save_pyramid
-from dpn.config import PyramidConfig
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.models import geometry_of
 

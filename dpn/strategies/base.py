@@ -327,3 +327,21 @@ def parse_fraction_argument(spec: str, argument: str) -> float:
     if not 0 < value <= 1:
         raise ValueError(f"pyramid spec {spec!r}: the fraction must be in (0, 1]")
     return value
+
+
+def fraction_spec(name: str, preset: Callable[..., dict], argument: str = "keep_ratio") -> SpecBuilder:
+    """The builder of spec ``name[:F]``: ``preset(geometry)``, or with ``argument=F`` (a fraction)."""
+    def build(geometry: ModelGeometry, value: str | None) -> dict:
+        if not value:
+            return preset(geometry)
+        return preset(geometry, **{argument: parse_fraction_argument(f"{name}:{value}", value)})
+    return build
+
+
+def plain_spec(name: str, preset: Callable[..., dict]) -> SpecBuilder:
+    """The builder of spec ``name``, which takes no argument."""
+    def build(geometry: ModelGeometry, value: str | None) -> dict:
+        if value:
+            raise ValueError(f"pyramid spec '{name}:{value}' takes no argument; use '{name}'")
+        return preset(geometry)
+    return build

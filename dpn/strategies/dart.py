@@ -25,7 +25,7 @@ from dpn.attention import layer_keys
 from dpn.geometry import ModelGeometry
 from dpn.spans import VisualSpans
 from dpn.strategies.base import (
-    StageInput, StagePlan, Strategy, check_choice, parse_fraction_argument, register_spec, register_strategy,
+    StageInput, StagePlan, Strategy, check_choice, fraction_spec, register_spec, register_strategy,
 )
 from dpn.strategies.selection import SelectionConfig, SelectionStage, kept_count
 
@@ -148,11 +148,5 @@ def preset(geometry: ModelGeometry, keep_ratio: float = DART_KEEP_RATIO, layer: 
             "positions": "keep"}
 
 
-def _from_spec(geometry: ModelGeometry, argument: str | None) -> dict:
-    if not argument:
-        return preset(geometry)
-    return preset(geometry, keep_ratio=parse_fraction_argument(f"dart:{argument}", argument))
-
-
 register_strategy("dart", DARTConfig, DuplicationAwareSelection)
-register_spec("dart", _from_spec, "dart[:KEEP]")
+register_spec("dart", fraction_spec("dart", preset), "dart[:KEEP]")

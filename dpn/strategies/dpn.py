@@ -19,7 +19,7 @@ from torch import nn
 from dpn.flops import decoder_flops, segment_layer_tokens
 from dpn.geometry import ModelGeometry
 from dpn.strategies.base import (
-    StagePlan, TokenCounts, check_choice, check_finite, check_fraction, parse_fraction_argument, register_spec,
+    StagePlan, TokenCounts, check_choice, check_finite, check_fraction, fraction_spec, plain_spec, register_spec,
     register_strategy,
 )
 from dpn.strategies.pooling import PAPER_MIN_TOKENS, GridPooling, PoolingConfig, PoolingStage, paper_pooling_stages
@@ -248,20 +248,14 @@ def preset(geometry: ModelGeometry, min_tokens_to_pool: int = PAPER_MIN_TOKENS, 
             "strategy": DPNConfig(min_tokens_to_pool=min_tokens_to_pool, **options)}
 
 
-def _paper_spec(geometry: ModelGeometry, argument: str | None) -> dict:
-    if argument:
-        raise ValueError(f"pyramid spec 'paper:{argument}' takes no argument; use 'paper' or 'budget:F'")
-    return preset(geometry)
-
-
-def _budget_spec(geometry: ModelGeometry, argument: str | None) -> dict:
-    if not argument:
+def _budget_preset(geometry: ModelGeometry, budget_target: float | None = None) -> dict:
+    if budget_target is None:
         raise ValueError("pyramid spec 'budget' needs a FLOPs fraction: budget:0.5")
-    target = parse_fraction_argument(f"budget:{argument}", argument)
-    return preset(geometry, routing_loss="budget", budget_target=target)
+    return preset(geometry, routing_loss="budget", budget_target=budget_target)
 
 
 register_strategy("dpn", DPNConfig, DynamicPyramid)
-register_spec("paper", _paper_spec, "paper (= dpn)")
-register_spec("dpn", _paper_spec, "dpn")
-register_spec("budget", _budget_spec, "budget:F (DPN trained toward F x vanilla FLOPs)")
+register_spec("paper", plain_spec("paper", preset), "paper (= dpn)")
+register_spec("dpn", plain_spec("dpn", preset), "dpn")
+register_spec("budget", fraction_spec("budget", _budget_preset, "budget_target"),
+              "budget:F (DPN trained toward F x vanilla FLOPs)")

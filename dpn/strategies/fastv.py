@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpn.geometry import ModelGeometry
-from dpn.strategies.base import parse_fraction_argument, register_spec, register_strategy
+from dpn.strategies.base import fraction_spec, register_spec, register_strategy
 from dpn.strategies.selection import AttentionSelection, SelectionConfig, SelectionStage
 
 # FastV's defaults: prune from layer K = 2 on, keeping half of the visual tokens.
@@ -33,11 +33,5 @@ def preset(geometry: ModelGeometry, keep_ratio: float = FASTV_KEEP_RATIO, layer:
     return {"stages": [SelectionStage(layer - 1, keep_ratio=keep_ratio)], "strategy": FastVConfig(**options)}
 
 
-def _from_spec(geometry: ModelGeometry, argument: str | None) -> dict:
-    if not argument:
-        return preset(geometry)
-    return preset(geometry, keep_ratio=parse_fraction_argument(f"fastv:{argument}", argument))
-
-
 register_strategy("fastv", FastVConfig, AttentionSelection)
-register_spec("fastv", _from_spec, "fastv[:KEEP]")
+register_spec("fastv", fraction_spec("fastv", preset), "fastv[:KEEP]")

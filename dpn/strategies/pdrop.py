@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dpn.geometry import ModelGeometry
-from dpn.strategies.base import parse_fraction_argument, register_spec, register_strategy
+from dpn.strategies.base import fraction_spec, register_spec, register_strategy
 from dpn.strategies.schedule import paper_stage_layers
 from dpn.strategies.selection import AttentionSelection, SelectionConfig, SelectionStage
 
@@ -23,11 +23,5 @@ def preset(geometry: ModelGeometry, keep_ratio: float = PDROP_KEEP_RATIO, **opti
     return {"stages": stages, "strategy": PDropConfig(**options)}
 
 
-def _from_spec(geometry: ModelGeometry, argument: str | None) -> dict:
-    if not argument:
-        return preset(geometry)
-    return preset(geometry, keep_ratio=parse_fraction_argument(f"pdrop:{argument}", argument))
-
-
 register_strategy("pdrop", PDropConfig, AttentionSelection)
-register_spec("pdrop", _from_spec, "pdrop[:KEEP]")
+register_spec("pdrop", fraction_spec("pdrop", preset), "pdrop[:KEEP]")

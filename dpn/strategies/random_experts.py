@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from dpn.geometry import ModelGeometry
-from dpn.strategies.base import register_spec, register_strategy
+from dpn.strategies.base import plain_spec, register_spec, register_strategy
 from dpn.strategies.pooling import PAPER_MIN_TOKENS, GridPooling, PoolingConfig, paper_pooling_stages
 
 
@@ -30,11 +30,5 @@ def preset(geometry: ModelGeometry, min_tokens_to_pool: int = PAPER_MIN_TOKENS, 
             "strategy": RandomConfig(min_tokens_to_pool=min_tokens_to_pool, **options)}
 
 
-def _from_spec(geometry: ModelGeometry, argument: str | None) -> dict:
-    if argument:
-        raise ValueError(f"pyramid spec 'random:{argument}' takes no argument; use 'random'")
-    return preset(geometry)
-
-
 register_strategy("random", RandomConfig, RandomPooling)
-register_spec("random", _from_spec, "random")
+register_spec("random", plain_spec("random", preset), "random")

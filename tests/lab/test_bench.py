@@ -12,7 +12,6 @@ import torch
 from dpn.lab.architectures import llava_config
 from dpn.lab.bench import BenchOptions, report_markdown, run_bench, update_markdown_page
 from dpn.lab.cli import main
-from dpn.config import PyramidConfig
 from dpn.flops import path_flops, vision_flops
 
 

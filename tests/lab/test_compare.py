@@ -11,7 +11,6 @@ from rich.console import Console
 
 from dpn.lab import zoo
 from dpn.lab.cli import main
-from dpn.config import PyramidConfig
 from dpn.lab.compare import CompareOptions, ablation_configs, run_compare
 from dpn.lab.data.synthetic import generate
 
