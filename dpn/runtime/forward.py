@@ -90,13 +90,8 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     for segment, segment_layers in enumerate(bounds):
         if segment > 0 and len(chunk.spans):
             stage = segment - 1
-            stage_layer = config.stages[stage].layer
-            plan = strategy.plan(stage, StageInput(
-                hidden=chunk.hidden, spans=chunk.spans, query_index=chunk.router_index, valid=chunk.valid,
-                forced=None if forced is None else forced[stage], layer=layers[stage_layer] if stage_layer >= 0 else None,
-                layer_input=previous.last_layer_input, position_embeddings=previous.position_embeddings,
-                decoder=decoder,
-            ))
+            plan = strategy.plan(stage, _stage_input(chunk, previous, None if forced is None else forced[stage],
+                                                     decoder, layers, config.stages[stage].layer))
             plans.append(plan)
             chunk, changed = shrink(chunk, plan, config.positions, adapter.positions)
             reshaped = reshaped or changed
@@ -109,17 +104,8 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
         keys.append(previous.keys)
 
     logits = adapter.lm_head(model)(slice_logits_to_keep(decoder.norm(chunk.hidden), call.logits_to_keep))
-    lm_loss = None
-    if call.labels is not None:
-        lm_loss = model.loss_function(logits=logits, labels=chunk.labels, vocab_size=geometry.text_config.vocab_size,
-                                      **call.loss)
-    auxiliary = None
-    if plans and (call.labels is not None or strategy.training):  # a loss term: not spent on plain inference
-        visual = host_tensor(visual_counts[0], device)
-        auxiliary = strategy.auxiliary_loss(plans, TokenCounts(text=valid.sum(1) - visual, visual=visual))
-    loss = lm_loss
-    if lm_loss is not None and strategy.training:
-        loss = strategy.total_loss(lm_loss, auxiliary)
+    loss, lm_loss, auxiliary = _losses(model, strategy, call, logits, chunk.labels, plans, valid.sum(1),
+                                       visual_counts[0])
     output = PyramidCausalLMOutput(
         loss=loss,
         logits=logits,
@@ -133,3 +119,30 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
         attention_mask=chunk.valid.long(),
     )
     return output if call.return_dict is not False else output.to_tuple()
+
+
+def _stage_input(chunk: Chunk, previous, forced, decoder, layers, stage_layer: int) -> StageInput:
+    """What a strategy sees at a stage: the current layout and the stage layer's input and rotary."""
+    return StageInput(
+        hidden=chunk.hidden, spans=chunk.spans, query_index=chunk.router_index, valid=chunk.valid, forced=forced,
+        layer=layers[stage_layer] if stage_layer >= 0 else None, layer_input=previous.last_layer_input,
+        position_embeddings=previous.position_embeddings, decoder=decoder,
+    )
+
+
+def _losses(model, strategy, call: CallArguments, logits, labels, plans, real_tokens: torch.Tensor,
+            visual_tokens: list[int]):
+    """(loss, LM loss, the strategy's auxiliary loss); ``real_tokens`` (batch,) and ``visual_tokens``
+    (a host list) count each sample's tokens before the first stage."""
+    lm_loss = None
+    if call.labels is not None:
+        vocab_size = strategy.geometry.text_config.vocab_size
+        lm_loss = model.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **call.loss)
+    auxiliary = None
+    if plans and (call.labels is not None or strategy.training):  # a loss term: not spent on plain inference
+        visual = host_tensor(visual_tokens, real_tokens.device)
+        auxiliary = strategy.auxiliary_loss(plans, TokenCounts(text=real_tokens - visual, visual=visual))
+    loss = lm_loss
+    if lm_loss is not None and strategy.training:
+        loss = strategy.total_loss(lm_loss, auxiliary)
+    return loss, lm_loss, auxiliary
