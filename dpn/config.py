@@ -85,6 +85,11 @@ class PyramidConfig:
 
     def validate_for(self, geometry: ModelGeometry) -> None:
         """Raise ``ValueError`` if this pyramid cannot run on a model of this geometry."""
+        if self.positions not in geometry.position_modes:
+            raise ValueError(
+                f"positions={self.positions!r} is not available for {geometry.model_type} models; use one of "
+                f"{geometry.position_modes} (dpn.presets choose {geometry.position_modes[0]!r} for this family)"
+            )
         self.strategy.check_geometry(self.stages, geometry)
 
     # ------------------------------------------------------------------------------------- JSON

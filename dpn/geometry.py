@@ -21,7 +21,9 @@ class ModelGeometry:
         image_token_id: the placeholder id of visual tokens in ``input_ids``.
         image_grids: the 2D grids (rows, cols) of one image's visual tokens, in sequence order
             (LLaVA-1.5: one 24x24 grid); None when the grids vary from image to image and are only
-            known per call.
+            known per call (Qwen2-VL).
+        position_modes: the ``PyramidConfig.positions`` modes the family's position policy supports,
+            its default first.
     """
 
     model_type: str
@@ -30,6 +32,7 @@ class ModelGeometry:
     hidden_size: int
     image_token_id: int
     image_grids: tuple[tuple[int, int], ...] | None
+    position_modes: tuple[str, ...] = ("renumber", "keep")
 
     @property
     def image_tokens(self) -> int:

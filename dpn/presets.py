@@ -31,9 +31,12 @@ from dpn.strategies.pdrop import PDROP_KEEP_RATIO
 _SHARED = {f.name for f in fields(PyramidConfig)} - {"stages", "strategy"}
 
 
-def build(preset: dict[str, Any], **overrides: Any) -> PyramidConfig:
+def build(preset: dict[str, Any], geometry: ModelGeometry | None = None, **overrides: Any) -> PyramidConfig:
     """A ``PyramidConfig`` from a strategy's preset (``stages``, ``strategy`` and shared fields)
-    with ``overrides`` sent to the shared config or the strategy's."""
+    with ``overrides`` sent to the shared config or the strategy's. With ``geometry``, positions
+    default to the family's preferred mode when neither the preset nor the overrides set them."""
+    if geometry is not None and "positions" not in preset and "positions" not in overrides:
+        overrides = {**overrides, "positions": geometry.position_modes[0]}
     shared = {k: v for k, v in overrides.items() if k in _SHARED}
     own = {k: v for k, v in overrides.items() if k not in _SHARED}
     strategy = preset["strategy"]
@@ -49,34 +52,39 @@ def paper(model: Any, **overrides: Any) -> PyramidConfig:
     """DPN as in the paper: stages after 1/4, 1/2, 3/4 of depth, experts keep / 1x2 / 2x2 (those that
     divide the model's grid), routers on the last prompt token, hinge routing loss."""
     geometry = geometry_of(model)
-    return build(dpn_strategy.preset(geometry, **_pooling_arguments(overrides)), **overrides)
+    return build(dpn_strategy.preset(geometry, **_pooling_arguments(overrides)), geometry, **overrides)
 
 
 def static(model: Any, stride: tuple[int, int], **overrides: Any) -> PyramidConfig:
     """The paper's stages, each with one fixed ``stride`` (DPN's static ablation)."""
-    return build(static_strategy.preset(geometry_of(model), stride, **_pooling_arguments(overrides)), **overrides)
+    geometry = geometry_of(model)
+    return build(static_strategy.preset(geometry, stride, **_pooling_arguments(overrides)), geometry, **overrides)
 
 
 def random(model: Any, **overrides: Any) -> PyramidConfig:
     """The paper's stages and experts, each sample's expert drawn uniformly (an ablation)."""
-    return build(random_experts.preset(geometry_of(model), **_pooling_arguments(overrides)), **overrides)
+    geometry = geometry_of(model)
+    return build(random_experts.preset(geometry, **_pooling_arguments(overrides)), geometry, **overrides)
 
 
 def projector(model: Any, stride: tuple[int, int], **overrides: Any) -> PyramidConfig:
     """One fixed pooling of the visual grid before the first decoder layer."""
-    config = build(projector_strategy.preset(geometry_of(model), stride), **overrides)
-    config.validate_for(geometry_of(model))
+    geometry = geometry_of(model)
+    config = build(projector_strategy.preset(geometry, stride), geometry, **overrides)
+    config.validate_for(geometry)
     return config
 
 
 def fastv(model: Any, keep_ratio: float = FASTV_KEEP_RATIO, layer: int = FASTV_LAYER, **overrides: Any) -> PyramidConfig:
     """FastV: layers before ``layer`` (its K) see every token; from ``layer`` on, ``keep_ratio`` of them."""
-    return build(fastv_strategy.preset(geometry_of(model), keep_ratio=keep_ratio, layer=layer), **overrides)
+    geometry = geometry_of(model)
+    return build(fastv_strategy.preset(geometry, keep_ratio=keep_ratio, layer=layer), geometry, **overrides)
 
 
 def pdrop(model: Any, keep_ratio: float = PDROP_KEEP_RATIO, **overrides: Any) -> PyramidConfig:
     """PyramidDrop at DPN's stage depths: each stage keeps ``keep_ratio`` of the remaining tokens."""
-    return build(pdrop_strategy.preset(geometry_of(model), keep_ratio=keep_ratio), **overrides)
+    geometry = geometry_of(model)
+    return build(pdrop_strategy.preset(geometry, keep_ratio=keep_ratio), geometry, **overrides)
 
 
 def _pooling_arguments(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -96,8 +104,8 @@ def from_spec(spec: str, model: Any) -> PyramidConfig | None:
     name, _, argument = spec.partition(":")
     entry = spec_entry(name)
     if entry is not None:
-        geometry: ModelGeometry = geometry_of(model)
-        return build(entry.build(geometry, argument or None))
+        geometry = geometry_of(model)
+        return build(entry.build(geometry, argument or None), geometry)
     path = Path(spec)
     if path.exists():
         return PyramidConfig.load(path)

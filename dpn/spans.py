@@ -28,6 +28,15 @@ class VisualSpans:
     def __len__(self) -> int:
         return len(self.sample)
 
+    def add(self, sample: int, start: int, grids) -> None:
+        """Add an image (or frame group) laid out as consecutive ``grids`` from ``start``."""
+        for rows, cols in grids:
+            self.sample.append(sample)
+            self.start.append(start)
+            self.rows.append(rows)
+            self.cols.append(cols)
+            start += rows * cols
+
     def size(self, k: int) -> int:
         return self.rows[k] * self.cols[k]
 
@@ -63,17 +72,8 @@ def find_visual_spans(image_mask: torch.Tensor, grids) -> VisualSpans:
     if isinstance(grids[0], int):
         grids = (tuple(grids),)
     spans = VisualSpans()
-    mask = image_mask.to(torch.int8)
-    before = F.pad(mask[:, :-1], (1, 0))
-    after = F.pad(mask[:, 1:], (0, 1))
-    # Every run's first and last token, fetched in one transfer: rows (kind, sample, position) in
-    # row-major order, so the starts come first and each list is sorted by sample, then position.
-    edges = torch.stack([(mask == 1) & (before == 0), (mask == 1) & (after == 0)]).nonzero().tolist()
-    starts = [edge[1:] for edge in edges if edge[0] == 0]
-    ends = [edge[1:] for edge in edges if edge[0] == 1]
     size = sum(rows * cols for rows, cols in grids)
-    for (b, first), (_, last) in zip(starts, ends):
-        length = last - first + 1
+    for b, first, length in _runs(image_mask):
         if length % size:
             shape = " + ".join(f"{rows}x{cols}" for rows, cols in grids)
             raise ValueError(
@@ -81,34 +81,73 @@ def find_visual_spans(image_mask: torch.Tensor, grids) -> VisualSpans:
                 f"{shape} = {size}-token image grids; the processor and the model's vision config disagree "
                 "(check image_size, patch_size and vision_feature_select_strategy)"
             )
-        start = first
-        for _ in range(length // size):
-            for rows, cols in grids:
-                spans.sample.append(b)
-                spans.start.append(start)
-                spans.rows.append(rows)
-                spans.cols.append(cols)
-                start += rows * cols
+        for image in range(length // size):
+            spans.add(b, first + image * size, grids)
     return spans
+
+
+def spans_of_items(mask: torch.Tensor, items: list[tuple[tuple[int, int], ...]], kind: str = "image") -> VisualSpans:
+    """Split the runs of placeholder tokens in ``mask`` into ``items`` (images or videos, in the
+    order their features fill the batch: by sample, then position), each laid out as its grids.
+    Raises ``ValueError`` when the runs and the items' sizes disagree."""
+    spans = VisualSpans()
+    remaining = list(items)
+    for b, first, length in _runs(mask):
+        start, end = first, first + length
+        while start < end:
+            if not remaining:
+                raise ValueError(f"sample {b} has more {kind} tokens than the {kind} grids describe")
+            grids = remaining.pop(0)
+            size = sum(rows * cols for rows, cols in grids)
+            if start + size > end:
+                raise ValueError(f"sample {b}: a run of {length} {kind} tokens at position {first} does not split into "
+                                 f"the {kind}s its grids describe ({size} tokens next)")
+            spans.add(b, start, grids)
+            start += size
+    if remaining:
+        raise ValueError(f"the {kind} grids describe {len(remaining)} more {kind}(s) than the batch has {kind} tokens for")
+    return spans
+
+
+def _runs(mask: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(sample, first position, length) of every run of True in ``mask`` (batch, length), in order."""
+    mask = mask.to(torch.int8)
+    before = F.pad(mask[:, :-1], (1, 0))
+    after = F.pad(mask[:, 1:], (0, 1))
+    # Every run's first and last token, fetched in one transfer: rows (kind, sample, position) in
+    # row-major order, so the starts come first and each list is sorted by sample, then position.
+    edges = torch.stack([(mask == 1) & (before == 0), (mask == 1) & (after == 0)]).nonzero().tolist()
+    starts = [edge[1:] for edge in edges if edge[0] == 0]
+    ends = [edge[1:] for edge in edges if edge[0] == 1]
+    return [(b, first, last - first + 1) for (b, first), (_, last) in zip(starts, ends)]
+
+
+def merged(*parts: VisualSpans) -> VisualSpans:
+    """The grids of several ``VisualSpans`` of one batch, ordered by sample and position."""
+    entries = sorted((s.sample[k], s.start[k], s.rows[k], s.cols[k]) for s in parts for k in range(len(s)))
+    return VisualSpans(*(list(column) for column in zip(*entries))) if entries else VisualSpans()
 
 
 def pool_grid(tokens: torch.Tensor, kernel: tuple[int, int], pooling: str) -> torch.Tensor:
     """Pool ``tokens`` of shape (n, rows, cols, d) with a ``kernel``-sized window and stride.
 
-    Returns (n, rows // kh, cols // kw, d). ``kernel == (1, 1)`` returns the tokens unchanged.
+    Returns (n, ceil(rows / kh), ceil(cols / kw), d): when a stride does not divide the grid, the
+    last row / column of windows covers what is left (max, or the mean of the tokens it covers).
+    ``kernel == (1, 1)`` returns the tokens unchanged.
     """
     if kernel == (1, 1):
         return tokens
     channels_first = tokens.permute(0, 3, 1, 2)
     if pooling == "max":
-        pooled = F.max_pool2d(channels_first, kernel_size=kernel, stride=kernel)
+        pooled = F.max_pool2d(channels_first, kernel_size=kernel, stride=kernel, ceil_mode=True)
     else:
-        pooled = F.avg_pool2d(channels_first, kernel_size=kernel, stride=kernel)
+        pooled = F.avg_pool2d(channels_first, kernel_size=kernel, stride=kernel, ceil_mode=True)
     return pooled.permute(0, 2, 3, 1)
 
 
 def window_origins(rows: int, cols: int, kernel: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """Row-major offset, inside a ``rows x cols`` grid, of the first token of each pooling window."""
-    out_rows = torch.arange(rows // kernel[0], device=device) * kernel[0]
-    out_cols = torch.arange(cols // kernel[1], device=device) * kernel[1]
+    """Row-major offset, inside a ``rows x cols`` grid, of the first (top-left) token of each pooling
+    window, partial windows at the edges included."""
+    out_rows = torch.arange(0, rows, kernel[0], device=device)
+    out_cols = torch.arange(0, cols, kernel[1], device=device)
     return (out_rows[:, None] * cols + out_cols[None, :]).flatten()

@@ -63,3 +63,58 @@ def batch_of(prompts: list[list[int]], padding_side: str = "left") -> dict[str, 
 def pixels(n: int, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+
+
+# ---------------------------------------------------------------------------------- Qwen2-VL family
+QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, QWEN_VISION_START, QWEN_VISION_END = 5, 6, 7, 8
+QWEN_PATCH, QWEN_MERGE, QWEN_TEMPORAL = 4, 2, 2
+
+
+def tiny_qwen_vl(kind: str = "qwen2_5_vl", attn: str = "sdpa", seed: int = 0):
+    """A tiny random Qwen2.5-VL (or Qwen2-VL) with a 6-layer text model: 4-pixel patches, 2x2 merge."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig, \
+        Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD_TOKEN_ID, bos_token_id=1,
+                eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
+    tokens = dict(image_token_id=QWEN_IMAGE_TOKEN, video_token_id=QWEN_VIDEO_TOKEN,
+                  vision_start_token_id=QWEN_VISION_START, vision_end_token_id=QWEN_VISION_END)
+    if kind == "qwen2_5_vl":
+        vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=QWEN_PATCH,
+                      spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL, out_hidden_size=64,
+                      window_size=16, fullatt_block_indexes=[1], in_channels=3)
+        config, model_class = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **tokens), Qwen2_5_VLForConditionalGeneration
+    else:
+        vision = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=QWEN_PATCH,
+                      spatial_merge_size=QWEN_MERGE, temporal_patch_size=QWEN_TEMPORAL, in_channels=3)
+        config, model_class = Qwen2VLConfig(vision_config=vision, text_config=text, **tokens), Qwen2VLForConditionalGeneration
+    config._attn_implementation = attn
+    model = model_class(config)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+def qwen_prompt(grids: list[tuple[int, int]], before: int, after: int, seed: int = 0, video_frames: int = 0) -> list[int]:
+    """Text, then each image (``grids`` in patches) wrapped in vision start/end tokens, then text.
+    With ``video_frames``, the visual items are videos of that many frame groups instead."""
+    g = torch.Generator().manual_seed(seed)
+    def text(n):
+        return torch.randint(10, VOCAB, (n,), generator=g).tolist()
+    token = QWEN_VIDEO_TOKEN if video_frames else QWEN_IMAGE_TOKEN
+    ids = text(before)
+    for h, w in grids:
+        ids += [QWEN_VISION_START] + [token] * (max(1, video_frames) * h * w // QWEN_MERGE**2) + [QWEN_VISION_END] + text(2)
+    return ids + text(after)
+
+
+def qwen_pixels(grids: list[tuple[int, int]], seed: int = 0, frames: int = 1) -> dict[str, torch.Tensor]:
+    """Patchified pixel values and grid_thw for images (frames == 1) or videos of ``grids`` (in patches)."""
+    g = torch.Generator().manual_seed(seed)
+    patches = sum(frames * h * w for h, w in grids)
+    values = torch.randn(patches, 3 * QWEN_TEMPORAL * QWEN_PATCH**2, generator=g)
+    grid_thw = torch.tensor([[frames, h, w] for h, w in grids])
+    if frames > 1:
+        return {"pixel_values_videos": values, "video_grid_thw": grid_thw}
+    return {"pixel_values": values, "image_grid_thw": grid_thw}

@@ -383,8 +383,9 @@ def test_length_groups_give_the_same_results_as_one_padded_batch(monkeypatch):
     import dpn.runtime.segments
 
     calls = []
-    original = dpn.runtime.segments.run_length_groups
-    monkeypatch.setattr(dpn.runtime.segments, "run_length_groups", lambda *a, **k: calls.append(1) or original(*a, **k))
+    runner = dpn.runtime.segments.SegmentRunner
+    original = runner.run_length_groups
+    monkeypatch.setattr(runner, "run_length_groups", lambda *a, **k: calls.append(1) or original(*a, **k))
     prompts = [make_prompt(2, 3, seed=1), make_prompt(9, 1, seed=2), make_prompt(4, 7, seed=3), make_prompt(6, 6, seed=4)]
     batch = batch_of(prompts)
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)

@@ -10,7 +10,8 @@ from typing import Any
 from dpn.geometry import ModelGeometry
 from dpn.models.base import CallInputs, ModelAdapter, PreparedBatch
 from dpn.models.llava import LlavaAdapter
-from dpn.models.positions import LinearPositions
+from dpn.models.positions import LinearPositions, MultimodalRotaryPositions
+from dpn.models.qwen2_vl import Qwen2VLAdapter
 
 _ADAPTERS: dict[str, ModelAdapter] = {}
 
@@ -41,8 +42,9 @@ def geometry_of(model_or_config: Any) -> ModelGeometry:
 
 
 register_adapter(LlavaAdapter())
+register_adapter(Qwen2VLAdapter())
 
 __all__ = [
-    "CallInputs", "LinearPositions", "LlavaAdapter", "ModelAdapter", "PreparedBatch", "geometry_of", "get_adapter",
-    "register_adapter",
+    "CallInputs", "LinearPositions", "LlavaAdapter", "ModelAdapter", "MultimodalRotaryPositions", "PreparedBatch",
+    "Qwen2VLAdapter", "geometry_of", "get_adapter", "register_adapter",
 ]

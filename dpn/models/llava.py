@@ -33,6 +33,7 @@ class LlavaAdapter(ModelAdapter):
             hidden_size=int(text.hidden_size),
             image_token_id=int(config.image_token_id),
             image_grids=(self._grid(config),),
+            position_modes=self.positions.modes,
         )
 
     def _grid(self, config: Any) -> tuple[int, int]:

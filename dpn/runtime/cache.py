@@ -4,8 +4,9 @@ After a pyramid stage the sequence is shorter, so the layers of each *segment* (
 two stages) cache their own, shorter, re-padded layout. ``PyramidCache`` is a ``DynamicCache``
 that also remembers, per segment, which cached keys are real tokens (``key_masks``) and how far
 that segment's rotary positions lag behind the input positions (``position_shift``), so decoding
-steps build masks and positions consistent with prefill. It travels through ``generate`` like
-any cache, so the pyramid keeps no per-call state on the model.
+steps build masks and positions consistent with prefill. A family adapter may keep per-sample
+state of its own there too (``family_state``, e.g. Qwen2-VL's rope deltas). It travels through
+``generate`` like any cache, so the pyramid keeps no per-call state on the model.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class PyramidCache(DynamicCache):
         self.num_segments = num_segments
         self.key_masks: list[torch.Tensor | None] = [None] * num_segments
         self.position_shift: list[torch.Tensor | None] = [None] * num_segments
+        self.family_state: dict[str, torch.Tensor] = {}  # per-sample tensors (batch first) of the family adapter
 
     def past_mask(self, segment: int, batch_size: int, device: torch.device) -> torch.Tensor:
         mask = self.key_masks[segment]
@@ -46,6 +48,7 @@ class PyramidCache(DynamicCache):
     def _map_state(self, fn) -> None:
         self.key_masks = [None if m is None else fn(m) for m in self.key_masks]
         self.position_shift = [None if s is None else fn(s) for s in self.position_shift]
+        self.family_state = {k: fn(v) for k, v in self.family_state.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
@@ -73,3 +76,4 @@ class PyramidCache(DynamicCache):
         super().reset()
         self.key_masks = [None] * self.num_segments
         self.position_shift = [None] * self.num_segments
+        self.family_state = {}

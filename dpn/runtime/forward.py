@@ -18,7 +18,7 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 from dpn.models import CallInputs, get_adapter
 from dpn.outputs import PyramidCausalLMOutput
-from dpn.runtime.inputs import CallArguments, chunk_validity, forced_experts, last_valid, no_query, query_index
+from dpn.runtime.inputs import LOSS_ARGUMENTS, CallArguments, chunk_validity, forced_experts, last_valid, no_query, query_index
 from dpn.runtime.layout import Chunk, shrink
 from dpn.runtime.record import routing_record
 from dpn.runtime.segments import SegmentRunner, layer_types_of, prepare_cache, segment_bounds
@@ -28,12 +28,14 @@ from dpn.transfer import host_tensor
 
 class PyramidForward:
     """The ``forward`` of one model instance with a pyramid: the stock forward's signature (so
-    ``generate`` and the Trainer see the arguments they expect) plus ``force_experts``."""
+    ``generate`` and the Trainer see the arguments they expect) plus ``force_experts``, less the
+    stock arguments nobody here consumes (``generate`` then does not prepare them)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         stock = inspect.signature(type(model).forward.__get__(model))
-        parameters = [p for p in stock.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        known = CallArguments.names() | set(get_adapter(model).input_names) | set(LOSS_ARGUMENTS)
+        parameters = [p for p in stock.parameters.values() if p.kind is not p.VAR_KEYWORD and p.name in known]
         extra = [p for p in stock.parameters.values() if p.kind is p.VAR_KEYWORD]
         force = inspect.Parameter("force_experts", inspect.Parameter.KEYWORD_ONLY, default=None)
         self.__signature__ = stock.replace(parameters=[*parameters, force, *extra])
@@ -65,7 +67,7 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     (batch, length), device = tokens.shape[:2], tokens.device
     valid = chunk_validity(call.attention_mask, batch, length, past_length, device)
     prepared = adapter.prepare(model, CallInputs(call.input_ids, call.inputs_embeds, call.position_ids,
-                                                 call.attention_mask, valid, past_length, call.family))
+                                                 call.attention_mask, valid, past_length, call.family, cache))
     if call.labels is not None and call.labels.shape != (batch, length):
         raise ValueError(f"labels have shape {tuple(call.labels.shape)} but the inputs are {(batch, length)}")
     spans = prepared.spans

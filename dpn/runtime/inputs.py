@@ -37,9 +37,14 @@ class CallArguments:
     loss: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
+    def names(cls) -> set[str]:
+        """The arguments the runtime consumes itself."""
+        return {f.name for f in fields(cls)} - {"family", "loss"}
+
+    @classmethod
     def sort(cls, arguments: dict[str, Any], family_names: tuple[str, ...]) -> CallArguments:
         """Sort ``arguments`` by consumer; an argument nobody consumes is an error, not silently dropped."""
-        runtime_names = {f.name for f in fields(cls)} - {"family", "loss"}
+        runtime_names = cls.names()
         call = cls(**{name: value for name, value in arguments.items() if name in runtime_names})
         for name, value in arguments.items():
             if name in runtime_names:

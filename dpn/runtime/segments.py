@@ -120,40 +120,6 @@ def length_groups(lengths: list[int], width: int, device: torch.device) -> list[
     return groups
 
 
-def run_length_groups(model_config, text_config, layer_types, layers, bounds, chunk: Chunk, positions, groups,
-                      cache, use_cache: bool, rotary, layer_arguments: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run one segment's layers group by group (see ``length_groups``); returns the segment's output
-    and the last layer's input in the full left-padded layout, and fills ``cache`` as one call would."""
-    first, end = bounds
-    length = chunk.hidden.shape[1]
-    outputs, last_inputs, group_caches = [], [], []
-    for members, group_length in groups:
-        window = slice(length - group_length, length)
-        hidden = chunk.hidden[members, window]
-        group_positions = positions[members, window]
-        group_cache = DynamicCache(config=model_config) if cache is not None else None
-        masks = attention_masks(text_config, layer_types, first, end, hidden, chunk.valid[members, window],
-                                 group_cache, group_positions)
-        hidden, layer_input, _ = run_layers(layers, layer_types, bounds, hidden, masks, rotary(hidden, group_positions),
-                                             group_positions, group_cache, use_cache, layer_arguments)
-        left = (0, 0, length - group_length, 0)  # pad the sequence dimension on the left
-        outputs.append(F.pad(hidden, left))
-        last_inputs.append(F.pad(layer_input, left))
-        group_caches.append((group_cache, left))
-    order = torch.cat([members for members, _ in groups])
-
-    def merge(parts: list[torch.Tensor]) -> torch.Tensor:
-        stacked = torch.cat(parts)
-        return stacked.new_zeros(stacked.shape).index_copy(0, order, stacked)
-
-    if cache is not None and use_cache:
-        for index in range(first, end):
-            keys = merge([F.pad(c.layers[index].keys, left) for c, left in group_caches])
-            values = merge([F.pad(c.layers[index].values, left) for c, left in group_caches])
-            cache.update(keys, values, index)
-    return merge(outputs), merge(last_inputs)
-
-
 # ------------------------------------------------------------------------------------- running
 @dataclass
 class SegmentResult:
@@ -196,17 +162,11 @@ class SegmentRunner:
             groups = length_groups(chunk.lengths, chunk.valid.shape[1], device)
         outputs: tuple[torch.Tensor, ...] = ()
         if groups is not None:
-            hidden, last_input = run_length_groups(
-                self.model_config, self.text_config, self.layer_types, self.layers, bounds, chunk, positions, groups,
-                cache, self.use_cache, self.decoder.rotary_emb, self.layer_arguments,
-            )
+            hidden, last_input = self.run_length_groups(bounds, chunk, positions, groups)
         else:
             key_mask = torch.cat([past_mask, chunk.valid], dim=1)
-            masks = attention_masks(self.text_config, self.layer_types, first, end, chunk.hidden, key_mask, cache,
-                                    positions)
-            hidden, last_input, outputs = run_layers(self.layers, self.layer_types, bounds, chunk.hidden, masks,
-                                                     position_embeddings, positions, cache, self.use_cache,
-                                                     self.layer_arguments)
+            hidden, last_input, outputs = self.run_layers(bounds, chunk.hidden, key_mask, positions,
+                                                          position_embeddings, cache)
         chunk = replace(chunk, hidden=hidden)
         if cache is not None:
             new_shift = None
@@ -217,3 +177,41 @@ class SegmentRunner:
             cache.append(segment, chunk.valid, new_shift)
         queries = chunk.valid.sum(1)
         return SegmentResult(chunk, last_input, position_embeddings, outputs, queries, past_mask.sum(1) + queries)
+
+    def run_layers(self, bounds, hidden, key_mask, positions, position_embeddings, cache):
+        """Run decoder layers ``bounds[0]..bounds[1]-1``: the output, the last layer's input, every layer's output."""
+        first, end = bounds
+        masks = attention_masks(self.text_config, self.layer_types, first, end, hidden, key_mask, cache,
+                                self.policy.mask_position_ids(positions))
+        return run_layers(self.layers, self.layer_types, bounds, hidden, masks, position_embeddings,
+                          self.policy.layer_position_ids(positions), cache, self.use_cache, self.layer_arguments)
+
+    def run_length_groups(self, bounds, chunk: Chunk, positions, groups) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run one segment's layers group by group (see ``length_groups``); returns the segment's output
+        and the last layer's input in the full left-padded layout, and fills the cache as one call would."""
+        first, end = bounds
+        length = chunk.hidden.shape[1]
+        outputs, last_inputs, group_caches = [], [], []
+        for members, group_length in groups:
+            window = slice(length - group_length, length)
+            hidden = chunk.hidden[members, window]
+            group_positions = positions[..., members, window]  # (batch, length) or (axes, batch, length)
+            group_cache = DynamicCache(config=self.model_config) if self.cache is not None else None
+            hidden, layer_input, _ = self.run_layers(bounds, hidden, chunk.valid[members, window], group_positions,
+                                                     self.decoder.rotary_emb(hidden, group_positions), group_cache)
+            left = (0, 0, length - group_length, 0)  # pad the sequence dimension on the left
+            outputs.append(F.pad(hidden, left))
+            last_inputs.append(F.pad(layer_input, left))
+            group_caches.append((group_cache, left))
+        order = torch.cat([members for members, _ in groups])
+
+        def merge(parts: list[torch.Tensor]) -> torch.Tensor:
+            stacked = torch.cat(parts)
+            return stacked.new_zeros(stacked.shape).index_copy(0, order, stacked)
+
+        if self.cache is not None and self.use_cache:
+            for index in range(first, end):
+                keys = merge([F.pad(c.layers[index].keys, left) for c, left in group_caches])
+                values = merge([F.pad(c.layers[index].values, left) for c, left in group_caches])
+                self.cache.update(keys, values, index)
+        return merge(outputs), merge(last_inputs)

@@ -68,10 +68,11 @@ def divides(grid: Grid, expert: Grid, min_tokens: int) -> bool:
 
 
 def pooled_grid(grid: Grid, expert: Grid, min_tokens: int) -> Grid:
-    """Grid after pooling with ``expert``; grids below ``min_tokens`` are not pooled."""
+    """Grid after pooling with ``expert``; grids below ``min_tokens`` are not pooled, and a stride
+    that does not divide a grid pools the remainder row / column as one more (smaller) window."""
     if grid[0] * grid[1] < min_tokens:
         return grid
-    return grid[0] // expert[0], grid[1] // expert[1]
+    return -(-grid[0] // expert[0]), -(-grid[1] // expert[1])
 
 
 def reachable_grids(grid: Grid, stages: list[PoolingStage], min_tokens: int) -> set[Grid]:
@@ -106,15 +107,12 @@ def dividing_stages(grids: tuple[Grid, ...], layers: list[int], experts: list[Gr
 
 def paper_pooling_stages(geometry: ModelGeometry, min_tokens: int = PAPER_MIN_TOKENS) -> list[PoolingStage]:
     """The paper's stages (1/4, 1/2, 3/4 of depth; experts keep / 1x2 / 2x2), without what would
-    not divide the model's grids on some routing path."""
-    return dividing_stages(_fixed_grids(geometry), paper_stage_layers(geometry.num_layers), list(PAPER_EXPERTS),
-                           min_tokens)
-
-
-def _fixed_grids(geometry: ModelGeometry) -> tuple[Grid, ...]:
+    not divide the model's fixed grids on some routing path. Families whose grids vary per image
+    keep every expert: a stride that does not divide a grid pools its remainder (``pool_grid``)."""
+    layers = paper_stage_layers(geometry.num_layers)
     if geometry.image_grids is None:
-        raise ValueError(f"{geometry.model_type} images have no fixed grid; give the pyramid's stages explicitly")
-    return geometry.image_grids
+        return [PoolingStage(layer, list(PAPER_EXPERTS)) for layer in layers]
+    return dividing_stages(geometry.image_grids, layers, list(PAPER_EXPERTS), min_tokens)
 
 
 # ------------------------------------------------------------------------------------- config
@@ -197,11 +195,6 @@ class GridPooling(Strategy):
         groups: dict[tuple[int, int, int, int], list[int]] = {}
         for k in eligible:
             kernel = experts[choice_of_sample[spans.sample[k]]]
-            if not divides((spans.rows[k], spans.cols[k]), kernel, self.options.min_tokens_to_pool):
-                raise ValueError(
-                    f"expert {kernel} of the stage after layer {self.config.stages[stage].layer} does not divide the "
-                    f"{spans.rows[k]}x{spans.cols[k]} grid of sample {spans.sample[k]}"
-                )
             groups.setdefault((spans.rows[k], spans.cols[k], *kernel), []).append(k)
 
         flat = hidden.reshape(batch * seq_len, width)
@@ -217,7 +210,7 @@ class GridPooling(Strategy):
             origins = window_origins(n_rows, n_cols, (kh, kw), device)
             representatives.append((index[:, :1] + origins[None, :]).flatten())
             plan.spans.extend(members)
-            plan.grids.extend([(n_rows // kh, n_cols // kw)] * len(members))
+            plan.grids.extend([pooled_grid((n_rows, n_cols), (kh, kw), 0)] * len(members))
         plan.rows = torch.cat(rows)
         plan.representatives = torch.cat(representatives)
         return plan
