@@ -25,7 +25,11 @@ def tiny_llava(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD_TOKEN_ID,
     )
-    text = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}[backbone](**text_kwargs)
+    from transformers import Qwen3Config
+
+    if backbone == "qwen3":
+        text_kwargs["head_dim"] = hidden // 4
+    text = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "qwen3": Qwen3Config}[backbone](**text_kwargs)
     config = LlavaConfig(
         vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
         vision_feature_layer=-2, vision_feature_select_strategy="default",

@@ -133,6 +133,29 @@ def test_unsupported_models_and_double_apply_are_clear_errors():
         dpn.apply_pyramid(model, config)
 
 
+@pytest.mark.parametrize("backbone", ["qwen3"])
+def test_more_text_backbones_match_vanilla(backbone):
+    model = tiny_llava(backbone)
+    batch = batch_of([make_prompt(3, 5, seed=1), make_prompt(6, 2, seed=2)])
+    with torch.no_grad():
+        vanilla = model(**batch, pixel_values=pixels(2)).logits
+        dpn.apply_pyramid(model, dpn.PyramidConfig(stages=[dpn.PoolingStage(layer, [(1, 1)]) for layer in (1, 2, 4)]))
+        out = model(**batch, pixel_values=pixels(2)).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(out[mask], vanilla[mask], atol=1e-5, rtol=0)
+
+
+def test_unsupported_backbones_and_families_say_why():
+    from transformers import Gemma3TextConfig, Qwen3VLConfig
+
+    model = tiny_llava()
+    model.config.text_config = Gemma3TextConfig(vocab_size=96, hidden_size=64, num_hidden_layers=6)
+    with pytest.raises(ValueError, match="'gemma3_text' text backbone.*supported: \\('llama'"):
+        dpn.apply_pyramid(model, dpn.PyramidConfig(stages=[dpn.PoolingStage(1, [(1, 1)])]))
+    with pytest.raises(ValueError, match="not support 'qwen3_vl' yet: .*DeepStack"):
+        dpn.geometry_of(Qwen3VLConfig())
+
+
 def test_full_feature_strategy_with_class_token_is_rejected():
     model = tiny_llava()
     model.config.vision_feature_select_strategy = "full"

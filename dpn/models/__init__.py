@@ -14,6 +14,13 @@ from dpn.models.positions import LinearPositions, MultimodalRotaryPositions
 from dpn.models.qwen2_vl import Qwen2VLAdapter
 
 _ADAPTERS: dict[str, ModelAdapter] = {}
+# Families dpn knows and cannot run yet, with the reason (a clear error instead of "no adapter").
+UNSUPPORTED = {
+    "qwen3_vl": "Qwen3-VL adds visual features to the hidden states of its first LLM layers (DeepStack, at "
+                "visual_pos_masks); dpn does not yet move those positions through a stage, so features would be "
+                "added to the wrong tokens",
+}
+UNSUPPORTED["qwen3_vl_moe"] = UNSUPPORTED["qwen3_vl"]
 
 
 def register_adapter(adapter: ModelAdapter) -> None:
@@ -25,6 +32,8 @@ def register_adapter(adapter: ModelAdapter) -> None:
 def get_adapter(model_or_config: Any) -> ModelAdapter:
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
+    if model_type in UNSUPPORTED and model_type not in _ADAPTERS:
+        raise ValueError(f"dpn does not support {model_type!r} yet: {UNSUPPORTED[model_type]}")
     if model_type not in _ADAPTERS:
         raise ValueError(
             f"dpn has no adapter for model_type {model_type!r}; supported: {sorted(_ADAPTERS)}. "

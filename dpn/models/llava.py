@@ -17,6 +17,9 @@ from dpn.spans import VisualSpans, find_visual_spans
 
 # Vision towers whose sequence starts with a class token (dropped by the "default" feature strategy).
 _CLASS_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
+# Text backbones whose decoder the runtime drives as it is (one rotary embedding called with the
+# positions, layers taking the mask, rotary and cache); each is tested with an identity pyramid.
+TEXT_BACKBONES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class LlavaAdapter(ModelAdapter):
@@ -26,6 +29,11 @@ class LlavaAdapter(ModelAdapter):
 
     def geometry(self, config: Any) -> ModelGeometry:
         text = config.text_config
+        if text.model_type not in TEXT_BACKBONES:
+            raise ValueError(
+                f"dpn does not support a LLaVA with a {text.model_type!r} text backbone: its decoder is not driven the "
+                f"Llama way (e.g. Gemma3's rotary embedding takes a layer type); supported: {TEXT_BACKBONES}"
+            )
         return ModelGeometry(
             model_type=config.model_type,
             text_config=text,

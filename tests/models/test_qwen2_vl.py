@@ -55,11 +55,13 @@ def grid_after(grid: tuple[int, int], path: list[tuple[int, int]], min_tokens: i
     return counts
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2_vl"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_identity_pyramid_matches_the_stock_model(kind, attn):
+@pytest.mark.parametrize("kind, attn, frames", [
+    ("qwen2_5_vl", "sdpa", 1), ("qwen2_5_vl", "eager", 1), ("qwen2_vl", "sdpa", 1), ("qwen2_vl", "eager", 1),
+    ("qwen2_5_vl", "sdpa", 2),  # videos: two frame groups each
+])
+def test_identity_pyramid_matches_the_stock_model(kind, attn, frames):
     model = tiny_qwen_vl(kind, attn)
-    batch = qwen_batch(labels=True)
+    batch = qwen_batch(labels=True, frames=frames)
     with torch.no_grad():
         vanilla = model(**batch)
         dpn.apply_pyramid(model, pyramid(experts=[[(1, 1)]] * 3))
@@ -78,19 +80,20 @@ def test_presets_keep_positions_and_renumbering_is_refused():
         dpn.apply_pyramid(model, dpn.presets.paper(model, positions="renumber"))
 
 
-def test_forced_experts_give_the_documented_counts_and_coordinates():
+@pytest.mark.parametrize("frames", [1, 2])
+def test_forced_experts_give_the_documented_counts(frames):
     model = tiny_qwen_vl()
     dpn.apply_pyramid(model, pyramid())
-    batch = qwen_batch()
+    batch = qwen_batch(frames=frames)
     with torch.no_grad():
         out = model(**batch, force_experts=FORCED, output_hidden_states=True)
     for row, grids in enumerate(IMAGES):
         path = [MIXED[s][int(FORCED[row, s])] for s in range(3)] if grids else []
-        per_grid = [grid_after((h // 2, w // 2), path) for h, w in grids]
+        per_grid = [grid_after((h // 2, w // 2), path) for h, w in grids for _ in range(frames)]  # each frame
         expected = [sum(c) for c in zip(*per_grid)] if grids else [0] * 4
         assert out.routing.visual_tokens[row].tolist() == expected
     # Sample 1's 5x7 grid pooled 1x2 keeps a last column of one-token windows: 5 x ceil(7 / 2) = 20.
-    assert out.routing.visual_tokens[1, 1] == 20
+    assert out.routing.visual_tokens[1, 1] == 20 * frames
     text = batch["attention_mask"].sum(1) - out.routing.visual_tokens[:, 0]
     assert out.logits.shape[1] == int((text + out.routing.visual_tokens[:, -1]).max())  # really shorter
 
