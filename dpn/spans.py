@@ -18,27 +18,41 @@ from dpn.transfer import host_tensor
 @dataclass
 class VisualSpans:
     """One entry per grid of visual tokens (an image has one or more): its sample, first position
-    in the (padded) sequence, and grid shape."""
+    in the (padded) sequence, grid shape, and whether every row of the grid is followed by a
+    newline token (LLaVA-NeXT's high-resolution grids). Newline tokens belong to the grid's
+    *extent* in the sequence but are not visual tokens: they are never pooled."""
 
     sample: list[int] = field(default_factory=list)
     start: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
     cols: list[int] = field(default_factory=list)
+    newline: list[bool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if len(self.newline) < len(self.sample):
+            self.newline = self.newline + [False] * (len(self.sample) - len(self.newline))
 
     def __len__(self) -> int:
         return len(self.sample)
 
-    def add(self, sample: int, start: int, grids) -> None:
-        """Add an image (or frame group) laid out as consecutive ``grids`` from ``start``."""
+    def add(self, sample: int, start: int, grids, newline: bool = False) -> None:
+        """Add an image (or frame group) laid out as consecutive ``grids`` from ``start`` (with
+        ``newline``: every row of each grid ends with a newline token)."""
         for rows, cols in grids:
             self.sample.append(sample)
             self.start.append(start)
             self.rows.append(rows)
             self.cols.append(cols)
-            start += rows * cols
+            self.newline.append(newline)
+            start += rows * (cols + newline)
 
     def size(self, k: int) -> int:
+        """Visual tokens of grid ``k``."""
         return self.rows[k] * self.cols[k]
+
+    def extent(self, k: int) -> int:
+        """Tokens grid ``k`` occupies in the sequence (its newlines included)."""
+        return self.rows[k] * (self.cols[k] + self.newline[k])
 
     def tokens_per_sample(self, batch_size: int) -> list[int]:
         counts = [0] * batch_size
@@ -47,12 +61,31 @@ class VisualSpans:
         return counts
 
     def token_index(self, spans: list[int], seq_len: int, device: torch.device) -> torch.Tensor:
-        """Flat (sample * seq_len + position) index of every token of ``spans``, concatenated in order."""
+        """Flat (sample * seq_len + position) index of every visual token of ``spans`` (row-major,
+        newlines skipped), concatenated in order."""
+        if not any(self.newline[k] for k in spans):  # extent and visual tokens coincide
+            return self.extent_index(spans, seq_len, device)
         counts = [self.size(k) for k in spans]
+        total = sum(counts)
+        sizes = host_tensor(counts, device)
+        first = host_tensor([self.sample[k] * seq_len + self.start[k] for k in spans], device)
+        cols = torch.repeat_interleave(host_tensor([self.cols[k] for k in spans], device), sizes, output_size=total)
+        newline = torch.repeat_interleave(host_tensor([int(self.newline[k]) for k in spans], device), sizes,
+                                          output_size=total)
+        ranks = ranks_within(sizes, total)
+        return torch.repeat_interleave(first, sizes, output_size=total) + ranks + (ranks // cols) * newline
+
+    def extent_index(self, spans: list[int], seq_len: int, device: torch.device) -> torch.Tensor:
+        """Flat index of every token in the extent of ``spans`` (visual tokens and newlines), in order."""
+        counts = [self.extent(k) for k in spans]
         sizes = host_tensor(counts, device)
         first = host_tensor([self.sample[k] * seq_len + self.start[k] for k in spans], device)
         total = sum(counts)
         return torch.repeat_interleave(first, sizes, output_size=total) + ranks_within(sizes, total)
+
+    def newline_index(self, k: int, row: int, seq_len: int) -> int:
+        """Flat index of the newline token that ends ``row`` of newline grid ``k``."""
+        return self.sample[k] * seq_len + self.start[k] + row * (self.cols[k] + 1) + self.cols[k]
 
 
 def ranks_within(sizes: torch.Tensor, total: int) -> torch.Tensor:
@@ -86,26 +119,54 @@ def find_visual_spans(image_mask: torch.Tensor, grids) -> VisualSpans:
     return spans
 
 
-def spans_of_items(mask: torch.Tensor, items: list[tuple[tuple[int, int], ...]], kind: str = "image") -> VisualSpans:
+@dataclass(frozen=True)
+class Grid:
+    """A part of an item's layout: a ``rows x cols`` grid of visual tokens (``newline``: each row
+    followed by a newline token)."""
+
+    rows: int
+    cols: int
+    newline: bool = False
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * (self.cols + self.newline)
+
+
+@dataclass(frozen=True)
+class Gap:
+    """A part of an item's layout: placeholder tokens that are no grid (a lone newline)."""
+
+    count: int
+
+    @property
+    def tokens(self) -> int:
+        return self.count
+
+
+def spans_of_items(mask: torch.Tensor, items: list[tuple], kind: str = "image") -> VisualSpans:
     """Split the runs of placeholder tokens in ``mask`` into ``items`` (images or videos, in the
-    order their features fill the batch: by sample, then position), each laid out as its grids.
-    Raises ``ValueError`` when the runs and the items' sizes disagree."""
+    order their features fill the batch: by sample, then position), each laid out as its parts
+    (``Grid``, ``Gap``, or plain ``(rows, cols)`` grids). Raises ``ValueError`` when the runs and
+    the items' sizes disagree."""
     spans = VisualSpans()
-    remaining = list(items)
+    remaining = [tuple(part if isinstance(part, (Grid, Gap)) else Grid(*part) for part in item) for item in items]
     for b, first, length in _runs(mask):
         start, end = first, first + length
         while start < end:
             if not remaining:
-                raise ValueError(f"sample {b} has more {kind} tokens than the {kind} grids describe")
-            grids = remaining.pop(0)
-            size = sum(rows * cols for rows, cols in grids)
+                raise ValueError(f"sample {b} has more {kind} tokens than the {kind} layouts describe")
+            layout = remaining.pop(0)
+            size = sum(part.tokens for part in layout)
             if start + size > end:
                 raise ValueError(f"sample {b}: a run of {length} {kind} tokens at position {first} does not split into "
-                                 f"the {kind}s its grids describe ({size} tokens next)")
-            spans.add(b, start, grids)
-            start += size
+                                 f"the {kind}s its layouts describe ({size} tokens next)")
+            for part in layout:
+                if isinstance(part, Grid):
+                    spans.add(b, start, [(part.rows, part.cols)], newline=part.newline)
+                start += part.tokens
     if remaining:
-        raise ValueError(f"the {kind} grids describe {len(remaining)} more {kind}(s) than the batch has {kind} tokens for")
+        raise ValueError(f"the {kind} layouts describe {len(remaining)} more {kind}(s) than the batch has {kind} tokens for")
     return spans
 
 
@@ -124,7 +185,7 @@ def _runs(mask: torch.Tensor) -> list[tuple[int, int, int]]:
 
 def merged(*parts: VisualSpans) -> VisualSpans:
     """The grids of several ``VisualSpans`` of one batch, ordered by sample and position."""
-    entries = sorted((s.sample[k], s.start[k], s.rows[k], s.cols[k]) for s in parts for k in range(len(s)))
+    entries = sorted((s.sample[k], s.start[k], s.rows[k], s.cols[k], s.newline[k]) for s in parts for k in range(len(s)))
     return VisualSpans(*(list(column) for column in zip(*entries))) if entries else VisualSpans()
 
 

@@ -122,3 +122,33 @@ def qwen_pixels(grids: list[tuple[int, int]], seed: int = 0, frames: int = 1) ->
     if frames > 1:
         return {"pixel_values_videos": values, "video_grid_thw": grid_thw}
     return {"pixel_values": values, "image_grid_thw": grid_thw}
+
+
+# ------------------------------------------------------------------------ LLaVA-NeXT / OneVision family
+ANYRES_PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
+NEXT_TILE = 16  # the vision tower's image size: 4x4 patches of 4 pixels per crop
+
+
+def tiny_llava_next(kind: str = "llava_next", attn: str = "sdpa", seed: int = 0):
+    """A tiny random LLaVA-NeXT (Llama text) or LLaVA-OneVision (Qwen2 text): 16-pixel crops of 4x4
+    patches, crops tiled up to 32x32 pixels."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig, \
+        LlavaOnevisionForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=NEXT_TILE, patch_size=PATCH, projection_dim=32)
+    text = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, pad_token_id=PAD_TOKEN_ID)
+    common = dict(vision_config=vision, image_token_id=IMAGE_TOKEN_ID, image_grid_pinpoints=ANYRES_PINPOINTS,
+                  vision_feature_layer=-2, vision_feature_select_strategy="default")
+    if kind == "llava_next":
+        config, model_class = LlavaNextConfig(text_config=LlamaConfig(**text), **common), LlavaNextForConditionalGeneration
+    else:
+        config = LlavaOnevisionConfig(text_config=Qwen2Config(**text), video_token_id=6,
+                                      vision_aspect_ratio="anyres_max_9", **common)
+        model_class = LlavaOnevisionForConditionalGeneration
+    config._attn_implementation = attn
+    model = model_class(config)
+    model.set_attn_implementation(attn)
+    return model.eval()

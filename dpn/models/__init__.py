@@ -10,6 +10,7 @@ from typing import Any
 from dpn.geometry import ModelGeometry
 from dpn.models.base import CallInputs, ModelAdapter, PreparedBatch
 from dpn.models.llava import LlavaAdapter
+from dpn.models.llava_next import LlavaNextAdapter
 from dpn.models.positions import LinearPositions, MultimodalRotaryPositions
 from dpn.models.qwen2_vl import Qwen2VLAdapter
 
@@ -52,8 +53,9 @@ def geometry_of(model_or_config: Any) -> ModelGeometry:
 
 register_adapter(LlavaAdapter())
 register_adapter(Qwen2VLAdapter())
+register_adapter(LlavaNextAdapter())
 
 __all__ = [
-    "CallInputs", "LinearPositions", "LlavaAdapter", "ModelAdapter", "MultimodalRotaryPositions", "PreparedBatch",
+    "CallInputs", "LinearPositions", "LlavaAdapter", "LlavaNextAdapter", "ModelAdapter", "MultimodalRotaryPositions", "PreparedBatch",
     "Qwen2VLAdapter", "geometry_of", "get_adapter", "register_adapter",
 ]

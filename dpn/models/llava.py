@@ -22,6 +22,28 @@ _CLASS_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
 TEXT_BACKBONES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def check_text_backbone(text_config: Any) -> None:
+    if text_config.model_type not in TEXT_BACKBONES:
+        raise ValueError(
+            f"dpn does not support a LLaVA with a {text_config.model_type!r} text backbone: its decoder is not driven "
+            f"the Llama way (e.g. Gemma3's rotary embedding takes a layer type); supported: {TEXT_BACKBONES}"
+        )
+
+
+def check_vision_layout(config: Any) -> None:
+    """The vision tower's tokens form a grid: a known tower, and no class token kept."""
+    vision = config.vision_config
+    if vision.model_type not in _CLASS_TOKENS:
+        raise ValueError(
+            f"dpn does not know the token layout of vision tower {vision.model_type!r}; supported: {sorted(_CLASS_TOKENS)}"
+        )
+    if config.vision_feature_select_strategy == "full" and _CLASS_TOKENS[vision.model_type]:
+        raise ValueError(
+            "vision_feature_select_strategy='full' keeps the class token, so the visual tokens are not a grid; "
+            "use 'default' to pool them as a pyramid"
+        )
+
+
 class LlavaAdapter(ModelAdapter):
     model_types = ("llava",)
     input_names = ("pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes",
@@ -29,35 +51,18 @@ class LlavaAdapter(ModelAdapter):
 
     def geometry(self, config: Any) -> ModelGeometry:
         text = config.text_config
-        if text.model_type not in TEXT_BACKBONES:
-            raise ValueError(
-                f"dpn does not support a LLaVA with a {text.model_type!r} text backbone: its decoder is not driven the "
-                f"Llama way (e.g. Gemma3's rotary embedding takes a layer type); supported: {TEXT_BACKBONES}"
-            )
+        check_text_backbone(text)
+        check_vision_layout(config)
+        side = config.vision_config.image_size // config.vision_config.patch_size
         return ModelGeometry(
             model_type=config.model_type,
             text_config=text,
             num_layers=int(text.num_hidden_layers),
             hidden_size=int(text.hidden_size),
             image_token_id=int(config.image_token_id),
-            image_grids=(self._grid(config),),
+            image_grids=((side, side),),
             position_modes=self.positions.modes,
         )
-
-    def _grid(self, config: Any) -> tuple[int, int]:
-        vision = config.vision_config
-        if vision.model_type not in _CLASS_TOKENS:
-            raise ValueError(
-                f"dpn does not know the token layout of vision tower {vision.model_type!r}; "
-                f"supported: {sorted(_CLASS_TOKENS)}"
-            )
-        side = vision.image_size // vision.patch_size
-        if config.vision_feature_select_strategy == "full" and _CLASS_TOKENS[vision.model_type]:
-            raise ValueError(
-                "vision_feature_select_strategy='full' keeps the class token, so the visual tokens are not a grid; "
-                "use 'default' to pool them as a pyramid"
-            )
-        return side, side
 
     def decoder(self, model: nn.Module) -> nn.Module:
         return model.model.language_model

@@ -48,11 +48,11 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str, policy) -> tuple[C
     spans = chunk.spans
     flat = chunk.hidden.reshape(batch * length, width)
     rows = plan.rows.to(flat.dtype)
-    old_index = spans.token_index(plan.spans, length, device)
-    new_sizes = [r * c for r, c in plan.grids]
-    if all(spans.size(k) == n for k, n in zip(plan.spans, new_sizes)):
-        hidden = flat.index_copy(0, old_index, rows).view(batch, length, width)
+    if all(spans.size(k) == r * c for k, (r, c) in zip(plan.spans, plan.grids)):
+        hidden = flat.index_copy(0, spans.token_index(plan.spans, length, device), rows).view(batch, length, width)
         return replace(chunk, hidden=hidden), False
+    rows, representatives, new_sizes = with_newlines(plan, spans, flat, rows, length)
+    old_index = spans.extent_index(plan.spans, length, device)  # a replaced grid's newlines go with it
 
     # Order every surviving token by (sample, position, rank inside a replaced image): a replaced
     # image's tokens sort where the image started, since its original tokens are gone.
@@ -104,7 +104,7 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str, policy) -> tuple[C
     valid = gather != padding_row
     # Each new token stands for one old token: itself, or its pooling window's first token.
     stands_for = torch.cat(
-        [torch.arange(batch * length, device=device), plan.representatives, torch.zeros(1, dtype=torch.long, device=device)]
+        [torch.arange(batch * length, device=device), representatives, torch.zeros(1, dtype=torch.long, device=device)]
     )[gather]
     first_valid = valid.int().argmax(1)
     batch_index = torch.arange(batch, device=device)
@@ -117,9 +117,41 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str, policy) -> tuple[C
     positions = policy.after_shrink(policy.gather(chunk.positions, stands_for), valid, position_mode)
 
     new_spans = VisualSpans(
-        sample=list(spans.sample), start=starts, rows=[g[0] for g in grids], cols=[g[1] for g in grids]
+        sample=list(spans.sample), start=starts, rows=[g[0] for g in grids], cols=[g[1] for g in grids],
+        newline=list(spans.newline),
     )
     has_router = chunk.router_index >= 0
     router_source = batch_index * length + chunk.router_index.clamp(min=0)
     router_index = torch.where(has_router, column[slot[router_source]], -1)
     return Chunk(hidden, valid, positions, labels, new_spans, router_index, new_counts), True
+
+
+def with_newlines(plan: StagePlan, spans: VisualSpans, flat: torch.Tensor, rows: torch.Tensor, length: int):
+    """The plan's new tokens with one newline token after every new row of a newline grid, their
+    representatives, and each replaced grid's new extent.
+
+    New row ``i`` of a grid that had ``H`` rows and now has ``R`` keeps the newline that ended old
+    row ``min((i + 1) * ceil(H / R), H) - 1``: the last row a pooling window of ``ceil(H / R)`` rows
+    covers (one row left of a token selection keeps the grid's last newline). The newline's hidden
+    state passes through as it is: newlines are never pooled into visual content.
+    """
+    sizes = [r * c for r, c in plan.grids]
+    if not any(spans.newline[k] for k in plan.spans):
+        return rows, plan.representatives, sizes
+    device = flat.device
+    new_rows, new_representatives, extents, offset = [], [], [], 0
+    for k, (r, c), size in zip(plan.spans, plan.grids, sizes):
+        grid_rows, grid_sources = rows[offset:offset + size], plan.representatives[offset:offset + size]
+        offset += size
+        if not spans.newline[k]:
+            new_rows.append(grid_rows)
+            new_representatives.append(grid_sources)
+            extents.append(size)
+            continue
+        step = -(-spans.rows[k] // r)
+        newline = host_tensor([spans.newline_index(k, min((i + 1) * step, spans.rows[k]) - 1, length)
+                               for i in range(r)], device)
+        new_rows.append(torch.cat([grid_rows.view(r, c, -1), flat[newline][:, None]], 1).flatten(0, 1))
+        new_representatives.append(torch.cat([grid_sources.view(r, c), newline[:, None]], 1).flatten())
+        extents.append(r * (c + 1))
+    return torch.cat(new_rows), torch.cat(new_representatives), extents

@@ -88,9 +88,11 @@ class DuplicationAwareSelection(Strategy):
         queries = inputs.query_index.tolist()  # one wait for the device, not one per image
         chosen = []
         for k in range(len(spans)):
-            sample, start, size = spans.sample[k], spans.start[k], spans.size(k)
-            text = _text_candidates(inputs.valid[sample] & ~visual[sample], start + size, queries[sample])
-            kept = self.select(scores[sample], directions[sample], start, size, text, kept_count(size, keep_ratio))
+            sample = spans.sample[k]
+            image = spans.token_index([k], seq_len, hidden.device) - sample * seq_len  # positions in the sample
+            text = _text_candidates(inputs.valid[sample] & ~visual[sample], spans.start[k] + spans.extent(k),
+                                    queries[sample])
+            kept = self.select(scores[sample], directions[sample], image, text, kept_count(image.shape[0], keep_ratio))
             chosen.append(sample * seq_len + kept)
             plan.spans.append(k)
             plan.grids.append((1, kept.shape[0]))
@@ -98,30 +100,30 @@ class DuplicationAwareSelection(Strategy):
         plan.rows = flat[plan.representatives]
         return plan
 
-    def select(self, scores: torch.Tensor, directions: torch.Tensor, start: int, size: int, text: torch.Tensor,
+    def select(self, scores: torch.Tensor, directions: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
                keep: int) -> torch.Tensor:
         """Positions (sorted) of the ``keep`` tokens one image keeps; ``scores`` and ``directions`` are
-        its sample's pivot scores (length,) and unit hidden states (length, d), the image occupies
-        ``start .. start + size - 1`` and ``text`` holds the positions text pivots may come from."""
-        image = torch.arange(start, start + size, device=scores.device)
-        image_pivots = image[scores[image].topk(min(self.options.image_pivots, size, keep)).indices]
+        its sample's pivot scores (length,) and unit hidden states (length, d), ``image`` holds the
+        image's token positions and ``text`` the positions text pivots may come from."""
+        size = image.shape[0]
+        image_pivots = scores[image].topk(min(self.options.image_pivots, size, keep)).indices  # indices into image
         text_count = min(self.options.text_pivots, text.shape[0])
         text_pivots = text[scores[text].topk(text_count).indices] if text_count else text[:0]
-        pivots = torch.cat([image_pivots, text_pivots])
+        pivots = torch.cat([image[image_pivots], text_pivots])
         remaining = keep - image_pivots.shape[0]
         shares = [remaining // pivots.shape[0] + (i < remaining % pivots.shape[0]) for i in range(pivots.shape[0])]
         available = torch.ones(size, dtype=torch.bool, device=scores.device)
-        available[image_pivots - start] = False
+        available[image_pivots] = False
         kept = [image_pivots]
         for pivot, share in zip(pivots.tolist(), shares):
             if share == 0:
                 continue
-            candidates = image[available]
-            similarity = directions[candidates] @ directions[pivot]
+            candidates = available.nonzero().squeeze(1)
+            similarity = directions[image[candidates]] @ directions[pivot]
             least = candidates[similarity.topk(share, largest=False).indices]
-            available[least - start] = False
+            available[least] = False
             kept.append(least)
-        return torch.cat(kept).sort().values
+        return image[torch.cat(kept).sort().values]
 
 
 def _visual_mask(spans: VisualSpans, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:

@@ -208,7 +208,7 @@ class GridPooling(Strategy):
                 pooled = pooled * scale[member_samples].to(pooled.dtype)[:, None, None]
             rows.append(pooled.reshape(-1, width))
             origins = window_origins(n_rows, n_cols, (kh, kw), device)
-            representatives.append((index[:, :1] + origins[None, :]).flatten())
+            representatives.append(index[:, origins].flatten())  # each window's first (top-left) token
             plan.spans.extend(members)
             plan.grids.extend([pooled_grid((n_rows, n_cols), (kh, kw), 0)] * len(members))
         plan.rows = torch.cat(rows)

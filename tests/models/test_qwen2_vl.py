@@ -20,6 +20,16 @@ from helpers import (
 # sample with two images 8x8 -> 4x4 (16) and 12x8 -> 6x4 (24); then a text-only sample.
 IMAGES = [[(8, 12)], [(10, 14)], [(8, 8), (12, 8)], []]
 STAGES = (1, 2, 4)
+# Generated tokens must stay text: a random model could emit a placeholder id, which a recomputed
+# prefill would read as one more image token.
+NO_PLACEHOLDERS = [[QWEN_IMAGE_TOKEN], [QWEN_VIDEO_TOKEN]]
+
+
+def next_text_token(logits: torch.Tensor) -> torch.Tensor:
+    """The greedy next token with the placeholders banned, as ``generate(bad_words_ids=NO_PLACEHOLDERS)`` picks it."""
+    logits = logits[:, -1].clone()
+    logits[:, [ids[0] for ids in NO_PLACEHOLDERS]] = float("-inf")
+    return logits.argmax(-1, keepdim=True)
 MIXED = [[(1, 1), (1, 2), (2, 2)]] * 3
 FORCED = torch.tensor([[2, 1, 0], [1, 2, 1], [0, 2, 2], [-1, -1, -1]])
 
@@ -136,7 +146,8 @@ def test_cached_generation_matches_full_recompute(frames):
     new_tokens = 6
     with torch.no_grad():
         generated = model.generate(**batch, force_experts=forced, max_new_tokens=new_tokens, do_sample=False,
-                                   pad_token_id=PAD_TOKEN_ID, output_logits=True, return_dict_in_generate=True)
+                                   pad_token_id=PAD_TOKEN_ID, bad_words_ids=NO_PLACEHOLDERS, output_logits=True,
+                                   return_dict_in_generate=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     prompt_length = ids.shape[1]
     visual = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
@@ -147,7 +158,7 @@ def test_cached_generation_matches_full_recompute(frames):
             out = model(input_ids=ids, attention_mask=mask, labels=labels, force_experts=forced, use_cache=False,
                         **visual)
         torch.testing.assert_close(out.logits[:, -1], generated.logits[step], atol=1e-4, rtol=0)
-        ids = torch.cat([ids, out.logits[:, -1].argmax(-1, keepdim=True)], 1)
+        ids = torch.cat([ids, next_text_token(out.logits)], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert torch.equal(ids, generated.sequences)
 
@@ -157,15 +168,15 @@ def test_an_identity_pyramid_generates_like_the_stock_model():
     without position_ids) from the rope delta the prefill left in the cache."""
     model = tiny_qwen_vl(seed=2)
     batch = qwen_batch()
-    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD_TOKEN_ID, output_logits=True,
-                   return_dict_in_generate=True)
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD_TOKEN_ID, bad_words_ids=NO_PLACEHOLDERS,
+                   output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         stock = model.generate(**batch, **options)
         dpn.apply_pyramid(model, pyramid(experts=[[(1, 1)]] * 3))
         ours = model.generate(**batch, **options)
         # Decoding by hand, without position_ids: the cache's rope delta gives the same positions.
         prefill = model(**batch, use_cache=True, logits_to_keep=1)
-        token = prefill.logits[:, -1].argmax(-1, keepdim=True)
+        token = next_text_token(prefill.logits)
         mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
         step = model(input_ids=token, attention_mask=mask, past_key_values=prefill.past_key_values)
     assert torch.equal(ours.sequences, stock.sequences)
@@ -242,7 +253,8 @@ def test_every_strategy_trains_and_generates_with_the_cache(spec):
     batch.pop("labels")
     with torch.no_grad():
         generated = model.generate(**batch, force_experts=forced, max_new_tokens=3, do_sample=False,
-                                   pad_token_id=PAD_TOKEN_ID, output_logits=True, return_dict_in_generate=True)
+                                   pad_token_id=PAD_TOKEN_ID, bad_words_ids=NO_PLACEHOLDERS, output_logits=True,
+                                   return_dict_in_generate=True)
         ids = generated.sequences[:, :-1]
         mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, batch["input_ids"].shape[1]:])], 1)
         labels = torch.full_like(ids, -100)
