@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from dpn.models import geometry_of
+from dpn.spans import Gap, Grid
 
 GIGA = 1e9
 FLOPS_PER_MAC = 2
@@ -86,20 +87,33 @@ def segment_layer_tokens(num_layers: int, stage_layers: list[int], segment_token
     return counts
 
 
-def path_flops(model: Any, pyramid: Any, text_tokens: int) -> list[dict]:
+def path_flops(model: Any, pyramid: Any, text_tokens: int, layout: tuple | None = None) -> list[dict]:
     """One row per routing path of ``pyramid`` (a ``PyramidConfig``) on ``model`` (a model, its
     config or its ``ModelGeometry``): labels, visual tokens per segment, LLM prefill GFLOPs and the
     ratio to the vanilla model, for one image and ``text_tokens`` text tokens. The paths come from
-    the strategy's config (``token_paths``), so every registered strategy is counted the same way."""
+    the strategy's config (``token_paths``), so every registered strategy is counted the same way.
+
+    ``layout``: the image's grids, ``(rows, cols)`` or ``dpn.spans.Grid`` parts (a grid with row
+    newlines keeps one per row; other placeholders count as text), for families whose grids vary
+    per image; default: the model's fixed grids.
+    """
     geometry = geometry_of(model)
-    if geometry.image_grids is None:
-        raise ValueError(f"{geometry.model_type} images have no fixed grid; FLOPs per path need one")
+    if layout is None:
+        if geometry.image_grids is None:
+            raise ValueError(f"{geometry.model_type} images have no fixed grid; give the image's layout")
+        layout = geometry.image_grids
+    parts = [part if isinstance(part, (Grid, Gap)) else Grid(*part) for part in layout]
+    grids = [(part.rows, part.cols) for part in parts if isinstance(part, Grid)]
+    newline = [part.newline for part in parts if isinstance(part, Grid)]
+    extra = sum(part.count for part in parts if isinstance(part, Gap))  # placeholders outside any grid
     text_config, num_layers = geometry.text_config, geometry.num_layers
     layers = [stage.layer for stage in pyramid.stages]
-    vanilla = decoder_flops(text_config, [text_tokens + geometry.image_tokens] * num_layers)
     rows = []
-    for path in pyramid.strategy.token_paths(pyramid.stages, geometry.image_grids):
-        tokens = segment_layer_tokens(num_layers, layers, [text_tokens + v for v in path.visual_tokens])
+    for path in pyramid.strategy.token_paths(pyramid.stages, tuple(grids)):
+        newlines = [sum(r for r, n in zip(segment, newline) if n) for segment in path.rows()]
+        segments = [text_tokens + extra + v + n for v, n in zip(path.visual_tokens, newlines)]
+        vanilla = decoder_flops(text_config, [segments[0]] * num_layers)
+        tokens = segment_layer_tokens(num_layers, layers, segments)
         flops = decoder_flops(text_config, tokens)
         rows.append({"experts": path.labels, "visual_tokens": path.visual_tokens, "llm_gflops": flops / GIGA,
                      "ratio": flops / vanilla})

@@ -7,12 +7,12 @@ import torch
 
 import dpn
 from dpn.strategies.pooling import PAPER_EXPERTS, reachable_grids
-from dpn.lab.architectures import llava_config
+from dpn.lab.architectures import model_config
 from helpers import GRID, batch_of, make_prompt, pixels, tiny_llava, IMAGE_TOKEN_ID
 
 
 def test_paper_default_on_llava_7b_geometry_is_the_paper_schedule():
-    config = dpn.presets.paper(llava_config("llava-1.5-7b"))
+    config = dpn.presets.paper(model_config("llava-1.5-7b"))
     assert [s.layer for s in config.stages] == [7, 15, 23]
     assert all(s.experts == list(PAPER_EXPERTS) for s in config.stages)
     assert config.strategy.router_temperature == 10.0 and config.strategy.routing_loss_weight == 0.001

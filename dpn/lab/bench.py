@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpn.api import apply_pyramid, pyramid_disabled, remove_pyramid
-from dpn.lab.architectures import llava_config
+from dpn.lab.architectures import model_config
 from dpn import presets
 from dpn.config import PyramidConfig
 from dpn.lab.evaluate import greedy_continue
@@ -97,7 +97,7 @@ def build_model(preset: str, dtype: torch.dtype, attention: str, device: torch.d
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(llava_config(preset), dtype=dtype, attn_implementation=attention)
+        model = LlavaForConditionalGeneration._from_config(model_config(preset), dtype=dtype, attn_implementation=attention)
     return model.eval()
 
 
@@ -247,7 +247,7 @@ def run_bench(options: BenchOptions, device: torch.device | None = None, json_pa
     if unknown:
         raise ValueError(f"unknown routings {sorted(unknown)}; choose from {ROUTINGS}")
     for spec in options.strategies:  # a typo should fail now, not after the first preset's timings
-        presets.from_spec(spec, llava_config(options.presets[0]))
+        presets.from_spec(spec, model_config(options.presets[0]))
     report = {
         "device": device_description(device), "torch": torch.__version__, "dtype": options.dtype,
         "attention": options.attention, "options": asdict(options), "rows": [],

@@ -20,7 +20,7 @@ from rich.table import Table
 from dpn import presets
 from dpn.config import PyramidConfig
 from dpn.flops import GIGA, decoder_flops, path_flops, vision_flops
-from dpn.lab.architectures import ARCHITECTURES, llava_config
+from dpn.lab.architectures import ARCHITECTURES, model_config, typical_layout
 from dpn.lab.bench import ROUTINGS
 from dpn.lab.compare import TRAINING_FREE
 from dpn.models import geometry_of
@@ -31,34 +31,38 @@ DEFAULT_TEXT_TOKENS = 64  # a typical LLaVA-1.5 prompt around one image
 
 def _flops_command(args: argparse.Namespace) -> int:
     console = Console()
-    model_config = llava_config(args.preset)
-    pyramid = presets.from_spec(args.pyramid, model_config) if args.pyramid else presets.paper(model_config)
+    config = model_config(args.preset)
+    pyramid = presets.from_spec(args.pyramid, config) if args.pyramid else presets.paper(config)
     if pyramid is None:
         raise ValueError("dpn flops needs a pyramid; 'none' has nothing to count")
-    geometry = geometry_of(model_config)
+    geometry = geometry_of(config)
     pyramid.validate_for(geometry)
-    rows = path_flops(geometry, pyramid, args.text_tokens)
+    layout = typical_layout(args.preset)
+    rows = path_flops(geometry, pyramid, args.text_tokens, layout)
     text_config = geometry.text_config
-    vanilla = decoder_flops(text_config, [args.text_tokens + geometry.image_tokens] * geometry.num_layers)
-    vision = vision_flops(model_config.vision_config, text_config.hidden_size)
+    vanilla = rows[0]["llm_gflops"] / rows[0]["ratio"] * GIGA
     stage_layers = [s.layer for s in pyramid.stages]
+    grids = [[part.rows, part.cols] for part in layout if hasattr(part, "rows")]
+    visual = sum(r * c for r, c in grids)
+    newlines = sum(part.rows for part in layout if getattr(part, "newline", False))
+    vision = vision_flops(config.vision_config, text_config.hidden_size) if config.model_type == "llava" else None
     if args.json:
         print(json.dumps({
-            "preset": args.preset, "text_tokens": args.text_tokens, "grid": list(geometry.image_grids[0]),
+            "preset": args.preset, "text_tokens": args.text_tokens, "grid": grids[0] if len(grids) == 1 else grids,
             "strategy": pyramid.strategy.name, "stage_layers": stage_layers, "vanilla_llm_gflops": vanilla / GIGA,
-            "vision_gflops": vision / GIGA, "paths": rows,
+            "vision_gflops": None if vision is None else vision / GIGA, "paths": rows,
         }, indent=2))
         return 0
-    grids = " + ".join(f"{r}x{c}" for r, c in geometry.image_grids)
+    shape = " + ".join(f"{r}x{c}" for r, c in grids) + (f" (+ {newlines} row newlines)" if newlines else "")
     console.print(
         f"[bold]{args.preset}[/]: {geometry.num_layers} layers, d={text_config.hidden_size}, "
-        f"{grids} = {geometry.image_tokens} visual tokens + {args.text_tokens} text tokens, "
+        f"{shape} = {visual} visual tokens + {args.text_tokens} text tokens, "
         f"{pyramid.strategy.name} stages after layers {stage_layers} (0-indexed)"
     )
+    vision_note = f"; vision tower + projector: {vision / GIGA:.1f} GFLOPs (unchanged by the pyramid)" if vision else ""
     console.print(
-        f"vanilla LLM prefill: {vanilla / GIGA:.1f} GFLOPs; vision tower + projector: {vision / GIGA:.1f} GFLOPs "
-        "(unchanged by the pyramid). FLOPs count matmuls, dense attention (see dpn.flops); visual tokens "
-        "are per segment: before stage 0, then after each stage."
+        f"vanilla LLM prefill: {vanilla / GIGA:.1f} GFLOPs{vision_note}. FLOPs count matmuls, dense attention "
+        "(see dpn.flops); visual tokens are per segment: before stage 0, then after each stage."
     )
     table = Table(title="LLM prefill FLOPs per routing path")
     for i in range(len(pyramid.stages)):
@@ -74,7 +78,9 @@ def _flops_command(args: argparse.Namespace) -> int:
         )
     console.print(table)
     if args.trace:
-        _trace(console, model_config, pyramid, args.text_tokens)
+        if config.model_type != "llava":
+            raise ValueError("--trace runs the LLaVA-1.5 presets (tiny, qwen2-0.5b, llava-*); use dpn bench for the others")
+        _trace(console, config, pyramid, args.text_tokens)
     return 0
 
 

@@ -60,11 +60,19 @@ class Stage:
 
 @dataclass(frozen=True)
 class TokenPath:
-    """One way a single image can go through the stages: a label per stage and the visual tokens
-    before the first stage and after each."""
+    """One way a single image can go through the stages: a label per stage and, before the first
+    stage and after each, the shape (rows, cols) of each of the image's grids."""
 
     labels: list[str]
-    visual_tokens: list[int]
+    shapes: list[list[tuple[int, int]]]
+
+    @property
+    def visual_tokens(self) -> list[int]:
+        return [sum(rows * cols for rows, cols in grids) for grids in self.shapes]
+
+    def rows(self) -> list[list[int]]:
+        """Rows of each grid per segment (what a grid with row newlines keeps one newline for)."""
+        return [[rows for rows, _ in grids] for grids in self.shapes]
 
 
 @dataclass

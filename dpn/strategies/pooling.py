@@ -153,8 +153,10 @@ class PoolingConfig(StrategyConfig):
     def token_paths(self, stages: list[PoolingStage], grids: tuple[Grid, ...]) -> list[TokenPath]:
         paths = []
         for path in product(*(stage.experts for stage in stages)):
-            per_grid = [visual_tokens_after(grid, list(path), self.min_tokens_to_pool) for grid in grids]
-            paths.append(TokenPath(["x".join(map(str, e)) for e in path], [sum(c) for c in zip(*per_grid)]))
+            shapes = [list(grids)]
+            for expert in path:
+                shapes.append([pooled_grid(g, expert, self.min_tokens_to_pool) for g in shapes[-1]])
+            paths.append(TokenPath(["x".join(map(str, e)) for e in path], shapes))
         return paths
 
 

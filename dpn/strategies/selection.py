@@ -46,11 +46,10 @@ class SelectionConfig(StrategyConfig):
     stage_class = SelectionStage
 
     def token_paths(self, stages: list[SelectionStage], grids) -> list[TokenPath]:
-        counts = [[rows * cols] for rows, cols in grids]
-        for stage in stages:
-            for grid_counts in counts:
-                grid_counts.append(kept_count(grid_counts[-1], stage.keep_ratio))
-        return [TokenPath([f"keep {s.keep_ratio:g}" for s in stages], [sum(c) for c in zip(*counts)])]
+        shapes = [list(grids)]
+        for stage in stages:  # kept tokens form one row
+            shapes.append([(1, kept_count(rows * cols, stage.keep_ratio)) for rows, cols in shapes[-1]])
+        return [TokenPath([f"keep {s.keep_ratio:g}" for s in stages], shapes)]
 
 
 class AttentionSelection(Strategy):

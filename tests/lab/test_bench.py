@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from dpn.lab.architectures import llava_config
+from dpn.lab.architectures import model_config
 from dpn.lab.bench import BenchOptions, report_markdown, run_bench, update_markdown_page
 from dpn.lab.cli import main
 from dpn.flops import path_flops, vision_flops
@@ -32,7 +32,7 @@ def test_rows_cover_every_routing_with_positive_measurements(report):
 
 
 def test_theoretical_speedups_agree_with_dpn_flops(report):
-    config = llava_config("tiny")
+    config = model_config("tiny")
     paths = {tuple(r["experts"]): r for r in path_flops(config, dpn.presets.paper(config), text_tokens=16)}
     weakest, _, strongest, fastv, dart = report["rows"]
     for row, spec in ((fastv, "fastv:0.5"), (dart, "dart:0.5")):

@@ -250,6 +250,11 @@ def test_flops_match_the_flop_counter():
     measured = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if layers.search(name))
     assert out.routing.flops[0].item() == pytest.approx(measured, rel=0.02)
     assert out.routing.flops_ratio[0] < 1
+    # dpn flops counts the same path from the config and the image's layout, newlines included.
+    (layout,) = get_adapter(model).image_layouts(model.config, batch["image_sizes"], None, None)
+    text = int(batch["attention_mask"].sum()) - sum(part.tokens for part in layout)
+    paths = {tuple(p["experts"]): p for p in dpn.flops.path_flops(model, dpn.get_pyramid_config(model), text, layout)}
+    assert paths[("1x2", "2x2", "2x2")]["ratio"] == pytest.approx(out.routing.flops_ratio[0].item())
 
 
 @pytest.mark.parametrize("kind", KINDS)
