@@ -15,6 +15,7 @@ from transformers import (
     CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig, Qwen2_5_VLConfig, Qwen2Config,
     SiglipVisionConfig,
 )
+from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from dpn.lab import zoo
@@ -58,6 +59,14 @@ QWEN2_5_VL_7B_TEXT = dict(
     vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
     num_key_value_heads=4, max_position_embeddings=128000, rms_norm_eps=1e-6, rope_parameters=QWEN2_5_VL_ROPE,
 )
+TINY_QWEN_VISION = dict(
+    depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14, spatial_merge_size=2,
+    temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1], in_channels=3,
+)
+TINY_QWEN_TEXT = dict(
+    vocab_size=151936, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=4096, rope_parameters={**QWEN2_5_VL_ROPE, "mrope_section": [2, 3, 3]},
+)
 QWEN2_5_VL_3B_TEXT = dict(
     vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
     num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6, rope_parameters=QWEN2_5_VL_ROPE,
@@ -75,9 +84,9 @@ def _llava(text_config: Any, image_size: int, image_token_id: int) -> LlavaConfi
     )
 
 
-def _qwen2_5_vl(text: dict[str, Any], vision_out: int) -> Qwen2_5_VLConfig:
+def _qwen2_5_vl(text: dict[str, Any], vision_out: int, vision: dict[str, Any] = QWEN2_5_VL_VISION) -> Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(
-        vision_config={**QWEN2_5_VL_VISION, "out_hidden_size": vision_out}, text_config=text,
+        vision_config={**vision, "out_hidden_size": vision_out}, text_config=text,
         image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
     )
 
@@ -126,6 +135,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "llava-next-7b": Architecture(_llava_next, (672, 672)),
     # LLaVA-OneVision Qwen2-7B (SigLIP-384, anyres_max_9), one 1024 x 1024 image.
     "llava-onevision-7b": Architecture(_llava_onevision, (1024, 1024)),
+    # A tiny Qwen2.5-VL (2 x 32 vision, 6 x 64 text) on a 224 x 168 image (8 x 6 tokens): smoke tests.
+    "tiny-qwen2.5-vl": Architecture(lambda: _qwen2_5_vl(TINY_QWEN_TEXT, 64, vision=TINY_QWEN_VISION), (224, 168)),
 }
 
 
@@ -155,3 +166,33 @@ def _architecture(name: str) -> Architecture:
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture preset {name!r}; choose from {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[name]
+
+
+def image_size_of(name: str) -> tuple[int, int] | None:
+    return _architecture(name).image_size
+
+
+def image_inputs(config: Any, image_size: tuple[int, int] | None, batch_size: int,
+                 generator: torch.Generator) -> tuple[list[int], dict[str, torch.Tensor]]:
+    """One random image per sample for a preset's family: the placeholder tokens one image takes in
+    a prompt, and the inputs the model needs besides the prompt (pixels and the family's sizes)."""
+    vision = config.vision_config
+    if config.model_type == "llava":
+        side = vision.image_size
+        tokens = [config.image_token_id] * geometry_of(config).image_tokens
+        return tokens, {"pixel_values": torch.randn(batch_size, 3, side, side, generator=generator)}
+    if image_size is None:
+        raise ValueError(f"{config.model_type} images need an image size")
+    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
+        height, width = smart_resize(*image_size, factor=vision.patch_size * vision.spatial_merge_size)
+        rows, cols = height // vision.patch_size, width // vision.patch_size
+        tokens = ([config.vision_start_token_id] + [config.image_token_id] * (rows * cols // vision.spatial_merge_size**2)
+                  + [config.vision_end_token_id])
+        pixels = torch.randn(batch_size * rows * cols, 3 * vision.temporal_patch_size * vision.patch_size**2,
+                             generator=generator)
+        return tokens, {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, rows, cols]] * batch_size)}
+    layout = get_adapter(config).image_layouts(config, torch.tensor([list(image_size)]), None, None)[0]
+    crops = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vision.image_size)
+    pixels = torch.randn(batch_size, crops, 3, vision.image_size, vision.image_size, generator=generator)
+    return ([config.image_token_id] * sum(part.tokens for part in layout),
+            {"pixel_values": pixels, "image_sizes": torch.tensor([list(image_size)] * batch_size)})

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpn.api import apply_pyramid, pyramid_disabled, remove_pyramid
-from dpn.lab.architectures import model_config
+from dpn.lab.architectures import image_inputs, image_size_of, model_config
 from dpn import presets
 from dpn.config import PyramidConfig
 from dpn.lab.evaluate import greedy_continue
@@ -57,6 +57,7 @@ class BenchOptions:
     decode_tokens: int = DEFAULT_DECODE_TOKENS
     train_step: bool = True
     strategies: list[str] = field(default_factory=list)
+    image_size: tuple[int, int] | None = None  # (height, width); default: the preset's typical image
     seed: int = 0
     progress: bool = True
 
@@ -93,32 +94,49 @@ def _peak_memory_mib(device: torch.device) -> float | None:
 def build_model(preset: str, dtype: torch.dtype, attention: str, device: torch.device):
     """The preset with random weights, created on ``device`` in ``dtype`` (a 13B shape initialised on
     the CPU in float32 first would take minutes and 52 GB)."""
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlavaForConditionalGeneration._from_config(model_config(preset), dtype=dtype, attn_implementation=attention)
+        model = AutoModelForImageTextToText.from_config(model_config(preset), dtype=dtype, attn_implementation=attention)
     return model.eval()
 
 
-def make_batch(model, batch_size: int, text_tokens: int, device: torch.device, dtype: torch.dtype, seed: int):
-    """One image per sample between two halves of random text, no padding."""
+def make_batch(model, batch_size: int, text_tokens: int, device: torch.device, dtype: torch.dtype, seed: int,
+               image_size: tuple[int, int] | None = None):
+    """One image per sample (of ``image_size`` for families whose grids depend on it) between two
+    halves of random text, no padding."""
     geometry = geometry_of(model)
-    image_token = geometry.image_token_id
-    vocab = geometry.text_config.vocab_size
     generator = torch.Generator().manual_seed(seed)
-    text = torch.randint(0, vocab, (batch_size, text_tokens), generator=generator)
-    text[text == image_token] = 0
+    text = torch.randint(0, geometry.text_config.vocab_size, (batch_size, text_tokens), generator=generator)
+    image_tokens, inputs = image_inputs(model.config, image_size, batch_size, generator)
+    text[torch.isin(text, torch.tensor(sorted(set(image_tokens))))] = 0
     half = text_tokens // 2
-    images = torch.full((batch_size, geometry.image_tokens), image_token)
+    images = torch.tensor(image_tokens).expand(batch_size, -1)
     input_ids = torch.cat([text[:, :half], images, text[:, half:]], dim=1)
-    size = model.config.vision_config.image_size
-    pixel_values = torch.randn(batch_size, 3, size, size, generator=generator)
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": torch.ones_like(input_ids).to(device),
-        "pixel_values": pixel_values.to(device=device, dtype=dtype),
-    }
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **inputs}
+    if "image_grid_thw" in inputs:  # Qwen2-VL: which tokens are image tokens, as its processor says
+        batch["mm_token_type_ids"] = (input_ids == model.config.image_token_id).int()
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in batch.items()}
+
+
+def batch_vision_flops(model, batch: dict[str, torch.Tensor], attention: str) -> float:
+    """FLOPs of the vision tower and projector for the batch's images: analytic for LLaVA-1.5's
+    CLIP/SigLIP towers, else counted by ``FlopCounterMode`` on one run with eager attention (the
+    CPU sdpa kernel is not in its registry)."""
+    if model.config.model_type == "llava":
+        return batch["input_ids"].shape[0] * vision_flops(model.config.vision_config, geometry_of(model).hidden_size)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    images = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    pixels = images.pop("pixel_values")
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model.model.get_image_features(pixels, *images.values())
+    finally:
+        model.set_attn_implementation(attention)
+    return float(counter.get_total_flops())
 
 
 def forced_experts(pyramid: PyramidConfig, routing: str, batch_size: int, seed: int) -> torch.Tensor:
@@ -154,15 +172,15 @@ def bench_preset(preset: str, options: BenchOptions, device: torch.device) -> It
     """Measure every batch size and case of ``preset``, yielding each row as it is ready."""
     dtype = getattr(torch, options.dtype)
     model = build_model(preset, dtype, options.attention, device)
-    geometry = geometry_of(model)
     paper = presets.paper(model.config, sample_in_training=False)
     cases = [(routing, paper, routing) for routing in options.routings]
     cases += [(spec, presets.from_spec(spec, model.config), None) for spec in options.strategies]
     for batch_size in options.batch_sizes:
-        batch = make_batch(model, batch_size, options.text_tokens, device, dtype, options.seed)
+        batch = make_batch(model, batch_size, options.text_tokens, device, dtype, options.seed,
+                           options.image_size or image_size_of(preset))
         labels = batch["input_ids"].clone()
         labels[:, : -max(1, labels.shape[1] // 8)] = -100
-        vision = batch_size * vision_flops(model.config.vision_config, geometry.hidden_size)
+        vision = batch_vision_flops(model, batch, options.attention)
         vanilla_memory = _peak_memory_of(lambda: _prefill(model, batch), device)
         for name, pyramid, routing in cases:
             apply_pyramid(model, pyramid)

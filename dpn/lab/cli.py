@@ -209,7 +209,7 @@ def _bench_command(args: argparse.Namespace) -> int:
         presets=args.preset or ["tiny"], batch_sizes=args.batch_size or [1, 16], routings=args.routing or list(ROUTINGS),
         repeats=args.repeats, warmup=args.warmup, dtype=args.dtype, attention=args.attn,
         text_tokens=args.text_tokens, decode_tokens=args.decode_tokens, train_step=not args.no_train_step,
-        strategies=args.strategy or [],
+        strategies=args.strategy or [], image_size=tuple(args.image_size) if args.image_size else None,
     )
     report = run_bench(options, json_path=Path(args.json) if args.json else None)
     Console(width=max(Console().width, 200)).print(report_table(report))
@@ -312,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--text-tokens", type=int, default=64)
     bench.add_argument("--decode-tokens", type=int, default=16)
     bench.add_argument("--no-train-step", action="store_true", help="skip the forward+backward timing")
+    bench.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                       help="the image of presets whose grids depend on it (default: the preset's, e.g. 1024 1024)")
     bench.add_argument("--json", help="write the full report as JSON")
     bench.add_argument("--markdown", help="add or replace this machine's section of a markdown page (docs/BENCHMARKS.md)")
     bench.set_defaults(handler=_bench_command)

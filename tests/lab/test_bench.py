@@ -95,3 +95,13 @@ def test_a_bad_strategy_spec_fails_before_any_timing(monkeypatch):
     monkeypatch.setattr(bench, "bench_preset", lambda *a, **k: pytest.fail("timed before checking the specs"))
     with pytest.raises(ValueError):
         run_bench(BenchOptions(presets=["tiny"], strategies=["fastv:nonsense"], progress=False))
+
+
+def test_a_family_with_per_image_grids_is_benchmarked():
+    """Qwen2.5-VL: the batch carries patchified pixels and grids; the vision tower's FLOPs are counted."""
+    report = run_bench(BenchOptions(presets=["tiny-qwen2.5-vl"], batch_sizes=[1], routings=["strongest"], repeats=1,
+                                    warmup=0, decode_tokens=2, text_tokens=16, train_step=False, progress=False))
+    (row,) = report["rows"]
+    assert row["visual_tokens"] == [48, 12, 12, 12]  # 8x6 -> 2x2 -> 4x3; then below min_tokens_to_pool
+    assert 1 < row["theoretical_speedup"] < 1 / row["flops_ratio"]  # the vision tower counts on both sides
+    assert row["prefill_ms"] > 0 and row["decode_tokens_per_s"] > 0
