@@ -3,7 +3,9 @@
 Each stage lists ``experts``: pooling windows ``(kh, kw)`` that are also their strides, ``(1, 1)``
 keeping every token. At a stage every grid of a sample's images is pooled on its 2D layout with
 the stride chosen for that sample (``GridPooling.choose``: a router, a fixed stride, a draw). A
-grid smaller than ``min_tokens_to_pool`` is left as it is.
+grid smaller than ``min_tokens_to_pool`` is left as it is; a stride that does not divide a grid
+pools its remainder row / column as smaller windows (fixed grids are checked at ``apply_pyramid``
+instead, so there a non-dividing stride is an error).
 """
 
 from __future__ import annotations
