@@ -152,3 +152,35 @@ def tiny_llava_next(kind: str = "llava_next", attn: str = "sdpa", seed: int = 0)
     model = model_class(config)
     model.set_attn_implementation(attn)
     return model.eval()
+
+
+def next_text_token(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    """The greedy next token with ``banned`` ids excluded, as ``generate(bad_words_ids=...)`` picks it."""
+    logits = logits[:, -1].clone()
+    logits[:, banned] = float("-inf")
+    return logits.argmax(-1, keepdim=True)
+
+
+def check_training_and_cached_generation(model, batch: dict, forced, banned: list[int]):
+    """One training step through ``model``'s pyramid (finite loss, gradients reach the last layer),
+    then a cached generation whose last logits equal a full recompute. Returns the training output."""
+    model.train()
+    out = model(**batch, force_experts=forced)
+    out.loss.backward()
+    assert torch.isfinite(out.loss)
+    assert float(model.model.language_model.layers[-1].mlp.down_proj.weight.grad.abs().sum()) > 0
+    model.eval()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        generated = model.generate(**inputs, force_experts=forced, max_new_tokens=3, do_sample=False,
+                                   pad_token_id=PAD_TOKEN_ID, bad_words_ids=[[t] for t in banned],
+                                   output_logits=True, return_dict_in_generate=True)
+        ids = generated.sequences[:, :-1]
+        prompt = inputs["input_ids"].shape[1]
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(ids[:, prompt:])], 1)
+        labels = torch.full_like(ids, -100)
+        labels[:, prompt:] = ids[:, prompt:]
+        visual = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+        recomputed = model(input_ids=ids, attention_mask=mask, labels=labels, force_experts=forced, **visual)
+    torch.testing.assert_close(recomputed.logits[:, -1], generated.logits[-1], atol=1e-4, rtol=0)
+    return out

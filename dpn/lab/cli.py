@@ -19,7 +19,7 @@ from rich.table import Table
 
 from dpn import presets
 from dpn.config import PyramidConfig
-from dpn.flops import GIGA, decoder_flops, path_flops, vision_flops
+from dpn.flops import GIGA, path_flops, vision_flops
 from dpn.lab.architectures import ARCHITECTURES, model_config, typical_layout
 from dpn.lab.bench import ROUTINGS
 from dpn.lab.compare import TRAINING_FREE

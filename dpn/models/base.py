@@ -56,13 +56,23 @@ class ModelAdapter(ABC):
     def geometry(self, config: Any) -> ModelGeometry:
         """The family's config read into a ``ModelGeometry`` (raises ``ValueError`` for layouts dpn cannot pool)."""
 
-    @abstractmethod
     def decoder(self, model: nn.Module) -> nn.Module:
-        """The text decoder: has ``layers``, ``norm``, ``rotary_emb`` and input embeddings."""
+        """The text decoder: has ``layers``, ``norm``, ``rotary_emb`` and input embeddings (where every
+        supported family keeps it)."""
+        return model.model.language_model
 
-    @abstractmethod
     def lm_head(self, model: nn.Module) -> nn.Module:
         """The output projection to the vocabulary."""
+        return model.lm_head
+
+    def text_geometry(self, config: Any, image_grids: tuple[tuple[int, int], ...] | None) -> ModelGeometry:
+        """A ``ModelGeometry`` from the ``text_config`` of a family that keeps one."""
+        text = config.text_config
+        return ModelGeometry(
+            model_type=config.model_type, text_config=text, num_layers=int(text.num_hidden_layers),
+            hidden_size=int(text.hidden_size), image_token_id=int(config.image_token_id), image_grids=image_grids,
+            position_modes=self.positions.modes,
+        )
 
     @abstractmethod
     def prepare(self, model: nn.Module, call: CallInputs) -> PreparedBatch:

@@ -50,25 +50,10 @@ class LlavaAdapter(ModelAdapter):
                    "mm_encoder_outputs")
 
     def geometry(self, config: Any) -> ModelGeometry:
-        text = config.text_config
-        check_text_backbone(text)
+        check_text_backbone(config.text_config)
         check_vision_layout(config)
         side = config.vision_config.image_size // config.vision_config.patch_size
-        return ModelGeometry(
-            model_type=config.model_type,
-            text_config=text,
-            num_layers=int(text.num_hidden_layers),
-            hidden_size=int(text.hidden_size),
-            image_token_id=int(config.image_token_id),
-            image_grids=((side, side),),
-            position_modes=self.positions.modes,
-        )
-
-    def decoder(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
-    def lm_head(self, model: nn.Module) -> nn.Module:
-        return model.lm_head
+        return self.text_geometry(config, ((side, side),))
 
     def prepare(self, model: nn.Module, call: CallInputs) -> PreparedBatch:
         input_ids, inputs_embeds = call.input_ids, call.inputs_embeds

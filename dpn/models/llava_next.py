@@ -38,20 +38,9 @@ class LlavaNextAdapter(ModelAdapter):
                    "pixel_values_videos", "image_sizes_videos", "vision_aspect_ratio", "batch_num_images")
 
     def geometry(self, config: Any) -> ModelGeometry:
-        text = config.text_config
-        check_text_backbone(text)
+        check_text_backbone(config.text_config)
         check_vision_layout(config)
-        return ModelGeometry(
-            model_type=config.model_type, text_config=text, num_layers=int(text.num_hidden_layers),
-            hidden_size=int(text.hidden_size), image_token_id=int(config.image_token_id), image_grids=None,
-            position_modes=self.positions.modes,
-        )
-
-    def decoder(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
-    def lm_head(self, model: nn.Module) -> nn.Module:
-        return model.lm_head
+        return self.text_geometry(config, None)  # the high-resolution grid depends on each image
 
     def prepare(self, model: nn.Module, call: CallInputs) -> PreparedBatch:
         inner, config, family = model.model, model.config, call.family

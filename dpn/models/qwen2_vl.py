@@ -36,18 +36,7 @@ class Qwen2VLAdapter(ModelAdapter):
     positions = MultimodalRotaryPositions()
 
     def geometry(self, config: Any) -> ModelGeometry:
-        text = config.text_config
-        return ModelGeometry(
-            model_type=config.model_type, text_config=text, num_layers=int(text.num_hidden_layers),
-            hidden_size=int(text.hidden_size), image_token_id=int(config.image_token_id), image_grids=None,
-            position_modes=self.positions.modes,
-        )
-
-    def decoder(self, model: nn.Module) -> nn.Module:
-        return model.model.language_model
-
-    def lm_head(self, model: nn.Module) -> nn.Module:
-        return model.lm_head
+        return self.text_geometry(config, None)  # grids vary per image: known per call
 
     def prepare(self, model: nn.Module, call: CallInputs) -> PreparedBatch:
         qwen, family = model.model, call.family

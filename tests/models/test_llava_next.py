@@ -15,7 +15,9 @@ from transformers.models.llava_next.modeling_llava_next import image_size_to_num
 import dpn
 from dpn.models import get_adapter
 from dpn.strategies.selection import kept_count
-from helpers import ANYRES_PINPOINTS, IMAGE_TOKEN_ID, NEXT_TILE, PAD_TOKEN_ID, VOCAB, batch_of, tiny_llava_next
+from helpers import (
+    ANYRES_PINPOINTS, IMAGE_TOKEN_ID, NEXT_TILE, PAD_TOKEN_ID, VOCAB, batch_of, check_training_and_cached_generation, next_text_token, tiny_llava_next,
+)
 
 VIDEO_TOKEN_ID = 6
 KINDS = ["llava_next", "llava_onevision"]
@@ -26,13 +28,6 @@ STAGES = (1, 2, 4)
 # Generated tokens must stay text: a random model could emit a placeholder id, which a recomputed
 # prefill would read as one more image token.
 NO_PLACEHOLDERS = [[IMAGE_TOKEN_ID], [VIDEO_TOKEN_ID]]
-
-
-def next_text_token(logits: torch.Tensor) -> torch.Tensor:
-    """The greedy next token with the placeholders banned, as ``generate(bad_words_ids=NO_PLACEHOLDERS)`` picks it."""
-    logits = logits[:, -1].clone()
-    logits[:, [ids[0] for ids in NO_PLACEHOLDERS]] = float("-inf")
-    return logits.argmax(-1, keepdim=True)
 MIXED = [[(1, 1), (1, 2), (2, 2)]] * 3
 FORCED = torch.tensor([[2, 1, 0], [1, 2, 1], [0, 2, 2], [-1, -1, -1]])
 
@@ -184,7 +179,7 @@ def test_cached_generation_matches_full_recompute(kind):
             out = model(input_ids=ids, attention_mask=mask, labels=labels, force_experts=FORCED, use_cache=False,
                         **visual(batch))
         torch.testing.assert_close(out.logits[:, -1], generated.logits[step], atol=1e-4, rtol=0)
-        ids = torch.cat([ids, next_text_token(out.logits)], 1)
+        ids = torch.cat([ids, next_text_token(out.logits, [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID])], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert torch.equal(ids, generated.sequences)
 
@@ -283,24 +278,7 @@ def test_every_strategy_trains_and_generates_with_the_cache(kind, spec):
     dpn.apply_pyramid(model, dpn.presets.from_spec(spec, model))
     batch = next_batch(model, labels=True)
     forced = FORCED if spec == "random" else None  # one fixed draw for both runs
-    model.train()
-    out = model(**batch, force_experts=forced)
-    out.loss.backward()
-    assert torch.isfinite(out.loss)
-    assert float(model.model.language_model.layers[-1].mlp.down_proj.weight.grad.abs().sum()) > 0
-    model.eval()
-    batch.pop("labels")
-    with torch.no_grad():
-        generated = model.generate(**batch, force_experts=forced, max_new_tokens=3, do_sample=False,
-                                   pad_token_id=PAD_TOKEN_ID, bad_words_ids=NO_PLACEHOLDERS, output_logits=True,
-                                   return_dict_in_generate=True)
-        ids = generated.sequences[:, :-1]
-        prompt = batch["input_ids"].shape[1]
-        mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, prompt:])], 1)
-        labels = torch.full_like(ids, -100)
-        labels[:, prompt:] = ids[:, prompt:]
-        recomputed = model(input_ids=ids, attention_mask=mask, labels=labels, force_experts=forced, **visual(batch))
-    torch.testing.assert_close(recomputed.logits[:, -1], generated.logits[-1], atol=1e-4, rtol=0)
+    out = check_training_and_cached_generation(model, batch, forced, [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID])
     if spec.startswith(("fastv", "pdrop", "dart")):  # each grid keeps half its tokens (base grid 4x4 first)
         first = layouts(model)[0]
         assert out.routing.visual_tokens[0, 1] == sum(kept_count(g.rows * g.cols, 0.5) for g in first)

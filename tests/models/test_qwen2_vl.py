@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import dpn
 from dpn.strategies.selection import kept_count
 from helpers import (
-    PAD_TOKEN_ID, QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, batch_of, qwen_pixels, qwen_prompt, tiny_qwen_vl,
+    PAD_TOKEN_ID, QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, batch_of, check_training_and_cached_generation, next_text_token, qwen_pixels, qwen_prompt, tiny_qwen_vl,
 )
 
 # Images in patches: 8x12 -> a 4x6 grid (24 tokens), 10x14 -> 5x7 (35: 2x2 leaves a remainder), and a
@@ -23,13 +23,6 @@ STAGES = (1, 2, 4)
 # Generated tokens must stay text: a random model could emit a placeholder id, which a recomputed
 # prefill would read as one more image token.
 NO_PLACEHOLDERS = [[QWEN_IMAGE_TOKEN], [QWEN_VIDEO_TOKEN]]
-
-
-def next_text_token(logits: torch.Tensor) -> torch.Tensor:
-    """The greedy next token with the placeholders banned, as ``generate(bad_words_ids=NO_PLACEHOLDERS)`` picks it."""
-    logits = logits[:, -1].clone()
-    logits[:, [ids[0] for ids in NO_PLACEHOLDERS]] = float("-inf")
-    return logits.argmax(-1, keepdim=True)
 MIXED = [[(1, 1), (1, 2), (2, 2)]] * 3
 FORCED = torch.tensor([[2, 1, 0], [1, 2, 1], [0, 2, 2], [-1, -1, -1]])
 
@@ -158,7 +151,7 @@ def test_cached_generation_matches_full_recompute(frames):
             out = model(input_ids=ids, attention_mask=mask, labels=labels, force_experts=forced, use_cache=False,
                         **visual)
         torch.testing.assert_close(out.logits[:, -1], generated.logits[step], atol=1e-4, rtol=0)
-        ids = torch.cat([ids, next_text_token(out.logits)], 1)
+        ids = torch.cat([ids, next_text_token(out.logits, [QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN])], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert torch.equal(ids, generated.sequences)
 
@@ -176,7 +169,7 @@ def test_an_identity_pyramid_generates_like_the_stock_model():
         ours = model.generate(**batch, **options)
         # Decoding by hand, without position_ids: the cache's rope delta gives the same positions.
         prefill = model(**batch, use_cache=True, logits_to_keep=1)
-        token = next_text_token(prefill.logits)
+        token = next_text_token(prefill.logits, [QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN])
         mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
         step = model(input_ids=token, attention_mask=mask, past_key_values=prefill.past_key_values)
     assert torch.equal(ours.sequences, stock.sequences)
@@ -244,24 +237,7 @@ def test_every_strategy_trains_and_generates_with_the_cache(spec):
     forced = None
     if spec == "random":  # one fixed draw for both runs
         forced = FORCED
-    model.train()
-    out = model(**batch, force_experts=forced)
-    out.loss.backward()
-    assert torch.isfinite(out.loss)
-    assert float(model.model.language_model.layers[-1].mlp.down_proj.weight.grad.abs().sum()) > 0
-    model.eval()
-    batch.pop("labels")
-    with torch.no_grad():
-        generated = model.generate(**batch, force_experts=forced, max_new_tokens=3, do_sample=False,
-                                   pad_token_id=PAD_TOKEN_ID, bad_words_ids=NO_PLACEHOLDERS, output_logits=True,
-                                   return_dict_in_generate=True)
-        ids = generated.sequences[:, :-1]
-        mask = torch.cat([batch["attention_mask"], torch.ones_like(ids[:, batch["input_ids"].shape[1]:])], 1)
-        labels = torch.full_like(ids, -100)
-        labels[:, batch["input_ids"].shape[1]:] = ids[:, batch["input_ids"].shape[1]:]
-        visual = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-        recomputed = model(input_ids=ids, attention_mask=mask, labels=labels, force_experts=forced, **visual)
-    torch.testing.assert_close(recomputed.logits[:, -1], generated.logits[-1], atol=1e-4, rtol=0)
+    out = check_training_and_cached_generation(model, batch, forced, [QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN])
     if spec.startswith(("fastv", "pdrop", "dart")):
         grids = [g for grids in IMAGES for g in grids]
         assert out.routing.visual_tokens[0, 1] == kept_count(grids[0][0] * grids[0][1] // 4, 0.5)
