@@ -19,8 +19,6 @@ dpn's defaults: cosine schedule, lr 5e-4, adam_beta2 0.98, ...). ``dpn train`` i
 
 from __future__ import annotations
 
-import dpn
-
 import argparse
 import copy
 import json
@@ -34,6 +32,7 @@ from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainerCall
 from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
+from dpn import presets
 from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid_weights, save_pyramid
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.models import geometry_of
@@ -185,7 +184,7 @@ class TrainOptions:
     data: str = field(metadata=_help("LLaVA-format JSON file (required)"))
     image_folder: str | None = field(
         default=None, metadata=_help("folder the JSON's image paths are relative to (default: the JSON's folder)"))
-    pyramid: str = field(default="paper", metadata=_help(f"pyramid to train with: {dpn.presets.spec_help()}"))
+    pyramid: str = field(default="paper", metadata=_help(f"pyramid to train with: {presets.spec_help()}"))
     init_from: str | None = field(
         default=None, metadata=_help("checkpoint to fine-tune (default: a fresh tiny LLaVA from --seed)"))
     freeze_vision: bool = field(default=False, metadata=_help("do not train the vision tower"))
@@ -299,7 +298,7 @@ def build_model(options: TrainOptions, seed: int = 0):
         model, processor = zoo.load(options.init_from)
     else:
         model, processor = zoo.build_tiny(seed=seed)
-    pyramid = dpn.presets.from_spec(options.pyramid, model.config)
+    pyramid = presets.from_spec(options.pyramid, model.config)
     if pyramid is not None:
         apply_pyramid(model, pyramid)
     if options.freeze_vision:

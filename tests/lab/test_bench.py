@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dpn
-
 import json
 
 import pytest
 import torch
 
+import dpn
 from dpn.lab.architectures import model_config
 from dpn.lab.bench import BenchOptions, report_markdown, run_bench, update_markdown_page
 from dpn.lab.cli import main

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dpn
-
 import json
 
 import pytest
 
+import dpn
 from dpn.lab.cli import main
 from dpn.flops import path_flops
 from dpn.lab.architectures import model_config

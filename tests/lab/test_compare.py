@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dpn
-
 import json
 
 import pytest
 from rich.console import Console
 
+import dpn
 from dpn.lab import zoo
 from dpn.lab.cli import main
 from dpn.lab.compare import CompareOptions, ablation_configs, run_compare
