@@ -108,11 +108,11 @@ def path_flops(model: Any, pyramid: Any, text_tokens: int, layout: tuple | None 
     extra = sum(part.count for part in parts if isinstance(part, Gap))  # placeholders outside any grid
     text_config, num_layers = geometry.text_config, geometry.num_layers
     layers = [stage.layer for stage in pyramid.stages]
+    vanilla = decoder_flops(text_config, [text_tokens + sum(part.tokens for part in parts)] * num_layers)
     rows = []
     for path in pyramid.strategy.token_paths(pyramid.stages, tuple(grids)):
         newlines = [sum(r for r, n in zip(segment, newline) if n) for segment in path.rows()]
         segments = [text_tokens + extra + v + n for v, n in zip(path.visual_tokens, newlines)]
-        vanilla = decoder_flops(text_config, [segments[0]] * num_layers)
         tokens = segment_layer_tokens(num_layers, layers, segments)
         flops = decoder_flops(text_config, tokens)
         rows.append({"experts": path.labels, "visual_tokens": path.visual_tokens, "llm_gflops": flops / GIGA,

@@ -184,3 +184,25 @@ def check_training_and_cached_generation(model, batch: dict, forced, banned: lis
         recomputed = model(input_ids=ids, attention_mask=mask, labels=labels, force_experts=forced, **visual)
     torch.testing.assert_close(recomputed.logits[:, -1], generated.logits[-1], atol=1e-4, rtol=0)
     return out
+
+
+def check_cached_generation_matches_recompute(model, batch: dict, forced, banned: list[int], new_tokens: int):
+    """Cached ``generate`` (placeholder ids ``banned``) gives, at every step, the logits of recomputing
+    the whole prefix, and the same tokens."""
+    with torch.no_grad():
+        generated = model.generate(**batch, force_experts=forced, max_new_tokens=new_tokens, do_sample=False,
+                                   pad_token_id=PAD_TOKEN_ID, bad_words_ids=[[t] for t in banned],
+                                   output_logits=True, return_dict_in_generate=True)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    prompt_length = ids.shape[1]
+    visual = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    for step in range(new_tokens):
+        labels = torch.full_like(ids, -100)
+        labels[:, prompt_length:] = ids[:, prompt_length:]  # the query stays the last prompt token
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, labels=labels, force_experts=forced, use_cache=False,
+                        **visual)
+        torch.testing.assert_close(out.logits[:, -1], generated.logits[step], atol=1e-4, rtol=0)
+        ids = torch.cat([ids, next_text_token(out.logits, banned)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(ids, generated.sequences)

@@ -34,6 +34,7 @@ class CallInputs:
     valid: torch.Tensor  # (batch, length) bool: real tokens of this call, not padding
     past_length: int  # tokens already in the cache
     family: dict[str, Any]  # the adapter's own ``input_names`` that the call gave
+    geometry: ModelGeometry  # the model's, resolved once when the pyramid was applied
     cache: Any = None  # the call's PyramidCache (None without one): ``family_state`` carries state to decoding
 
 

@@ -87,5 +87,5 @@ class LlavaAdapter(ModelAdapter):
                 "visual features; each image needs exactly one run of image tokens of the grid's size"
             )
         inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)
-        spans = find_visual_spans(image_mask & call.valid, self.geometry(model.config).image_grids)
+        spans = find_visual_spans(image_mask & call.valid, call.geometry.image_grids)
         return PreparedBatch(inputs_embeds, spans, positions)

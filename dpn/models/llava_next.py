@@ -107,9 +107,9 @@ def _merge(call: CallInputs, embeds: torch.Tensor, token_id: int, features: list
         if feature.shape[0] != expected:
             raise ValueError(f"{kind} {index} has {feature.shape[0]} features but its layout {layout} has {expected} "
                              "tokens; dpn does not know this family's layout for it")
-    mask = (call.input_ids == token_id) if call.input_ids is not None else None
-    if mask is None:
+    if call.input_ids is None:
         raise ValueError(f"LLaVA-NeXT {kind}s need input_ids to find their placeholders")
+    mask = call.input_ids == token_id
     features = torch.cat(features).to(embeds.device, embeds.dtype)
     if int(mask.sum()) != features.shape[0]:
         raise ValueError(f"the batch has {int(mask.sum())} {kind} tokens but the {kind}s give {features.shape[0]} "

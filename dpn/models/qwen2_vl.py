@@ -27,6 +27,8 @@ from dpn.spans import VisualSpans, merged, spans_of_items
 ROPE_DELTAS = "rope_deltas"
 # mm_token_type_ids, as the processor writes them: 0 text, 1 image, 2 video.
 IMAGE_TYPE, VIDEO_TYPE = 1, 2
+# Text-only and decoding calls start from 1-D input positions (then add the prefill's rope delta).
+TEXT_POSITIONS = LinearPositions()
 
 
 class Qwen2VLAdapter(ModelAdapter):
@@ -93,7 +95,7 @@ class Qwen2VLAdapter(ModelAdapter):
             )
             state[ROPE_DELTAS] = deltas.to(device)
             return positions.to(device)
-        text = LinearPositions().initial(None, call.attention_mask, batch, length, call.past_length, device)
+        text = TEXT_POSITIONS.initial(None, call.attention_mask, batch, length, call.past_length, device)
         if ROPE_DELTAS in state:
             text = text + state[ROPE_DELTAS]
         return text[None].expand(3, batch, length)

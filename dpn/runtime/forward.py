@@ -67,7 +67,8 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     (batch, length), device = tokens.shape[:2], tokens.device
     valid = chunk_validity(call.attention_mask, batch, length, past_length, device)
     prepared = adapter.prepare(model, CallInputs(call.input_ids, call.inputs_embeds, call.position_ids,
-                                                 call.attention_mask, valid, past_length, call.family, cache))
+                                                 call.attention_mask, valid, past_length, call.family, geometry,
+                                                 cache))
     if call.labels is not None and call.labels.shape != (batch, length):
         raise ValueError(f"labels have shape {tuple(call.labels.shape)} but the inputs are {(batch, length)}")
     spans = prepared.spans
@@ -82,7 +83,7 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     runner = SegmentRunner(
         model.config, geometry.text_config, decoder, layers, layer_types_of(geometry.text_config), adapter.positions,
         cache, use_cache, prepared.layer_arguments, config.group_by_length, bool(call.output_hidden_states),
-        adapter.positions.at(chunk.positions, last_valid(valid)) if track_shift else None,
+        adapter.positions.at(chunk.positions, last_valid(valid)) if track_shift else None, record=prefill,
     )
 
     bounds = segment_bounds(config, len(layers))
@@ -102,12 +103,12 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
         chunk = previous.chunk
         if all_hidden is not None:
             all_hidden += previous.layer_outputs
-        queries.append(previous.queries)
-        keys.append(previous.keys)
+        if prefill:
+            queries.append(previous.queries)
+            keys.append(previous.keys)
 
     logits = adapter.lm_head(model)(slice_logits_to_keep(decoder.norm(chunk.hidden), call.logits_to_keep))
-    loss, lm_loss, auxiliary = _losses(model, strategy, call, logits, chunk.labels, plans, valid.sum(1),
-                                       visual_counts[0])
+    loss, lm_loss, auxiliary = _losses(model, strategy, call, logits, chunk.labels, plans, valid, visual_counts[0])
     output = PyramidCausalLMOutput(
         loss=loss,
         logits=logits,
@@ -132,18 +133,18 @@ def _stage_input(chunk: Chunk, previous, forced, decoder, layers, stage_layer: i
     )
 
 
-def _losses(model, strategy, call: CallArguments, logits, labels, plans, real_tokens: torch.Tensor,
+def _losses(model, strategy, call: CallArguments, logits, labels, plans, valid: torch.Tensor,
             visual_tokens: list[int]):
-    """(loss, LM loss, the strategy's auxiliary loss); ``real_tokens`` (batch,) and ``visual_tokens``
-    (a host list) count each sample's tokens before the first stage."""
+    """(loss, LM loss, the strategy's auxiliary loss); ``valid`` (the input's real tokens) and
+    ``visual_tokens`` (a host list per sample) count each sample's tokens before the first stage."""
     lm_loss = None
     if call.labels is not None:
         vocab_size = strategy.geometry.text_config.vocab_size
         lm_loss = model.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **call.loss)
     auxiliary = None
     if plans and (call.labels is not None or strategy.training):  # a loss term: not spent on plain inference
-        visual = host_tensor(visual_tokens, real_tokens.device)
-        auxiliary = strategy.auxiliary_loss(plans, TokenCounts(text=real_tokens - visual, visual=visual))
+        visual = host_tensor(visual_tokens, valid.device)
+        auxiliary = strategy.auxiliary_loss(plans, TokenCounts(text=valid.sum(1) - visual, visual=visual))
     loss = lm_loss
     if lm_loss is not None and strategy.training:
         loss = strategy.total_loss(lm_loss, auxiliary)

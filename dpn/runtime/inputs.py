@@ -37,9 +37,9 @@ class CallArguments:
     loss: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def names(cls) -> set[str]:
+    def names(cls) -> frozenset[str]:
         """The arguments the runtime consumes itself."""
-        return {f.name for f in fields(cls)} - {"family", "loss"}
+        return _RUNTIME_NAMES
 
     @classmethod
     def sort(cls, arguments: dict[str, Any], family_names: tuple[str, ...]) -> CallArguments:
@@ -64,6 +64,8 @@ class CallArguments:
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         return call
 
+
+_RUNTIME_NAMES = frozenset(f.name for f in fields(CallArguments)) - {"family", "loss"}
 
 def chunk_validity(attention_mask, batch: int, length: int, past_length: int, device) -> torch.Tensor:
     """(batch, length) bool: which tokens of this call are real (not padding)."""

@@ -127,8 +127,8 @@ class SegmentResult:
     last_layer_input: torch.Tensor | None  # input of its last layer (what a stage after it may rank with)
     position_embeddings: Any  # the rotary (cos, sin) its layers ran with
     layer_outputs: tuple[torch.Tensor, ...]  # every layer's output (only when hidden states are collected)
-    queries: torch.Tensor  # (batch,) tokens each of its layers processed per sample
-    keys: torch.Tensor  # (batch,) keys each of its layers attended to per sample
+    queries: torch.Tensor | None  # (batch,) tokens each of its layers processed per sample (when recording)
+    keys: torch.Tensor | None  # (batch,) keys each of its layers attended to per sample (when recording)
 
 
 @dataclass
@@ -147,6 +147,7 @@ class SegmentRunner:
     group_by_length: bool
     collect_hidden: bool
     input_last: torch.Tensor | None  # (batch,) last input position, when renumbered segments must record a shift
+    record: bool  # count tokens per segment for the routing record (prefill; decoding steps skip it)
 
     def run(self, segment: int, bounds: tuple[int, int], chunk: Chunk, reshaped: bool) -> SegmentResult:
         first, end = bounds
@@ -175,6 +176,8 @@ class SegmentRunner:
                 segment_last = self.policy.at(chunk.positions, last_valid(chunk.valid))
                 new_shift = shift + (self.input_last - segment_last)
             cache.append(segment, chunk.valid, new_shift)
+        if not self.record:
+            return SegmentResult(chunk, last_input, position_embeddings, outputs, None, None)
         queries = chunk.valid.sum(1)
         return SegmentResult(chunk, last_input, position_embeddings, outputs, queries, past_mask.sum(1) + queries)
 

@@ -281,8 +281,9 @@ class StrategyEntry:
     strategy_class: type[Strategy]
 
 
-# A spec builder turns the argument after "name:" (or None) into stages and a strategy config.
-SpecBuilder = Callable[[ModelGeometry, "str | None"], "tuple[list[Stage], StrategyConfig]"]
+# A spec builder turns the argument after "name:" (or None) into a preset: the ``PyramidConfig``
+# arguments (``stages``, ``strategy`` and any shared field) that ``dpn.presets.build`` completes.
+SpecBuilder = Callable[[ModelGeometry, "str | None"], "dict[str, Any]"]
 
 
 @dataclass(frozen=True)

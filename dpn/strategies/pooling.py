@@ -85,13 +85,17 @@ def reachable_grids(grid: Grid, stages: list[PoolingStage], min_tokens: int) -> 
     return grids
 
 
+def grids_after(grid: Grid, path: list[Grid], min_tokens: int) -> list[Grid]:
+    """The shape of one grid before the first stage and after each stage of ``path``."""
+    shapes = [grid]
+    for expert in path:
+        shapes.append(pooled_grid(shapes[-1], expert, min_tokens))
+    return shapes
+
+
 def visual_tokens_after(grid: Grid, path: list[Grid], min_tokens: int) -> list[int]:
     """Visual tokens of one grid before the first stage and after each stage of ``path``."""
-    counts = [grid[0] * grid[1]]
-    for expert in path:
-        grid = pooled_grid(grid, expert, min_tokens)
-        counts.append(grid[0] * grid[1])
-    return counts
+    return [rows * cols for rows, cols in grids_after(grid, path, min_tokens)]
 
 
 def dividing_stages(grids: tuple[Grid, ...], layers: list[int], experts: list[Grid], min_tokens: int,
@@ -155,10 +159,8 @@ class PoolingConfig(StrategyConfig):
     def token_paths(self, stages: list[PoolingStage], grids: tuple[Grid, ...]) -> list[TokenPath]:
         paths = []
         for path in product(*(stage.experts for stage in stages)):
-            shapes = [list(grids)]
-            for expert in path:
-                shapes.append([pooled_grid(g, expert, self.min_tokens_to_pool) for g in shapes[-1]])
-            paths.append(TokenPath(["x".join(map(str, e)) for e in path], shapes))
+            per_grid = [grids_after(grid, list(path), self.min_tokens_to_pool) for grid in grids]
+            paths.append(TokenPath(["x".join(map(str, e)) for e in path], [list(s) for s in zip(*per_grid)]))
         return paths
 
 

@@ -16,7 +16,8 @@ import dpn
 from dpn.models import get_adapter
 from dpn.strategies.selection import kept_count
 from helpers import (
-    ANYRES_PINPOINTS, IMAGE_TOKEN_ID, NEXT_TILE, PAD_TOKEN_ID, VOCAB, batch_of, check_training_and_cached_generation, next_text_token, tiny_llava_next,
+    ANYRES_PINPOINTS, IMAGE_TOKEN_ID, NEXT_TILE, PAD_TOKEN_ID, VOCAB, batch_of, check_cached_generation_matches_recompute,
+    check_training_and_cached_generation, tiny_llava_next,
 )
 
 VIDEO_TOKEN_ID = 6
@@ -165,23 +166,7 @@ def test_cached_generation_matches_full_recompute(kind):
     model = tiny_llava_next(kind, seed=3)
     dpn.apply_pyramid(model, pyramid())
     batch = next_batch(model)
-    new_tokens = 5
-    with torch.no_grad():
-        generated = model.generate(**batch, force_experts=FORCED, max_new_tokens=new_tokens, do_sample=False,
-                                   pad_token_id=PAD_TOKEN_ID, bad_words_ids=NO_PLACEHOLDERS, output_logits=True,
-                                   return_dict_in_generate=True)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    prompt_length = ids.shape[1]
-    for step in range(new_tokens):
-        labels = torch.full_like(ids, -100)
-        labels[:, prompt_length:] = ids[:, prompt_length:]
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, labels=labels, force_experts=FORCED, use_cache=False,
-                        **visual(batch))
-        torch.testing.assert_close(out.logits[:, -1], generated.logits[step], atol=1e-4, rtol=0)
-        ids = torch.cat([ids, next_text_token(out.logits, [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID])], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(ids, generated.sequences)
+    check_cached_generation_matches_recompute(model, batch, FORCED, [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID], 5)
 
 
 @pytest.mark.parametrize("kind", KINDS)

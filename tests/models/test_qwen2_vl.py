@@ -13,7 +13,8 @@ from torch.utils.flop_counter import FlopCounterMode
 import dpn
 from dpn.strategies.selection import kept_count
 from helpers import (
-    PAD_TOKEN_ID, QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, batch_of, check_training_and_cached_generation, next_text_token, qwen_pixels, qwen_prompt, tiny_qwen_vl,
+    PAD_TOKEN_ID, QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, batch_of, check_cached_generation_matches_recompute,
+    check_training_and_cached_generation, next_text_token, qwen_pixels, qwen_prompt, tiny_qwen_vl,
 )
 
 # Images in patches: 8x12 -> a 4x6 grid (24 tokens), 10x14 -> 5x7 (35: 2x2 leaves a remainder), and a
@@ -136,24 +137,7 @@ def test_cached_generation_matches_full_recompute(frames):
     images = IMAGES[:2] + [[]]
     batch = qwen_batch(images=images, frames=frames)
     forced = FORCED[[0, 1, 3]]
-    new_tokens = 6
-    with torch.no_grad():
-        generated = model.generate(**batch, force_experts=forced, max_new_tokens=new_tokens, do_sample=False,
-                                   pad_token_id=PAD_TOKEN_ID, bad_words_ids=NO_PLACEHOLDERS, output_logits=True,
-                                   return_dict_in_generate=True)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    prompt_length = ids.shape[1]
-    visual = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
-    for step in range(new_tokens):
-        labels = torch.full_like(ids, -100)
-        labels[:, prompt_length:] = ids[:, prompt_length:]
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, labels=labels, force_experts=forced, use_cache=False,
-                        **visual)
-        torch.testing.assert_close(out.logits[:, -1], generated.logits[step], atol=1e-4, rtol=0)
-        ids = torch.cat([ids, next_text_token(out.logits, [QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN])], 1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-    assert torch.equal(ids, generated.sequences)
+    check_cached_generation_matches_recompute(model, batch, forced, [QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN], 6)
 
 
 def test_an_identity_pyramid_generates_like_the_stock_model():
