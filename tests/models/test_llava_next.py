@@ -169,27 +169,36 @@ def test_cached_generation_matches_full_recompute(kind):
     check_cached_generation_matches_recompute(model, batch, FORCED, [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID], 5)
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_batched_matches_each_sample_alone(kind):
+VIDEOS = [[(16, 16)], [(16, 16), (16, 16)], []]  # the second sample has two videos
+
+
+@pytest.mark.parametrize("kind, frames", [("llava_next", 0), ("llava_onevision", 0), ("llava_onevision", 3)])
+def test_batched_matches_each_sample_alone(kind, frames):
     model = tiny_llava_next(kind, seed=4)
     dpn.apply_pyramid(model, pyramid())
-    batch = next_batch(model)
+    samples, forced = (VIDEOS, FORCED[[0, 1, 3]]) if frames else (IMAGES, FORCED)
+    batch = next_batch(model, images=samples, frames=frames)
     with torch.no_grad():
-        together = model(**batch, force_experts=FORCED)
+        together = model(**batch, force_experts=forced)
         first = 0
-        for row, sample in enumerate(IMAGES):
+        for row, sample in enumerate(samples):
             valid = batch["attention_mask"][row].bool()
             alone = {key: batch[key][row:row + 1, valid] for key in ("input_ids", "attention_mask")}
-            if sample:
+            if sample and frames:
+                alone["pixel_values_videos"] = batch["pixel_values_videos"][first:first + len(sample)]
+            elif sample:
                 alone["pixel_values"] = batch["pixel_values"][first:first + len(sample)]
                 alone["image_sizes"] = batch["image_sizes"][first:first + len(sample)]
                 if "batch_num_images" in batch:
                     alone["batch_num_images"] = torch.tensor([len(sample)])
             first += len(sample)
-            out = model(**alone, force_experts=FORCED[row:row + 1])
+            out = model(**alone, force_experts=forced[row:row + 1])
             torch.testing.assert_close(together.logits[row][together.attention_mask[row].bool()], out.logits[0],
                                        atol=1e-4, rtol=0)
             assert together.routing.visual_tokens[row].tolist() == out.routing.visual_tokens[0].tolist()
+    # The routing really differed per sample: the first two samples kept different counts after stage 0.
+    per_item = together.routing.visual_tokens[:2, 1] / torch.tensor([len(samples[0]), len(samples[1])])
+    assert per_item[0] != per_item[1]
 
 
 def test_onevision_videos_pool_each_frame_and_keep_the_newline():
