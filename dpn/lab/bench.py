@@ -34,7 +34,7 @@ from dpn.api import apply_pyramid, pyramid_disabled, remove_pyramid
 from dpn.lab.architectures import image_inputs, image_size_of, model_config
 from dpn import presets
 from dpn.config import PyramidConfig
-from dpn.lab.evaluate import greedy_continue
+from dpn.lab.decoding import greedy_continue, prompt_positions
 from dpn.flops import vision_flops
 from dpn.models import geometry_of
 from dpn.lab.timing import paired_medians, sync
@@ -154,11 +154,12 @@ def forced_experts(pyramid: PyramidConfig, routing: str, batch_size: int, seed: 
 def _decode_seconds(model, batch, steps: int, **kwargs) -> float:
     """Seconds for ``steps`` greedy decoding steps after an untimed prefill."""
     with torch.no_grad():
-        prefill = model(**batch, use_cache=True, logits_to_keep=1, **kwargs)
+        positions = prompt_positions(model, batch)
+        prefill = model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
         device = prefill.logits.device
         sync(device)
         start = time.perf_counter()
-        greedy_continue(model, prefill, batch["attention_mask"], steps + 1)  # the first token comes from the prefill
+        greedy_continue(model, prefill, batch["attention_mask"], positions, steps + 1)  # the first token: the prefill's
         sync(device)
         return time.perf_counter() - start
 

@@ -23,6 +23,7 @@ from dpn.flops import GIGA, path_flops, vision_flops
 from dpn.lab.architectures import ARCHITECTURES, model_config, typical_layout
 from dpn.lab.bench import ROUTINGS
 from dpn.lab.compare import TRAINING_FREE
+from dpn.lab.tiny_families import FAMILIES as TINY_FAMILIES
 from dpn.models import geometry_of
 from dpn.strategies.dpn import PROBABILITY_SCALES
 
@@ -219,6 +220,18 @@ def _bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tiny_command(args: argparse.Namespace) -> int:
+    from dpn.lab import tiny_families, zoo
+
+    if args.family == "llava":
+        model, processor = zoo.build_tiny(seed=args.seed)
+    else:
+        model, processor = tiny_families.build(args.family, seed=args.seed)
+    zoo.save_tiny(model, processor, args.output)
+    print(f"a tiny random {type(model).__name__} and its processor in {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpn", description="Dynamic Pyramid Networks for multimodal LLMs")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -240,8 +253,15 @@ def build_parser() -> argparse.ArgumentParser:
     # dpn train's flags (dpn's TrainOptions and every TrainingArguments field) are parsed by
     # dpn.lab.train.train_parser, an HfArgumentParser: this subparser takes its words as they are
     # (no "-" prefix, so no flag of its own, not even --help) and hands them over.
+    tiny = commands.add_parser("tiny", help="save a tiny random model of a family with its processor (to try dpn "
+                                            "train / eval offline)")
+    tiny.add_argument("--family", choices=("llava", *TINY_FAMILIES), default="llava")
+    tiny.add_argument("--output", required=True, help="directory to save it to")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(handler=_tiny_command)
+
     trainer = commands.add_parser(
-        "train", help="train or fine-tune a LLaVA model, with or without a pyramid (every Trainer option "
+        "train", help="train or fine-tune a model (LLaVA, LLaVA-NeXT / OneVision, Qwen2-VL / 2.5-VL), with or without a pyramid (every Trainer option "
                       "is a flag: dpn train --help)", add_help=False, prefix_chars="\0")
     trainer.add_argument("train_argv", nargs="*", metavar="FLAG", help="see dpn train --help")
     trainer.set_defaults(handler=_train_command)

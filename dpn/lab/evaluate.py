@@ -27,9 +27,10 @@ from dpn import presets
 from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid, pyramid_disabled
 from dpn.budget import calibrate_router_bias, set_probability_scale, set_router_bias
 from dpn.config import CONFIG_NAME
+from dpn.lab.data.images import FamilyImages, family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
+from dpn.lab.decoding import greedy_answer
 from dpn.lab.timing import paired_medians
-from dpn.models import geometry_of
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
@@ -79,46 +80,6 @@ def load_for_eval(model_dir: str, pyramid: str):
     return model, processor
 
 
-@torch.no_grad()
-def greedy_continue(model, prefill, attention_mask: torch.Tensor, steps: int,
-                    eos_token_id: int | None = None, pad_token_id: int = 0) -> torch.Tensor:
-    """Greedy decoding with the KV cache from a prefill output: (batch, <= steps) new token ids.
-
-    Finished sequences (after ``eos_token_id``) continue with ``pad_token_id``; decoding stops
-    when all are finished.
-    """
-    cache = prefill.past_key_values
-    next_token = prefill.logits[:, -1].argmax(-1)
-    finished = torch.zeros_like(next_token, dtype=torch.bool)
-    position = attention_mask.long().sum(-1)
-    tokens = []
-    for step in range(steps):
-        next_token = torch.where(finished, pad_token_id, next_token)
-        tokens.append(next_token)
-        if eos_token_id is not None:
-            finished |= next_token == eos_token_id
-        if step == steps - 1 or (eos_token_id is not None and bool(finished.all())):  # no needless device wait
-            break
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-        out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position[:, None],
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        position = position + 1
-        cache = out.past_key_values
-        next_token = out.logits[:, -1].argmax(-1)
-    return torch.stack(tokens, dim=1)
-
-
-@torch.no_grad()
-def greedy_answer(model, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int, pad_token_id: int):
-    """Greedy answers and the prefill output, whose ``routing`` says what the pyramid did.
-
-    The same computation as ``model.generate(do_sample=False)`` (the tests check it).
-    """
-    prefill = model(**batch, use_cache=True, logits_to_keep=1)
-    tokens = greedy_continue(model, prefill, batch["attention_mask"], max_new_tokens, eos_token_id, pad_token_id)
-    return tokens, prefill
-
-
 def _prefill(model, batch) -> None:
     with torch.no_grad():
         model(**batch, use_cache=False, logits_to_keep=1)
@@ -130,12 +91,13 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     model, processor = load_for_eval(options.model, options.pyramid)
     device = next(model.parameters()).device
-    dataset = _prompts(model, processor, options.data, options.image_folder, options.limit)
+    images = family_images(model.config, processor)
+    dataset = LlavaDataset(options.data, options.image_folder, images, for_generation=True, limit=options.limit)
     tokenizer = processor.tokenizer
-    collate = LlavaCollator(pad_token_id=tokenizer.pad_token_id, padding_side="left", with_labels=False)
+    collate = LlavaCollator(pad_token_id=tokenizer.pad_token_id, images=images, padding_side="left", with_labels=False)
     if options.probability_scale is not None:
         set_probability_scale(model, options.probability_scale)
-    calibration = _apply_budget(options, model, processor, collate, device)
+    calibration = _apply_budget(options, model, images, collate, device)
 
     predictions_path = output_dir / PREDICTIONS
     done = _read_predictions(predictions_path)
@@ -181,16 +143,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     return summary
 
 
-def _prompts(model, processor, data: str, image_folder: str | None, limit: int | None) -> LlavaDataset:
-    """The samples of ``data`` encoded as generation prompts for ``model``."""
-    geometry = geometry_of(model)
-    return LlavaDataset(
-        data, image_folder, processor, image_tokens=geometry.image_tokens, image_token_id=geometry.image_token_id,
-        for_generation=True, limit=limit,
-    )
-
-
-def _apply_budget(options: EvalOptions, model, processor, collate, device) -> dict[str, float] | None:
+def _apply_budget(options: EvalOptions, model, images: FamilyImages, collate, device) -> dict[str, float] | None:
     """Set the DPN router bias from ``router_bias`` or by calibrating it to ``budget``."""
     if options.router_bias is None and options.budget is None:
         return None
@@ -199,8 +152,8 @@ def _apply_budget(options: EvalOptions, model, processor, collate, device) -> di
     if options.budget is None:
         set_router_bias(model, options.router_bias)
         return None
-    calibration_set = _prompts(model, processor, options.calibration_data or options.data, options.image_folder,
-                               options.calibration_samples)
+    calibration_set = LlavaDataset(options.calibration_data or options.data, options.image_folder, images,
+                                   for_generation=True, limit=options.calibration_samples)
     samples = [calibration_set[i] for i in range(len(calibration_set))]
     batches = [
         {k: v.to(device) for k, v in collate(samples[i:i + options.batch_size]).items()}

@@ -34,8 +34,8 @@ from transformers.trainer_utils import SchedulerType, get_last_checkpoint
 
 from dpn import presets
 from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid_weights, save_pyramid
+from dpn.lab.data.images import family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
-from dpn.models import geometry_of
 
 PYRAMID_PREFIX = "pyramid."
 
@@ -302,7 +302,7 @@ def build_model(options: TrainOptions, seed: int = 0):
     if pyramid is not None:
         apply_pyramid(model, pyramid)
     if options.freeze_vision:
-        for parameter in model.model.vision_tower.parameters():
+        for parameter in model.get_encoder(modality="image").parameters():
             parameter.requires_grad_(False)
     return model, processor
 
@@ -319,16 +319,15 @@ def train(options: TrainOptions, args: PyramidTrainingArguments,
         args = copy.copy(args)  # the caller's arguments stay as they were
         args.disable_tqdm = True
     model, processor = build_model(options, seed=args.seed)
-    geometry = geometry_of(model)
+    images = family_images(model.config, processor)
     dataset = LlavaDataset(
-        options.data, options.image_folder, processor, image_tokens=geometry.image_tokens,
-        image_token_id=geometry.image_token_id, max_length=options.max_length, limit=options.limit,
+        options.data, options.image_folder, images, max_length=options.max_length, limit=options.limit,
     )
     trainer = PyramidTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
-        data_collator=LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id),
+        data_collator=LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id, images=images),
         processing_class=processor,
         router_learning_rate=options.router_learning_rate,
         callbacks=callbacks,

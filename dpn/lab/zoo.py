@@ -19,15 +19,18 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForImageTextToText,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
+from dpn.lab.data.processor import ImageTextProcessor
 from dpn.lab.data.synthetic import answer_vocabulary, question_corpus
 
 IMAGE_SIZE = 96
@@ -83,10 +86,12 @@ def llava_config(vocab_size: int = VOCAB_SIZE, image_token_id: int = 4, pad_toke
     )
 
 
-def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on the benchmark's questions and answers plus generic English."""
+def build_tokenizer(vocab_size: int = VOCAB_SIZE, extra_special_tokens: tuple[str, ...] = (),
+                    chat_template: str = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on the benchmark's questions and answers plus generic English.
+    ``extra_special_tokens`` (another family's markers) get ids after the LLaVA ones."""
     specials = [SPECIAL_TOKENS["pad_token"], SPECIAL_TOKENS["bos_token"], SPECIAL_TOKENS["eos_token"],
-                SPECIAL_TOKENS["unk_token"], IMAGE_TOKEN]
+                SPECIAL_TOKENS["unk_token"], IMAGE_TOKEN, *extra_special_tokens]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -98,8 +103,8 @@ def build_tokenizer(vocab_size: int = VOCAB_SIZE) -> PreTrainedTokenizerFast:
     corpus += [f"USER: {IMAGE_TOKEN}\n{q} ASSISTANT: {a}" for q in question_corpus()[:50] for a in answer_vocabulary()]
     tokenizer.train_from_iterator(corpus, trainer=trainer)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **SPECIAL_TOKENS)
-    wrapped.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    wrapped.chat_template = CHAT_TEMPLATE
+    wrapped.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, *extra_special_tokens]})
+    wrapped.chat_template = chat_template
     return wrapped
 
 
@@ -134,18 +139,19 @@ def build_tiny(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProce
     return model, build_processor(tokenizer)
 
 
-def save_tiny(model: LlavaForConditionalGeneration, processor: LlavaProcessor, directory: str | Path) -> Path:
+def save_tiny(model: PreTrainedModel, processor, directory: str | Path) -> Path:
+    """Save a model and its processor (a ``LlavaProcessor`` or an ``ImageTextProcessor``) like a hub checkpoint."""
     directory = Path(directory)
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     return directory
 
 
-def load(directory: str | Path) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """Load a LLaVA checkpoint and its processor from a local directory (tiny or not)."""
+def load(directory: str | Path) -> tuple[PreTrainedModel, ImageTextProcessor]:
+    """Load a checkpoint of any family dpn runs (tiny or not) and its processor's parts from a
+    local directory."""
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise FileNotFoundError(f"{directory} holds no model (config.json missing)")
-    model = LlavaForConditionalGeneration.from_pretrained(directory)
-    processor = LlavaProcessor.from_pretrained(directory)
-    return model, processor
+    model = AutoModelForImageTextToText.from_pretrained(directory)
+    return model, ImageTextProcessor.from_pretrained(directory)

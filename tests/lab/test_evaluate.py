@@ -9,9 +9,11 @@ import torch
 
 import dpn
 from dpn.lab import zoo
+from dpn.lab.data.images import family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.data.synthetic import generate_split
-from dpn.lab.evaluate import EvalOptions, evaluate, greedy_answer, normalize_answer, summarize
+from dpn.lab.decoding import greedy_answer
+from dpn.lab.evaluate import EvalOptions, evaluate, normalize_answer, summarize
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +34,9 @@ def test_normalize_answer(raw, expected):
 
 def test_greedy_answer_matches_generate(setup):
     root, model, processor = setup
-    dataset = LlavaDataset(root / "test.json", None, processor, 144, model.config.image_token_id, for_generation=True)
-    batch = LlavaCollator(processor.tokenizer.pad_token_id, "left", with_labels=False)([dataset[i] for i in range(4)])
+    dataset = LlavaDataset(root / "test.json", None, family_images(model.config, processor), for_generation=True)
+    batch = LlavaCollator(processor.tokenizer.pad_token_id, dataset.images, "left", with_labels=False)(
+        [dataset[i] for i in range(4)])
     eos = processor.tokenizer.eos_token_id
     tokens, prefill = greedy_answer(model, batch, 6, eos, processor.tokenizer.pad_token_id)
     with torch.no_grad():

@@ -13,6 +13,7 @@ from transformers.trainer_utils import SchedulerType
 
 import dpn
 from dpn.lab.cli import main
+from dpn.lab.data.images import family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.data.synthetic import generate_split
 from dpn.lab.train import PyramidTrainer, PyramidTrainingArguments, TrainOptions, parse_train_args, train
@@ -76,8 +77,8 @@ def test_routing_loss_is_not_overweighted_by_gradient_accumulation(data, tmp_pat
     model, processor = zoo.build_tiny(seed=0)
     config = dpn.presets.paper(model.config, sample_in_training=False, routing_loss_weight=0.5)
     dpn.apply_pyramid(model, config)
-    dataset = LlavaDataset(data, None, processor, image_tokens=144, image_token_id=model.config.image_token_id)
-    collate = LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id)
+    dataset = LlavaDataset(data, None, family_images(model.config, processor))
+    collate = LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id, images=dataset.images)
     items = [dataset[i] for i in range(4)]
     full, halves = collate(items), [collate(items[:2]), collate(items[2:])]
     items_in_batch = int((full["labels"][:, 1:] != -100).sum())

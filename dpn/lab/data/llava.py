@@ -1,10 +1,12 @@
 """LLaVA-format data: a JSON list of ``{id, image?, conversations}`` and an image folder.
 
-``encode_conversation`` renders a conversation with the tokenizer's chat template and marks only
-the assistant's replies as targets. Each ``<image>`` placeholder becomes one run of image tokens of
-the model's grid size. The collator pads a batch (right for training, left for generation) and
-stacks the pixel values of the samples that have an image, in order, as LLaVA's forward expects.
-Text-only samples mix freely with image samples.
+``image`` is one file name or a list of them (one ``<image>`` placeholder per image in the
+conversation, or none: then they go first in the first turn). ``encode_conversation`` renders a
+conversation with the tokenizer's chat template and marks only the assistant's replies as
+targets. Each image placeholder becomes one run of image tokens, as many as that image has visual
+tokens in the model's family (``dpn.lab.data.images``). The collator pads a batch (right for
+training, left for generation) and batches the images of the samples that have any, in order, as
+the family's forward expects. Text-only samples mix freely with image samples.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from dpn.lab.data.images import FamilyImages
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -35,9 +39,10 @@ def to_messages(conversations: list[dict]) -> list[dict]:
 
 
 def encode_conversation(
-    tokenizer, messages: list[dict], image_token_id: int, image_tokens: int, for_generation: bool = False
+    tokenizer, messages: list[dict], image_token_id: int, image_tokens: list[int], for_generation: bool = False
 ) -> tuple[list[int], list[int]]:
-    """Token ids and labels (assistant replies only) of ``messages``.
+    """Token ids and labels (assistant replies only) of ``messages``; the i-th image token becomes
+    ``image_tokens[i]`` copies.
 
     With ``for_generation`` the last assistant reply (if any) is dropped and the generation prompt
     is appended; labels are then all ignored.
@@ -62,26 +67,31 @@ def encode_conversation(
 
     input_ids: list[int] = []
     labels: list[int] = []
+    images = iter(image_tokens)
     for text, is_target in segments:
         if not text:
             continue
         for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
-            copies = image_tokens if token == image_token_id else 1
+            is_image = token == image_token_id
+            copies = next(images, None) if is_image else 1
+            if copies is None:
+                raise ValueError(f"the rendered conversation has more image tokens than its {len(image_tokens)} images")
             input_ids += [token] * copies
-            labels += [token if is_target and copies == 1 and not for_generation else IGNORE_INDEX] * copies
+            labels += [token if is_target and not is_image and not for_generation else IGNORE_INDEX] * copies
+    if next(images, None) is not None:
+        raise ValueError("the chat template dropped an image placeholder; the conversation has fewer image tokens "
+                         f"than its {len(image_tokens)} images")
     return input_ids, labels
 
 
 class LlavaDataset(Dataset):
-    """Samples of a LLaVA-format JSON file, encoded for a given processor and visual grid size."""
+    """Samples of a LLaVA-format JSON file, encoded for a model family's images (``FamilyImages``)."""
 
     def __init__(
         self,
         data_path: str | Path,
         image_folder: str | Path | None,
-        processor,
-        image_tokens: int,
-        image_token_id: int,
+        images: FamilyImages,
         max_length: int = 2048,
         for_generation: bool = False,
         limit: int | None = None,
@@ -97,9 +107,8 @@ class LlavaDataset(Dataset):
             raise ValueError(f"{data_path} must hold a JSON list of samples")
         self.records = records[:limit] if limit else records
         self.image_folder = Path(image_folder) if image_folder is not None else data_path.parent
-        self.processor = processor
-        self.image_tokens = image_tokens
-        self.image_token_id = image_token_id
+        self.images = images
+        self.tokenizer = images.tokenizer
         self.max_length = max_length
         self.for_generation = for_generation
 
@@ -108,43 +117,57 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
+        sample = record.get("id", index)
         messages = to_messages(record["conversations"])
-        has_image = "image" in record and record["image"] is not None
+        files = image_files(record)
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-        if has_image and placeholders == 0:
-            messages[0] = {**messages[0], "content": f"{IMAGE_PLACEHOLDER}\n{messages[0]['content']}"}
-            placeholders = 1
-        if placeholders != (1 if has_image else 0):
-            raise ValueError(
-                f"sample {record.get('id', index)} has {placeholders} <image> placeholders but "
-                f"{'one image' if has_image else 'no image'}"
-            )
+        if files and placeholders == 0:
+            messages[0] = {**messages[0], "content": f"{IMAGE_PLACEHOLDER}\n" * len(files) + messages[0]["content"]}
+            placeholders = len(files)
+        if placeholders != len(files):
+            raise ValueError(f"sample {sample} has {placeholders} <image> placeholders but {len(files)} images")
+        if self.images.placeholder != IMAGE_PLACEHOLDER:
+            messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.images.placeholder)}
+                        for m in messages]
+        encoded = self.images.encode([self._open(path, sample) for path in files]) if files else None
+        tokens = encoded.tokens if encoded is not None else []
         input_ids, labels = encode_conversation(
-            self.processor.tokenizer, messages, self.image_token_id, self.image_tokens, self.for_generation
+            self.tokenizer, messages, self.images.image_token_id, tokens, self.for_generation
         )
         if len(input_ids) > self.max_length:
-            if has_image and input_ids[: self.max_length].count(self.image_token_id) != self.image_tokens:
+            if input_ids[: self.max_length].count(self.images.image_token_id) != sum(tokens):
                 raise ValueError(
-                    f"sample {record.get('id', index)} is {len(input_ids)} tokens; max_length {self.max_length} "
+                    f"sample {sample} is {len(input_ids)} tokens; max_length {self.max_length} "
                     "would cut its image: raise max_length"
                 )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
-        item = {"input_ids": input_ids, "labels": labels, "pixel_values": None}
-        if has_image:
-            path = self.image_folder / record["image"]
-            try:
-                image = Image.open(path).convert("RGB")
-            except (OSError, FileNotFoundError) as err:
-                raise ValueError(f"sample {record.get('id', index)}: cannot read image {path}: {err}") from err
-            item["pixel_values"] = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
-        return item
+        return {"input_ids": input_ids, "labels": labels, "images": encoded}
+
+    def _open(self, name: str, sample: Any) -> Image.Image:
+        path = self.image_folder / name
+        try:
+            return Image.open(path).convert("RGB")
+        except (OSError, FileNotFoundError) as err:
+            raise ValueError(f"sample {sample}: cannot read image {path}: {err}") from err
+
+
+def image_files(record: dict) -> list[str]:
+    """The image file names of a record: ``image`` as one name, a list of names, or absent/null."""
+    image = record.get("image")
+    if image is None:
+        return []
+    names = [image] if isinstance(image, str) else image
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"sample {record.get('id')}: 'image' must be a file name or a list of file names, got {image!r}")
+    return names
 
 
 @dataclass
 class LlavaCollator:
-    """Pads a list of dataset items into a model batch."""
+    """Pads a list of dataset items into a model batch; ``images`` batches their images."""
 
     pad_token_id: int
+    images: FamilyImages
     padding_side: str = "right"
     with_labels: bool = True
 
@@ -159,10 +182,10 @@ class LlavaCollator:
             input_ids[row, span] = torch.tensor(item["input_ids"])
             labels[row, span] = torch.tensor(item["labels"])
             attention_mask[row, span] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, **self.images.token_inputs(input_ids)}
         if self.with_labels:
             batch["labels"] = labels
-        images = [item["pixel_values"] for item in items if item["pixel_values"] is not None]
+        images = [item["images"] for item in items if item["images"] is not None]
         if images:
-            batch["pixel_values"] = torch.stack(images)
+            batch.update(self.images.collate(images))
         return batch

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from dpn.lab import zoo
+from dpn.lab.data.images import family_images
 from dpn.lab.data.llava import IGNORE_INDEX, LlavaCollator, LlavaDataset, encode_conversation, to_messages
 
 
@@ -16,10 +17,15 @@ def processor():
     return zoo.build_processor(zoo.build_tokenizer())
 
 
+def _images(processor):
+    tokenizer = processor.tokenizer
+    config = zoo.llava_config(vocab_size=len(tokenizer), image_token_id=tokenizer.convert_tokens_to_ids(zoo.IMAGE_TOKEN))
+    return family_images(config, processor)
+
+
 def _dataset(tmp_path, processor, records, **kwargs):
     (tmp_path / "data.json").write_text(json.dumps(records))
-    image_id = processor.tokenizer.convert_tokens_to_ids(zoo.IMAGE_TOKEN)
-    return LlavaDataset(tmp_path / "data.json", tmp_path, processor, image_tokens=144, image_token_id=image_id, **kwargs)
+    return LlavaDataset(tmp_path / "data.json", tmp_path, _images(processor), **kwargs)
 
 
 def test_labels_cover_only_the_answers(processor):
@@ -29,11 +35,11 @@ def test_labels_cover_only_the_answers(processor):
         {"from": "human", "value": "And the shape?"}, {"from": "gpt", "value": "circle"},
     ])
     image_id = tokenizer.convert_tokens_to_ids(zoo.IMAGE_TOKEN)
-    ids, labels = encode_conversation(tokenizer, messages, image_id, image_tokens=144)
+    ids, labels = encode_conversation(tokenizer, messages, image_id, image_tokens=[144])
     assert ids.count(image_id) == 144 and len(ids) == len(labels)
     targets = tokenizer.decode([t for t, l in zip(ids, labels) if l != IGNORE_INDEX])
     assert targets == " red</s> circle</s>"
-    prompt_ids, prompt_labels = encode_conversation(tokenizer, messages, image_id, 144, for_generation=True)
+    prompt_ids, prompt_labels = encode_conversation(tokenizer, messages, image_id, [144], for_generation=True)
     assert tokenizer.decode(prompt_ids).endswith("And the shape? ASSISTANT:")
     assert set(prompt_labels) == {IGNORE_INDEX}
 
@@ -48,18 +54,20 @@ def test_text_only_and_image_samples_mix_in_a_batch(tmp_path, processor):
                                                           {"from": "gpt", "value": "red"}]},
     ]
     dataset = _dataset(tmp_path, processor, records)
-    batch = LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id)([dataset[i] for i in range(3)])
+    batch = LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id, images=dataset.images)(
+        [dataset[i] for i in range(3)])
     assert batch["pixel_values"].shape == (2, 3, 96, 96)
     image_id = processor.tokenizer.convert_tokens_to_ids(zoo.IMAGE_TOKEN)
     assert (batch["input_ids"] == image_id).sum(1).tolist() == [144, 0, 144]  # placeholder added for "c"
-    left = LlavaCollator(pad_token_id=0, padding_side="left", with_labels=False)([dataset[1], dataset[0]])
+    left = LlavaCollator(pad_token_id=0, images=dataset.images, padding_side="left", with_labels=False)(
+        [dataset[1], dataset[0]])
     assert "labels" not in left and left["attention_mask"][0, 0] == 0 and left["attention_mask"][:, -1].all()
 
 
 def test_bad_samples_are_clear_errors(tmp_path, processor):
     two_images = [{"id": "x", "image": "a.png", "conversations": [
         {"from": "human", "value": "<image> <image> hi"}, {"from": "gpt", "value": "no"}]}]
-    with pytest.raises(ValueError, match="2 <image> placeholders but one image"):
+    with pytest.raises(ValueError, match="2 <image> placeholders but 1 images"):
         _dataset(tmp_path, processor, two_images)[0]
     missing = [{"id": "y", "image": "missing.png", "conversations": [
         {"from": "human", "value": "hi"}, {"from": "gpt", "value": "no"}]}]
