@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,10 +31,11 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.hf_argparser import string_to_bool
-from transformers.trainer_utils import SchedulerType, get_last_checkpoint
+from transformers.trainer_utils import SchedulerType, set_seed
 
 from dpn import presets
 from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid_weights, save_pyramid
+from dpn.lab.checkpoints import RUN_RECORD, covers, finished_run, last_complete_checkpoint
 from dpn.lab.data.images import family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 
@@ -260,7 +262,8 @@ def train_parser() -> HfArgumentParser:
     parser = HfArgumentParser(
         (TrainOptions, PyramidTrainingArguments), prog="dpn train",
         usage="dpn train --data JSON --output DIR [--pyramid SPEC] [--init-from DIR] [any TrainingArguments flag ...]",
-        description="Train or fine-tune a LLaVA model, with or without a pyramid, with PyramidTrainer. "
+        description="Train or fine-tune a model (LLaVA, LLaVA-NeXT / OneVision, Qwen2-VL / 2.5-VL), with or "
+                    "without a pyramid, with PyramidTrainer. "
                     "Running the same command again resumes from the last checkpoint in --output.",
     )
     for action in parser._actions:
@@ -290,6 +293,37 @@ def parse_train_args(argv: list[str] | None = None) -> tuple[TrainOptions, Pyram
     return options, args
 
 
+def _flag(name: str) -> str:
+    return ALIASES.get(name, f"--{name}")
+
+
+def check_train_options(options: TrainOptions, args: TrainingArguments) -> None:
+    """Numbers a run cannot use, each named by its flag (before anything is loaded)."""
+    at_least_one = {
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "max_length": options.max_length,
+        "limit": options.limit,
+    }
+    problems = [f"{_flag(name)} must be at least 1, got {value}" for name, value in at_least_one.items()
+                if value is not None and value < 1]
+    if args.max_steps == 0 or args.max_steps < -1:
+        problems.append(f"{_flag('max_steps')} must be a positive number of optimizer steps (or -1: train "
+                        f"--num_train_epochs epochs), got {args.max_steps}")
+    if args.max_steps == -1 and not args.num_train_epochs > 0:
+        problems.append(f"--num_train_epochs must be positive with {_flag('max_steps')} -1, got {args.num_train_epochs}")
+    positive = {"learning_rate": args.learning_rate, "router_learning_rate": options.router_learning_rate,
+                "save_steps": args.save_steps, "logging_steps": args.logging_steps}
+    problems += [f"{_flag(name)} must be a positive number, got {value}" for name, value in positive.items()
+                 if value is not None and not (math.isfinite(value) and value > 0)]
+    if not (math.isfinite(args.warmup_steps) and args.warmup_steps >= 0):
+        problems.append(f"--warmup_steps must be at least 0, got {args.warmup_steps}")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        problems.append(f"{_flag('output_dir')} {args.output_dir} is a file; give a directory")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def build_model(options: TrainOptions, seed: int = 0):
     """The model and processor to train: ``init_from`` checkpoint, or a fresh tiny LLaVA from ``seed``."""
     from dpn.lab import zoo
@@ -315,9 +349,16 @@ def train(options: TrainOptions, args: PyramidTrainingArguments,
     ``TrainingArguments`` works), except that ``options.progress=False`` also sets ``disable_tqdm``.
     """
     output_dir = Path(args.output_dir)
+    check_train_options(options, args)
+    finished = finished_run(output_dir)
+    if finished is not None and covers(finished, args.max_steps, args.num_train_epochs):
+        print(f"{output_dir} holds a finished run ({finished.get('global_step')} steps); nothing to do "
+              "(ask for more steps to continue it, or use another --output)", file=sys.stderr)
+        return output_dir
     if not options.progress and not args.disable_tqdm:
         args = copy.copy(args)  # the caller's arguments stay as they were
         args.disable_tqdm = True
+    set_seed(args.seed)  # before the routers are created, so that --seed fixes them too
     model, processor = build_model(options, seed=args.seed)
     images = family_images(model.config, processor)
     dataset = LlavaDataset(
@@ -332,12 +373,14 @@ def train(options: TrainOptions, args: PyramidTrainingArguments,
         router_learning_rate=options.router_learning_rate,
         callbacks=callbacks,
     )
-    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
-    if last is not None and options.progress:
+    last, incomplete = last_complete_checkpoint(output_dir)
+    for checkpoint in incomplete:
+        print(f"skipping {checkpoint}: incomplete (the run stopped while writing it)", file=sys.stderr)
+    if last is not None:
         print(f"resuming from {last}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(output_dir))
-    record = {"options": asdict(options), "training_args": args.to_dict()}
-    (output_dir / "train_options.json").write_text(json.dumps(record, indent=1, default=str))
+    record = {"options": asdict(options), "training_args": args.to_dict(), "global_step": trainer.state.global_step}
+    (output_dir / RUN_RECORD).write_text(json.dumps(record, indent=1, default=str))
     (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     return output_dir

@@ -226,3 +226,57 @@ def test_output_dir_is_required_from_python_too():
         PyramidTrainingArguments()
     with pytest.raises(ValueError, match="output_dir is required"):
         PyramidTrainingArguments(output_dir="")
+
+
+# ------------------------------------------------------------------------------- reliability
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "-5"], "--steps must be a positive number of optimizer steps"),
+    (["--steps", "0"], "--steps must be a positive number"),
+    (["--limit", "0"], "--limit must be at least 1, got 0"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--router-lr", "nan"], "--router-lr must be a positive number"),
+])
+def test_numbers_a_run_cannot_use_are_errors_naming_the_flag(data, tmp_path, capsys, flags, message):
+    assert main(["train", "--data", str(data), "--output", str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_is_a_file_is_an_error(data, tmp_path, capsys):
+    (tmp_path / "file").write_text("mine")
+    assert main(["train", "--data", str(data), "--output", str(tmp_path / "file")]) == 2
+    assert "is a file; give a directory" in capsys.readouterr().err and (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_half_written_checkpoint_is_skipped_and_a_finished_run_is_not_extended(data, tmp_path, capsys):
+    out = train(*_options(data, tmp_path / "run"))
+    final = load_file(out / "model.safetensors")
+    # A kill while writing checkpoint-6 of a longer run: weights written, trainer state not yet.
+    half = out / "checkpoint-6"
+    half.mkdir()
+    (half / "model.safetensors").write_bytes((out / "checkpoint-4" / "model.safetensors").read_bytes()[:1000])
+    capsys.readouterr()
+    again = train(*_options(data, tmp_path / "run"))  # the same command: finished, nothing to do
+    assert "holds a finished run (4 steps); nothing to do" in capsys.readouterr().err
+    assert all(torch.equal(t, load_file(again / "model.safetensors")[k]) for k, t in final.items())
+    longer = train(*_options(data, tmp_path / "run", max_steps=6, save_steps=3))
+    err = capsys.readouterr().err
+    assert "skipping" in err and "checkpoint-6: incomplete" in err and "resuming from" in err and "checkpoint-4" in err
+    steps = [e["step"] for e in json.loads((longer / "log_history.json").read_text()) if "loss" in e]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert json.loads((longer / "train_options.json").read_text())["global_step"] == 6
+
+
+def test_the_seed_fixes_everything_routers_included(data, tmp_path):
+    base, processor = zoo.build_tiny(seed=1)
+    zoo.save_tiny(base, processor, tmp_path / "base")
+    losses = []
+    for run in ("a", "b"):
+        out = train(*_options(data, tmp_path / run, init_from=str(tmp_path / "base"), max_steps=2, seed=5))
+        losses.append([(e["loss"], e["routing_loss"]) for e in json.loads((out / "log_history.json").read_text())
+                       if "loss" in e])
+    assert losses[0] == losses[1]
+    routers = [load_file(tmp_path / run / "pyramid_model.safetensors") for run in ("a", "b")]
+    assert all(torch.equal(routers[0][k], routers[1][k]) for k in routers[0])
