@@ -14,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-from rich.console import Console
 from rich.table import Table
 
 from dpn import presets
@@ -23,6 +22,7 @@ from dpn.flops import GIGA, path_flops, vision_flops
 from dpn.lab.architectures import ARCHITECTURES, model_config, typical_layout
 from dpn.lab.bench import ROUTINGS
 from dpn.lab.compare import TRAINING_FREE
+from dpn.lab.console import console as lab_console
 from dpn.lab.tiny_families import FAMILIES as TINY_FAMILIES
 from dpn.models import geometry_of
 from dpn.strategies.dpn import PROBABILITY_SCALES
@@ -31,7 +31,7 @@ DEFAULT_TEXT_TOKENS = 64  # a typical LLaVA-1.5 prompt around one image
 
 
 def _flops_command(args: argparse.Namespace) -> int:
-    console = Console()
+    console = lab_console()
     config = model_config(args.preset)
     pyramid = presets.from_spec(args.pyramid, config) if args.pyramid else presets.paper(config)
     if pyramid is None:
@@ -85,7 +85,7 @@ def _flops_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _trace(console: Console, model_config, pyramid: PyramidConfig, text_tokens: int) -> None:
+def _trace(console, model_config, pyramid: PyramidConfig, text_tokens: int) -> None:
     """Run one forward with random weights and print the tokens each decoder layer processed."""
     import torch
     from transformers import LlavaForConditionalGeneration
@@ -156,13 +156,15 @@ def _eval_command(args: argparse.Namespace) -> int:
         pyramid=args.pyramid, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
         router_bias=args.router_bias, budget=args.budget, calibration_data=args.calibration_data,
         calibration_samples=args.calibration_samples, probability_scale=args.probability_scale,
-        measure_latency=not args.no_latency,
+        measure_latency=not args.no_latency, overwrite=args.overwrite,
     ))
-    console = Console()
+    console = lab_console()
     table = Table(title=f"{args.model} on {args.data}")
     for column in ("split", "n", "accuracy", "kept visual tokens", "FLOPs ratio"):
         table.add_column(column, justify="right")
-    for name, group in [("all", summary["overall"]), *summary["difficulty"].items()]:
+    # Data without difficulty tags has one group, "all", the same as the overall row.
+    groups = {k: v for k, v in summary["difficulty"].items() if list(summary["difficulty"]) != ["all"]}
+    for name, group in [("all", summary["overall"]), *groups.items()]:
         visual = group.get("visual_tokens")
         table.add_row(name, str(group["n"]), f"{group['accuracy']:.1%}",
                       " -> ".join(f"{v:.1f}" for v in visual) if visual else "-",
@@ -213,7 +215,7 @@ def _bench_command(args: argparse.Namespace) -> int:
         strategies=args.strategy or [], image_size=tuple(args.image_size) if args.image_size else None,
     )
     report = run_bench(options, json_path=Path(args.json) if args.json else None)
-    Console(width=max(Console().width, 200)).print(report_table(report))
+    lab_console().print(report_table(report))
     if args.markdown:
         command = "dpn bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"] else "dpn bench"
         update_markdown_page(Path(args.markdown), report, command, time.strftime("%Y-%m-%d"))
@@ -283,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--calibration-data", help="LLaVA-format JSON for --budget (default: --data)")
     evaluator.add_argument("--calibration-samples", type=int, default=128)
     evaluator.add_argument("--no-latency", action="store_true", help="skip the prefill latency measurement")
+    evaluator.add_argument("--overwrite", action="store_true",
+                           help="delete the results of another run in --output instead of refusing to mix them")
     evaluator.set_defaults(handler=_eval_command)
 
     demo = commands.add_parser("demo", help="benchmark, fine-tune with/without DPN and static, evaluate, compare")

@@ -28,6 +28,7 @@ from dpn import presets
 from dpn.config import PyramidConfig
 from dpn.models import geometry_of
 from dpn.strategies.pooling import PoolingStage
+from dpn.lab.console import console as lab_console
 from dpn.lab.evaluate import SUMMARY, EvalOptions, evaluate
 from dpn.lab.train import PyramidTrainingArguments, TrainOptions, train
 
@@ -133,7 +134,7 @@ def _slug(name: str) -> str:
 
 
 def run_compare(options: CompareOptions, console: Console | None = None) -> dict[str, Any]:
-    console = console or Console()
+    console = console or lab_console()
     if not options.seeds:
         raise ValueError("give at least one seed")
     for path, what in ((Path(options.base) / "config.json", "model to fine-tune"),

@@ -29,6 +29,7 @@ from transformers import LlavaConfig
 
 from dpn import presets
 from dpn.config import PyramidConfig
+from dpn.lab.console import console as lab_console
 from dpn.lab.data.synthetic import DEFAULT_FAMILIES, generate
 from dpn.lab.evaluate import EvalOptions, evaluate
 from dpn.flops import path_flops
@@ -66,7 +67,7 @@ class DemoOptions:
 
 
 def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, Any]:
-    console = console or Console()
+    console = console or lab_console()
     start = time.perf_counter()
     out = Path(options.out_dir)
     data = out / "data"

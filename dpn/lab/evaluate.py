@@ -13,6 +13,7 @@ picks up where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import re
 import statistics
 from collections import defaultdict
@@ -30,10 +31,13 @@ from dpn.config import CONFIG_NAME
 from dpn.lab.data.images import FamilyImages, family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.decoding import greedy_answer
+from dpn.lab.run_identity import claim, file_hash, weights_fingerprint
 from dpn.lab.timing import paired_medians
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
+PLOT = "routing.png"
+RESULTS = [PREDICTIONS, SUMMARY, PLOT]
 ARTICLES = {"a", "an", "the"}
 LATENCY_BATCHES = 4  # batches timed for the latency ratio
 LATENCY_REPEATS = 5
@@ -62,6 +66,19 @@ class EvalOptions:
     measure_latency: bool = True
     plot: bool = True
     progress: bool = True
+    overwrite: bool = False  # results of another run in output_dir are deleted instead of refused
+
+    def __post_init__(self) -> None:
+        at_least_one = {"batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens, "limit": self.limit,
+                        "calibration_samples": self.calibration_samples}
+        problems = [f"--{name.replace('_', '-')} must be at least 1, got {value}"
+                    for name, value in at_least_one.items() if value is not None and value < 1]
+        if self.budget is not None and not 0 < self.budget <= 1:
+            problems.append(f"--budget is a fraction of the vanilla FLOPs in (0, 1], got {self.budget}")
+        if self.router_bias is not None and not math.isfinite(self.router_bias):
+            problems.append(f"--router-bias must be a finite number, got {self.router_bias}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
 
 def load_for_eval(model_dir: str, pyramid: str):
@@ -88,11 +105,14 @@ def _prefill(model, batch) -> None:
 def evaluate(options: EvalOptions) -> dict[str, Any]:
     """Evaluate, write ``predictions.jsonl``, ``summary.json`` and plots; return the summary."""
     output_dir = Path(options.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"--output {output_dir} is a file; give a directory")
     model, processor = load_for_eval(options.model, options.pyramid)
     device = next(model.parameters()).device
     images = family_images(model.config, processor)
     dataset = LlavaDataset(options.data, options.image_folder, images, for_generation=True, limit=options.limit)
+    dataset.check(progress=options.progress)
+    claim(output_dir, _identity(options, model, dataset), RESULTS, options.overwrite)
     tokenizer = processor.tokenizer
     collate = LlavaCollator(pad_token_id=tokenizer.pad_token_id, images=images, padding_side="left", with_labels=False)
     if options.probability_scale is not None:
@@ -139,7 +159,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         summary["latency_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     (output_dir / SUMMARY).write_text(json.dumps(summary, indent=1))
     if options.plot:
-        plot_routing(results, output_dir / "routing.png")
+        plot_routing(results, output_dir / PLOT)
     return summary
 
 
@@ -161,6 +181,23 @@ def _apply_budget(options: EvalOptions, model, images: FamilyImages, collate, de
     ]
     bias, ratio = calibrate_router_bias(model, batches, options.budget, progress=options.progress)
     return {"target": options.budget, "router_bias": bias, "flops_ratio": ratio, "samples": len(samples)}
+
+
+def _identity(options: EvalOptions, model, dataset: LlavaDataset) -> dict[str, Any]:
+    """What makes this run's predictions what they are (``--limit`` and ``--batch-size`` do not)."""
+    pyramid = get_pyramid(model) if has_pyramid(model) else None
+    return {
+        "model": str(Path(options.model).resolve()),
+        "weights": weights_fingerprint(options.model),
+        "pyramid": pyramid.config.to_dict() if pyramid is not None else None,
+        "inference": {"router_bias": options.router_bias, "budget": options.budget,
+                      "calibration_data": options.calibration_data, "calibration_samples": options.calibration_samples,
+                      "probability_scale": options.probability_scale},
+        "data": str(Path(options.data).resolve()),
+        "data_sha256": file_hash(options.data),
+        "image_folder": str(dataset.image_folder.resolve()),
+        "max_new_tokens": options.max_new_tokens,
+    }
 
 
 def _without_pyramid(model, batch) -> None:

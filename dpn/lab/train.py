@@ -364,6 +364,7 @@ def train(options: TrainOptions, args: PyramidTrainingArguments,
     dataset = LlavaDataset(
         options.data, options.image_folder, images, max_length=options.max_length, limit=options.limit,
     )
+    dataset.check(progress=options.progress)
     trainer = PyramidTrainer(
         model=model,
         args=args,

@@ -9,6 +9,8 @@ import torch
 
 import dpn
 from dpn.lab import zoo
+from dpn.lab.cli import main
+from dpn.lab.console import PIPED_WIDTH, console
 from dpn.lab.data.images import family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.data.synthetic import generate_split
@@ -96,3 +98,86 @@ def test_summarize_counts_per_difficulty():
     summary = summarize(results)
     assert summary["overall"]["accuracy"] == pytest.approx(2 / 3)
     assert summary["difficulty"]["hard"]["visual_tokens"] == [144, 108] and summary["family"]["b"]["n"] == 2
+
+
+# ------------------------------------------------------------------------------- reliability
+def test_results_of_another_run_are_never_mixed(setup, tmp_path, capsys):
+    root, _, _ = setup
+    base = ["eval", "--model", str(root / "model"), "--data", str(root / "test.json"), "--output", str(tmp_path),
+            "--limit", "2", "--max-new-tokens", "2", "--no-latency"]
+    assert main(base) == 0
+    assert main(base[:-2] + ["4", "--no-latency"]) == 2  # longer answers: another run
+    assert "holds the results of another run (max_new_tokens: 2 then, 4 now)" in capsys.readouterr().err
+    assert main([*base, "--pyramid", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "pyramid: {" in err and "None now" in err and "--overwrite" in err
+    assert main([*base, "--limit", "3"]) == 0  # same run, more samples: resumes
+    assert len((tmp_path / "predictions.jsonl").read_text().splitlines()) == 3
+    assert main([*base, "--pyramid", "none", "--overwrite"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["pyramid"] is None and "flops_ratio" not in summary["overall"] and summary["overall"]["n"] == 2
+    assert all("flops_ratio" not in json.loads(l) for l in (tmp_path / "predictions.jsonl").read_text().splitlines())
+    (tmp_path / "run.json").unlink()  # predictions nobody can vouch for
+    assert main(base) == 2 and "without a run.json" in capsys.readouterr().err
+
+
+def test_other_weights_in_the_same_folder_are_another_run(setup, tmp_path, capsys):
+    root, model, processor = setup
+    copy = tmp_path / "model"
+    zoo.save_tiny(model, processor, copy)
+    args = ["eval", "--model", str(copy), "--data", str(root / "test.json"), "--output", str(tmp_path / "out"),
+            "--limit", "1", "--max-new-tokens", "1", "--no-latency", "--pyramid", "none"]
+    assert main(args) == 0
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] += 1  # a "fine-tuned" model saved over the first
+    zoo.save_tiny(model, processor, copy)
+    assert main(args) == 2 and "weights:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--limit", "0"], "--limit must be at least 1"),
+    (["--budget", "1.5"], "--budget is a fraction"),
+])
+def test_numbers_are_checked_by_flag_name(setup, tmp_path, capsys, flags, message):
+    root, _, _ = setup
+    assert main(["eval", "--model", str(root / "model"), "--data", str(root / "test.json"),
+                 "--output", str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_every_data_problem_is_listed_before_anything_runs(setup, tmp_path, capsys):
+    root, _, _ = setup
+    good = json.loads((root / "test.json").read_text())[0]
+    bad = [
+        {**good, "id": "missing", "image": "nowhere.png"},
+        {**good, "id": "no-answer", "conversations": good["conversations"][:1]},
+        {**good, "id": "two-tags", "conversations": [{"from": "human", "value": "<image> <image> hi"},
+                                                      {"from": "gpt", "value": "no"}]},
+        {**good, "id": "robot", "conversations": [{"from": "robot", "value": "hi"}, {"from": "gpt", "value": "no"}]},
+    ]
+    (root / "bad.json").write_text(json.dumps([good, *bad]))
+    (root / "empty.json").write_text("[]")
+    out = tmp_path / "out"
+    assert main(["eval", "--model", str(root / "model"), "--data", str(root / "bad.json"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "has 4 problems" in err
+    for expected in ("sample missing: cannot read image", "sample no-answer: no answer turn",
+                     "sample two-tags: 2 <image> placeholders but 1 images", "sample robot: unknown speaker 'robot'"):
+        assert expected in err, expected
+    assert not (out / "predictions.jsonl").exists()
+    assert main(["eval", "--model", str(root / "model"), "--data", str(root / "empty.json"), "--output", str(out)]) == 2
+    assert "holds no samples" in capsys.readouterr().err
+
+
+def test_the_table_prints_whole_rows_to_a_pipe_and_all_once(setup, tmp_path, capsys):
+    root, _, _ = setup
+    untagged = [{k: v for k, v in r.items() if k not in ("difficulty", "family")}
+                for r in json.loads((root / "test.json").read_text())[:2]]
+    (root / "untagged.json").write_text(json.dumps(untagged))
+    assert main(["eval", "--model", str(root / "model"), "--data", str(root / "untagged.json"),
+                 "--output", str(tmp_path), "--max-new-tokens", "1", "--no-latency"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("│")]
+    assert [row.split("│")[1].strip() for row in rows] == ["all"]  # one row, not wrapped, not repeated
+    assert console().width == PIPED_WIDTH  # not a terminal here: wide tables are not wrapped at 80 columns

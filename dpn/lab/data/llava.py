@@ -19,12 +19,14 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from dpn.lab.data.images import FamilyImages
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
+SHOWN_PROBLEMS = 20  # data problems listed in one error
 
 
 def to_messages(conversations: list[dict]) -> list[dict]:
@@ -105,6 +107,7 @@ class LlavaDataset(Dataset):
             raise ValueError(f"{data_path} is not valid JSON: {err}") from err
         if not isinstance(records, list):
             raise ValueError(f"{data_path} must hold a JSON list of samples")
+        self.data_path = data_path
         self.records = records[:limit] if limit else records
         self.image_folder = Path(image_folder) if image_folder is not None else data_path.parent
         self.images = images
@@ -115,9 +118,47 @@ class LlavaDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def check(self, progress: bool = False) -> None:
+        """Every problem of the data at once, before any step: a ValueError listing the first
+        ``SHOWN_PROBLEMS`` with their sample ids (bad turns, no answer, placeholders that do not match
+        the images, images missing or unreadable)."""
+        if not self.records:
+            raise ValueError(f"{self.data_path} holds no samples")
+        problems = []
+        for index, record in enumerate(tqdm(self.records, desc="checking data", disable=not progress)):
+            problems += [f"sample {_sample_id(record, index)}: {problem}" for problem in self._problems(record)]
+        if problems:
+            listed = "\n  ".join(problems[:SHOWN_PROBLEMS])
+            more = f"\n  ... and {len(problems) - SHOWN_PROBLEMS} more" if len(problems) > SHOWN_PROBLEMS else ""
+            raise ValueError(f"{self.data_path} has {len(problems)} problems:\n  {listed}{more}")
+
+    def _problems(self, record: Any) -> list[str]:
+        if not isinstance(record, dict):
+            return [f"a sample must be a JSON object, got {type(record).__name__}"]
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) and isinstance(t.get("value"), str)
+                                                               for t in turns):
+            return ["'conversations' must be a non-empty list of {from, value} turns"]
+        problems = [f"unknown speaker {t.get('from')!r}" for t in turns if t.get("from") not in ROLES]
+        if not any(ROLES.get(t.get("from")) == "assistant" for t in turns):
+            problems.append("no answer turn (from 'gpt' or 'assistant'): nothing to learn or compare with")
+        try:
+            files = image_files(record)
+        except ValueError as err:
+            return problems + [str(err).split(": ", 1)[-1]]
+        placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+        if placeholders and placeholders != len(files):
+            problems.append(f"{placeholders} <image> placeholders but {len(files)} images")
+        for name in files:
+            try:
+                Image.open(self.image_folder / name).close()  # reads the header: it exists and is an image
+            except (OSError, ValueError) as err:
+                problems.append(f"cannot read image {self.image_folder / name}: {err}")
+        return problems
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
-        sample = record.get("id", index)
+        sample = _sample_id(record, index)
         messages = to_messages(record["conversations"])
         files = image_files(record)
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
@@ -149,6 +190,10 @@ class LlavaDataset(Dataset):
             return Image.open(path).convert("RGB")
         except (OSError, FileNotFoundError) as err:
             raise ValueError(f"sample {sample}: cannot read image {path}: {err}") from err
+
+
+def _sample_id(record: Any, index: int) -> Any:
+    return record.get("id", index) if isinstance(record, dict) else index
 
 
 def image_files(record: dict) -> list[str]:
