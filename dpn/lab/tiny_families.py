@@ -32,15 +32,21 @@ CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
 QWEN_MARKERS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
 ONEVISION_VIDEO = "<video>"
 DEFAULT_SYSTEM = "You are a helpful assistant."
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n"
-    "{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+
+
+def chatml_template(image_text: str) -> str:
+    """ChatML turns; a content list's image parts become ``image_text``, its text parts their text."""
+    return zoo.content_macro(image_text) + (
+        "{% for message in messages %}"
+        "{% if loop.first and message['role'] != 'system' %}"
+        "<|im_start|>system\n" + DEFAULT_SYSTEM + "<|im_end|>\n"
+        "{% endif %}"
+        "<|im_start|>{{ message['role'] }}\n{{ render(message['content']) }}<|im_end|>\n"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
 PATCH = 8
 MERGE = 2
 CROP = 48  # OneVision's vision tower input: 6 x 6 patches
@@ -52,16 +58,16 @@ MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
 
 
-def chatml_tokenizer(markers: tuple[str, ...]):
+def chatml_tokenizer(markers: tuple[str, ...], image_text: str):
     """The tiny BPE with ChatML turns; a turn's end is the end of generation."""
     tokenizer = zoo.build_tokenizer(extra_special_tokens=(CHATML_START, CHATML_END, *markers),
-                                    chat_template=CHATML_TEMPLATE)
+                                    chat_template=chatml_template(image_text))
     tokenizer.eos_token = CHATML_END
     return tokenizer
 
 
 def build_tiny_qwen2_5_vl(seed: int = 0) -> tuple[PreTrainedModel, ImageTextProcessor]:
-    tokenizer = chatml_tokenizer(QWEN_MARKERS)
+    tokenizer = chatml_tokenizer(QWEN_MARKERS, "".join(QWEN_MARKERS[:3]))
     start, image, end, video = tokenizer.convert_tokens_to_ids(list(QWEN_MARKERS))
     vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=PATCH,
                   spatial_merge_size=MERGE, temporal_patch_size=2, out_hidden_size=TEXT["hidden_size"],
@@ -77,7 +83,7 @@ def build_tiny_qwen2_5_vl(seed: int = 0) -> tuple[PreTrainedModel, ImageTextProc
 
 
 def build_tiny_onevision(seed: int = 0) -> tuple[PreTrainedModel, ImageTextProcessor]:
-    tokenizer = chatml_tokenizer((ONEVISION_VIDEO,))
+    tokenizer = chatml_tokenizer((ONEVISION_VIDEO,), zoo.IMAGE_TOKEN + "\n")
     vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                                 image_size=CROP, patch_size=PATCH)
     text = Qwen2Config(vocab_size=len(tokenizer), **_token_ids(tokenizer), **TEXT)

@@ -38,12 +38,29 @@ PATCH_SIZE = 8
 VOCAB_SIZE = 640
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 IMAGE_TOKEN = "<image>"
-CHAT_TEMPLATE = (
+
+
+def content_macro(image_text: str) -> str:
+    """A Jinja macro ``render(content)``: a message's content as text. Content is a string (with
+    ``<image>`` placeholders), or a list of parts as chat-format messages give it: an image part
+    becomes ``image_text``, a text part its text."""
+    return (
+        "{%- macro render(content) -%}"
+        "{%- if content is string -%}{{ content }}"
+        "{%- else -%}{%- for part in content -%}"
+        "{%- if part['type'] == 'image' -%}{{ " + repr(image_text) + " }}"
+        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}"
+        "{%- endif -%}{%- endfor -%}{%- endif -%}"
+        "{%- endmacro -%}"
+    )
+
+
+CHAT_TEMPLATE = content_macro(IMAGE_TOKEN + "\n") + (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
-    "{% elif message['role'] == 'user' %}USER: {{ message['content'] }} "
-    "{% else %}ASSISTANT: {{ message['content'] }}{{ eos_token }}"
+    "{% if message['role'] == 'system' %}{{ render(message['content']) }}\n"
+    "{% elif message['role'] == 'user' %}USER: {{ render(message['content']) }} "
+    "{% else %}ASSISTANT: {{ render(message['content']) }}{{ eos_token }}"
     "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from dpn.lab import zoo
+from dpn.lab.demo import BASE_CHECKPOINT
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +56,25 @@ def test_save_and_load_like_a_hub_model(tiny, tmp_path):
 def test_load_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json missing"):
         zoo.load(tmp_path)
+
+
+def test_chat_format_messages_with_image_parts_render_like_placeholders(tiny):
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What?"}]}]
+    text = [{"role": "user", "content": "<image>\nWhat?"}]
+    render = tiny[1].tokenizer.apply_chat_template
+    assert render(parts, tokenize=False, add_generation_prompt=True) == render(text, tokenize=False,
+                                                                              add_generation_prompt=True)
+
+
+def test_the_shipped_model_answers_chat_messages_in_a_pipeline():
+    from transformers import pipeline
+
+    pipe = pipeline("image-text-to-text", model=str(BASE_CHECKPOINT))
+    image = Image.new("RGB", (96, 96), (255, 0, 0))
+    question = "What color is the large shape?"
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    chat = pipe(text=messages, max_new_tokens=4, do_sample=False)
+    raw = pipe(images=image, text=f"USER: <image>\n{question} ASSISTANT:", max_new_tokens=4, do_sample=False,
+               return_full_text=False)
+    answer = chat[0]["generated_text"][-1]
+    assert answer["role"] == "assistant" and answer["content"] == raw[0]["generated_text"]
