@@ -51,6 +51,10 @@ def test_json_round_trip(tmp_path):
         (dict(stages=[dpn.PoolingStage(1, [(1, 1)])], version=99), "newer than this dpn"),
         (dict(stages=[dpn.PoolingStage(1, [(1, 1)])], strategy=dict(routing_loss_weight=float("nan"))),
          "routing_loss_weight must be a finite number"),
+        (dict(stages=[dpn.PoolingStage(1, [(1, 1)])], strategy=dict(routing_loss_weight=float("inf"))),
+         "routing_loss_weight must be a finite number"),
+        (dict(stages=[dpn.PoolingStage(1, [(1, 1)])], strategy=dict(routing_loss_weight=-0.1)),
+         "routing_loss_weight must be >= 0"),
         (dict(stages=[dpn.PoolingStage(1, [(1, 1)])], strategy="static"), "strategy must be a strategy config"),
     ],
 )

@@ -75,6 +75,9 @@ class DPNConfig(PoolingConfig):
         if not self.router_temperature > 0:
             raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}")
         check_finite("routing_loss_weight", self.routing_loss_weight)
+        if self.routing_loss_weight < 0:
+            raise ValueError(f"routing_loss_weight must be >= 0 (0 turns the routing loss off), got "
+                             f"{self.routing_loss_weight}: a negative weight would reward keeping every token")
         check_finite("routing_loss_target", self.routing_loss_target)
         if isinstance(self.router_reduction, bool) or not isinstance(self.router_reduction, int) \
                 or self.router_reduction < 1:
