@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -198,6 +199,11 @@ class TrainOptions:
         default=True, metadata=_help("print progress; --no_progress also hides the Trainer's progress bars"))
 
 
+def launched_processes() -> int:
+    """How many processes a distributed launcher (torchrun, accelerate launch) started, 1 if none."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _on_gpu(args: TrainingArguments) -> bool:
     return torch.cuda.is_available() and not args.use_cpu
 
@@ -248,6 +254,10 @@ class PyramidTrainingArguments(TrainingArguments):
         "remove_unused_columns", "drop dataset columns the model's forward does not take"))
 
     def __post_init__(self) -> None:
+        if launched_processes() > 1 and not torch.cuda.is_available() and not self.use_cpu:
+            # torchrun / accelerate launch on a machine without CUDA: the Trainer sets up CPU DDP (gloo)
+            # only with use_cpu; otherwise every process would train alone into the same folder.
+            self.use_cpu = True
         if not self.output_dir:
             raise ValueError("output_dir is required (--output_dir / --output): where checkpoints and the model go")
         if self.bf16 is None:
@@ -381,7 +391,8 @@ def train(options: TrainOptions, args: PyramidTrainingArguments,
         print(f"resuming from {last}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(output_dir))
-    record = {"options": asdict(options), "training_args": args.to_dict(), "global_step": trainer.state.global_step}
-    (output_dir / RUN_RECORD).write_text(json.dumps(record, indent=1, default=str))
-    (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    if trainer.is_world_process_zero():  # one writer under DDP, as for the Trainer's own files
+        record = {"options": asdict(options), "training_args": args.to_dict(), "global_step": trainer.state.global_step}
+        (output_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+        (output_dir / RUN_RECORD).write_text(json.dumps(record, indent=1, default=str))  # last: "finished"
     return output_dir

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import fields
 
 import pytest
@@ -280,3 +283,25 @@ def test_the_seed_fixes_everything_routers_included(data, tmp_path):
     assert losses[0] == losses[1]
     routers = [load_file(tmp_path / run / "pyramid_model.safetensors") for run in ("a", "b")]
     assert all(torch.equal(routers[0][k], routers[1][k]) for k in routers[0])
+
+
+def test_torchrun_trains_one_ddp_run_that_matches_one_process(data, tmp_path):
+    """Two CPU processes (gloo) with 4 samples each give the losses of one process with 8."""
+    eight = data.parent / "eight.json"  # beside its images
+    eight.write_text(json.dumps(json.loads(data.read_text())[:8]))
+    common = ["train", "--data", str(eight), "--steps", "3", "--logging-steps", "1", "--save-steps", "3",
+              "--warmup-steps", "0", "--lr", "1e-3", "--pyramid", "static:2x2", "--no_progress"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                "dpn.lab.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*launcher, *common, "--batch-size", "4", "--output", str(tmp_path / "ddp")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert main([*common, "--batch-size", "8", "--output", str(tmp_path / "one")]) == 0
+
+    def losses(run):
+        return [e["loss"] for e in json.loads((tmp_path / run / "log_history.json").read_text()) if "loss" in e]
+
+    assert len(losses("ddp")) == 3 and losses("ddp")[0] != losses("ddp")[2]  # it trained
+    assert losses("ddp") == pytest.approx(losses("one"), rel=1e-4)
+    assert done.stdout.count("model written to") == 2 and (tmp_path / "ddp" / "checkpoint-3").is_dir()
