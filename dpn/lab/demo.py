@@ -4,9 +4,9 @@
 2. take the base tiny LLaVA: the shipped checkpoint (``dpn/lab/assets/tiny-llava-base``, produced by
    ``dpn train --pyramid none``; its command, seed and log sit beside it) or, with
    ``--from-scratch``, train it here;
-3. fine-tune it four ways with the same data, steps and seed: without a pyramid, with the most
-   aggressive static pyramid, with DPN (the paper's schedule), and with a static pyramid whose
-   FLOPs come closest to what DPN spent;
+3. fine-tune it four ways with the same data, steps and seed (the vision tower frozen, as LLaVA-1.5
+   fine-tunes): without a pyramid, with the most aggressive static pyramid, with DPN (the paper's
+   schedule), and with a static pyramid whose FLOPs come closest to what DPN spent;
 4. evaluate all of them, plus the base model without and with the most aggressive static pooling
    (training-free), and print one table: accuracy overall / easy / hard, kept visual tokens, LLM
    FLOPs ratio and measured prefill latency ratio; then the benchmark's discriminativeness (what
@@ -48,6 +48,8 @@ VANILLA_ACCURACY_GOAL = 0.90
 HARD_DROP_GOAL = 0.15
 EASY_DROP_LIMIT = 0.03
 VANILLA = "fine-tuned, no pyramid"
+# Batches of each evaluation timed with and without the pyramid (paired medians of 5 repeats each).
+DEMO_LATENCY_BATCHES = 2
 
 
 @dataclass
@@ -119,6 +121,7 @@ def _finetune(options: DemoOptions, base: Path, name: str, pyramid: str) -> Path
     return train(TrainOptions(
         data=str(out / "data" / "train.json"), pyramid=pyramid, init_from=str(base),
         router_learning_rate=options.router_learning_rate, limit=options.train_samples, progress=options.progress,
+        freeze_vision=True,  # LLaVA-1.5's fine-tuning recipe: the vision tower stays as pretrained
     ), PyramidTrainingArguments(
         output_dir=str(out / name), max_steps=options.finetune_steps, per_device_train_batch_size=options.batch_size,
         learning_rate=options.learning_rate, warmup_steps=max(1, options.finetune_steps // 10),
@@ -133,7 +136,7 @@ def _score(options: DemoOptions, name: str, model: Path, pyramid: str,
     return evaluate(EvalOptions(
         model=str(model), data=str(out / "data" / "test.json"), output_dir=str(out / "eval" / name),
         pyramid=pyramid, batch_size=options.batch_size, probability_scale=probability_scale,
-        progress=options.progress,
+        progress=options.progress, latency_batches=DEMO_LATENCY_BATCHES,
     ))
 
 

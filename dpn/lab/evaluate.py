@@ -39,7 +39,7 @@ SUMMARY = "summary.json"
 PLOT = "routing.png"
 RESULTS = [PREDICTIONS, SUMMARY, PLOT]
 ARTICLES = {"a", "an", "the"}
-LATENCY_BATCHES = 4  # batches timed for the latency ratio
+LATENCY_BATCHES = 4  # batches timed for the latency ratio, by default
 LATENCY_REPEATS = 5
 
 
@@ -64,13 +64,14 @@ class EvalOptions:
     calibration_samples: int = 128
     probability_scale: str | None = None  # DPN only: override the saved probability_scale (e.g. train_only)
     measure_latency: bool = True
+    latency_batches: int = LATENCY_BATCHES  # the first N batches are timed with and without the pyramid
     plot: bool = True
     progress: bool = True
     overwrite: bool = False  # results of another run in output_dir are deleted instead of refused
 
     def __post_init__(self) -> None:
         at_least_one = {"batch_size": self.batch_size, "max_new_tokens": self.max_new_tokens, "limit": self.limit,
-                        "calibration_samples": self.calibration_samples}
+                        "calibration_samples": self.calibration_samples, "latency_batches": self.latency_batches}
         problems = [f"--{name.replace('_', '-')} must be at least 1, got {value}"
                     for name, value in at_least_one.items() if value is not None and value < 1]
         if self.budget is not None and not 0 < self.budget <= 1:
@@ -131,7 +132,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             tokens, prefill = greedy_answer(
                 model, batch, options.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
             )
-            if options.measure_latency and has_pyramid(model) and number < LATENCY_BATCHES:
+            if options.measure_latency and has_pyramid(model) and number < options.latency_batches:
                 vanilla, pyramid = paired_medians(
                     lambda: _without_pyramid(model, batch), lambda: _prefill(model, batch),
                     repeats=LATENCY_REPEATS, warmup=1, device=device,

@@ -1,0 +1,100 @@
+"""Property-based: random pyramid configs (valid and invalid) x random batches (lengths, padding side,
+images per sample, text-only rows) on a tiny LLaVA either run with the invariants holding or raise a
+ValueError: never another exception, never a silent wrong shape."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+
+import dpn
+from helpers import GRID, batch_of, make_prompt, pixels, tiny_llava
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import event, given, settings, strategies as st  # noqa: E402
+
+LAYERS = 6
+VISUAL_TOKENS = GRID[0] * GRID[1]
+
+fractions = st.one_of(st.floats(min_value=-0.25, max_value=1.25), st.just(float("nan")), st.just(float("inf")))
+specs = st.one_of(
+    st.sampled_from(["paper", "random", "static:2x2", "static:4x4", "static:3x3", "projector:2x2", "static:0x2",
+                     "none", "dpn", "fastv", "pdrop", "dart", "budget:0.5", "unknown:1"]),
+    st.builds("fastv:{}".format, fractions),
+    st.builds("pdrop:{}".format, fractions),
+    st.builds("dart:{}".format, fractions),
+)
+strides = st.tuples(st.integers(0, 5), st.integers(1, 5))
+raw_stages = st.lists(st.tuples(st.integers(-1, LAYERS + 1), st.lists(strides, min_size=0, max_size=3)),
+                      min_size=0, max_size=3)
+samples = st.lists(st.tuples(st.integers(0, 5), st.integers(1, 5), st.integers(0, 2)), min_size=1, max_size=3)
+
+
+@lru_cache(maxsize=1)
+def model():
+    return tiny_llava(layers=LAYERS, seed=0)
+
+
+def _pyramid(spec: str | None, stages: list, positions: str):
+    if spec is not None:
+        return dpn.presets.from_spec(spec, model().config)
+    return dpn.PyramidConfig(stages=[dpn.PoolingStage(layer, list(experts)) for layer, experts in stages],
+                             strategy=dpn.DPNConfig(), positions=positions)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(spec=st.one_of(st.none(), specs), stages=raw_stages, positions=st.sampled_from(["renumber", "keep", "spiral"]),
+       rows=samples, side=st.sampled_from(["left", "right"]), route_seed=st.integers(0, 2**16))
+def test_random_configs_and_batches_hold_the_invariants_or_raise_value_error(spec, stages, positions, rows, side,
+                                                                            route_seed):
+    llava = model()
+    try:
+        pyramid = _pyramid(spec, stages, positions)
+        if pyramid is None:  # "none"
+            return
+        dpn.apply_pyramid(llava, pyramid)
+    except ValueError:
+        event("refused at apply_pyramid")
+        return
+    try:
+        prompts = [make_prompt(before, after, images, seed=i) for i, (before, after, images) in enumerate(rows)]
+        batch = batch_of(prompts, padding_side=side)
+        images = sum(r[2] for r in rows)
+        if images:
+            batch["pixel_values"] = pixels(images, seed=route_seed)
+        strategy = dpn.get_pyramid(llava)
+        choices = [strategy.num_choices(stage) for stage in range(len(pyramid.stages))]
+        g = torch.Generator().manual_seed(route_seed)
+        forced = None  # strategies without experts to choose from (selection, static) route nothing
+        if max(choices) > 1:
+            forced = torch.stack([torch.randint(0, n, (len(rows),), generator=g) for n in choices], 1)
+        with torch.no_grad():
+            together = llava(**batch, force_experts=forced)
+        # The output is the shortened sequence, with its own attention mask.
+        valid = together.attention_mask.bool()
+        vocab = llava.config.text_config.vocab_size
+        assert together.logits.shape == (*valid.shape, vocab) and valid.shape[0] == len(rows)
+        assert valid.sum(1).tolist() <= [len(p) for p in prompts] and torch.isfinite(together.logits[valid]).all()
+        kept = together.routing.visual_tokens if together.routing is not None else torch.zeros(len(rows), 1)
+        assert kept[:, 0].tolist() == [r[2] * VISUAL_TOKENS for r in rows]
+        assert (kept[:, 1:] <= kept[:, :-1]).all()  # stages never add visual tokens
+        first = 0
+        for row, prompt in enumerate(prompts):
+            alone = batch_of([prompt])
+            if rows[row][2]:
+                alone["pixel_values"] = batch["pixel_values"][first:first + rows[row][2]]
+            first += rows[row][2]
+            with torch.no_grad():
+                single = llava(**alone, force_experts=None if forced is None else forced[row:row + 1])
+            torch.testing.assert_close(together.logits[row][valid[row]], single.logits[0][single.attention_mask[0].bool()],
+                                       atol=1e-4, rtol=0)
+            if together.routing is not None and single.routing is not None:
+                assert single.routing.visual_tokens[0].tolist() == kept[row].tolist()
+        event("ran, invariants held")
+    except ValueError:
+        event("refused at the forward")
+        return
+    finally:
+        dpn.remove_pyramid(llava)
