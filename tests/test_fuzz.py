@@ -26,8 +26,9 @@ specs = st.one_of(
     st.builds("pdrop:{}".format, fractions),
     st.builds("dart:{}".format, fractions),
 )
-strides = st.tuples(st.integers(0, 5), st.integers(1, 5))
-raw_stages = st.lists(st.tuples(st.integers(-1, LAYERS + 1), st.lists(strides, min_size=0, max_size=3)),
+# Mostly valid, sometimes not: a zero stride, a layer past the last, no experts, no stages.
+strides = st.tuples(st.integers(0, 4), st.integers(1, 4))
+raw_stages = st.lists(st.tuples(st.integers(0, LAYERS), st.lists(strides, min_size=0, max_size=3)),
                       min_size=0, max_size=3)
 samples = st.lists(st.tuples(st.integers(0, 5), st.integers(1, 5), st.integers(0, 2)), min_size=1, max_size=3)
 
@@ -44,7 +45,7 @@ def _pyramid(spec: str | None, stages: list, positions: str):
                              strategy=dpn.DPNConfig(), positions=positions)
 
 
-@settings(max_examples=100, deadline=None, derandomize=True)
+@settings(max_examples=150, deadline=None, derandomize=True)
 @given(spec=st.one_of(st.none(), specs), stages=raw_stages, positions=st.sampled_from(["renumber", "keep", "spiral"]),
        rows=samples, side=st.sampled_from(["left", "right"]), route_seed=st.integers(0, 2**16))
 def test_random_configs_and_batches_hold_the_invariants_or_raise_value_error(spec, stages, positions, rows, side,
