@@ -30,37 +30,50 @@ def query_attention(
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     query_index: torch.Tensor,
     valid: torch.Tensor,
+    query_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention probabilities of each sample's ``query_index`` token over its sequence, head-averaged.
+    """Attention probabilities of each sample's query token(s) over its sequence, head-averaged.
 
     Args:
         layer: a decoder layer.
-        layer_input: (batch, length, d) the hidden states the layer received.
-        position_embeddings: the (cos, sin) of shape (batch, length, head_dim) the layer ran with.
-        query_index: (batch,) position of the query token in each sample.
+        layer_input: (batch, length, d) the hidden states the layer received (or would receive).
+        position_embeddings: the (cos, sin) of shape (batch, length, head_dim) the layer runs with.
+        query_index: (batch,) position of the query token in each sample, or (batch, Q) positions of
+            several query tokens whose rows are averaged.
         valid: (batch, length) real (non-padding) tokens.
+        query_valid: (batch, Q) which of the Q queries are real (default: all); every sample needs one.
 
     Returns:
-        (batch, length) float32; zero at padding and after the query.
+        (batch, length) float32; zero at padding and after the (last) query.
     """
     attention = layer.self_attn
     batch, length, _ = layer_input.shape
     head_dim = attention.head_dim
-    rows = torch.arange(batch, device=layer_input.device)
+    if query_index.ndim == 1:
+        query_index = query_index[:, None]
+    if query_valid is None:
+        query_valid = torch.ones_like(query_index, dtype=torch.bool)
+    # Padding queries repeat the first (real) one: a row of a padding position could see nothing.
+    query_index = torch.where(query_valid, query_index, query_index[:, :1])
+    rows = torch.arange(batch, device=layer_input.device)[:, None]
     normed = layer.input_layernorm(layer_input)
-    query = attention.q_proj(normed[rows, query_index]).view(batch, 1, -1, head_dim)
+    queries = query_index.shape[1]
+    query = attention.q_proj(normed[rows, query_index]).view(batch, queries, -1, head_dim)
     if hasattr(attention, "q_norm"):
         query = attention.q_norm(query)
     cos, sin = position_embeddings
-    query = _rotate(query, cos.to(query.dtype)[rows, query_index][:, None, None],
-                    sin.to(query.dtype)[rows, query_index][:, None, None])
+    query = _rotate(query, cos.to(query.dtype)[rows, query_index][:, :, None],
+                    sin.to(query.dtype)[rows, query_index][:, :, None])
     keys = _rotated_keys(attention, normed, position_embeddings)
-    query, keys = query.transpose(1, 2).float(), keys.transpose(1, 2).float()  # (b, H, 1, hd), (b, G, L, hd)
+    query, keys = query.transpose(1, 2).float(), keys.transpose(1, 2).float()  # (b, H, Q, hd), (b, G, L, hd)
     keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
-    scores = (query @ keys.transpose(-1, -2)).squeeze(2) * attention.scaling  # (b, H, L)
-    visible = valid & (torch.arange(length, device=valid.device)[None, :] <= query_index[:, None])
-    scores = scores.masked_fill(~visible[:, None, :], float("-inf"))
-    return torch.softmax(scores, dim=-1).mean(1)
+    scores = (query @ keys.transpose(-1, -2)) * attention.scaling  # (b, H, Q, L)
+    positions = torch.arange(length, device=valid.device)
+    visible = valid[:, None, :] & (positions[None, None, :] <= query_index[:, :, None])  # (b, Q, L)
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    per_query = torch.softmax(scores, dim=-1).mean(1)  # (b, Q, L)
+    weights = query_valid.float() / query_valid.sum(1, keepdim=True).clamp(min=1)
+    return (per_query * weights[:, :, None]).sum(1)
 
 
 def _rotated_keys(attention: nn.Module, normed: torch.Tensor, position_embeddings) -> torch.Tensor:

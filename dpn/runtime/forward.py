@@ -129,7 +129,7 @@ def _stage_input(chunk: Chunk, previous, forced, decoder, layers, stage_layer: i
     return StageInput(
         hidden=chunk.hidden, spans=chunk.spans, query_index=chunk.router_index, valid=chunk.valid, forced=forced,
         layer=layers[stage_layer] if stage_layer >= 0 else None, layer_input=previous.last_layer_input,
-        position_embeddings=previous.position_embeddings, decoder=decoder,
+        position_embeddings=previous.position_embeddings, decoder=decoder, labels=chunk.labels,
     )
 
 

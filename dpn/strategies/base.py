@@ -199,6 +199,7 @@ class StageInput:
         position_embeddings: the rotary (cos, sin) that layer ran with.
         decoder: the text decoder (its ``norm``, ``layers``, ``rotary_emb``), for strategies that
             need more of the model than the stage's layer.
+        labels: (batch, length) the call's labels in the current layout (None without labels).
     """
 
     hidden: torch.Tensor
@@ -210,6 +211,7 @@ class StageInput:
     layer_input: torch.Tensor | None = None
     position_embeddings: Any = None
     decoder: nn.Module | None = None
+    labels: torch.Tensor | None = None
 
 
 @dataclass

@@ -1,12 +1,24 @@
 """PyramidDrop (arXiv 2410.17247): at several depths (DPN's, 1/4, 1/2, 3/4), each stage keeps a
-ratio (0.5 by default) of the visual tokens left, ranked by the last prompt token's attention."""
+ratio λ (0.5 by default) of the visual tokens left.
+
+The ranking is the reference's (Cooperx521/PyramidDrop, ``modeling_llama_pdrop.py``): after stage
+layer i, the tokens are scored with **layer i+1's** input norm and query/key projections applied to
+**layer i's output** (the input layer i+1 is about to see), i.e. by the attention layer i+1 would
+pay them. The query is the last instruction token; when the answers are in the sequence (training,
+or any call with labels), the attention rows of the token before every answer of every turn are
+averaged. Positions are renumbered after each stage, as the reference does.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from dpn.attention import query_attention
 from dpn.geometry import ModelGeometry
-from dpn.strategies.base import fraction_spec, register_spec, register_strategy
+from dpn.runtime.inputs import IGNORE_INDEX
+from dpn.strategies.base import StageInput, fraction_spec, register_spec, register_strategy
 from dpn.strategies.schedule import paper_stage_layers
 from dpn.strategies.selection import AttentionSelection, SelectionConfig, SelectionStage
 
@@ -18,10 +30,41 @@ class PDropConfig(SelectionConfig):
     name = "pdrop"
 
 
+def pre_answer_queries(labels: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch, Q) positions of the token before each answer span (every turn), and which are real.
+    A sample without any answer has none (``valid`` all false for it)."""
+    supervised = (labels != IGNORE_INDEX) & valid
+    starts = supervised.clone()
+    starts[:, 1:] &= ~supervised[:, :-1]  # the first token of each answer span
+    before = torch.zeros_like(starts)
+    before[:, :-1] = starts[:, 1:]
+    counts = before.sum(1)
+    width = max(1, int(counts.max()))
+    # Stable sort: each sample's query positions first, in order, then padding.
+    order = torch.argsort((~before).int(), dim=1, stable=True)[:, :width]
+    real = torch.arange(width, device=labels.device)[None, :] < counts[:, None]
+    return order, real
+
+
+class NextLayerSelection(AttentionSelection):
+    """PyramidDrop's ranking: the next layer's attention on this layer's output."""
+
+    def scores(self, stage: int, inputs: StageInput) -> torch.Tensor:
+        following = inputs.decoder.layers[self.config.stages[stage].layer + 1]
+        last = inputs.query_index.clamp(min=0)
+        if inputs.labels is None:
+            return query_attention(following, inputs.hidden, inputs.position_embeddings, last, inputs.valid)
+        positions, real = pre_answer_queries(inputs.labels, inputs.valid)
+        # A sample without an answer falls back to its last prompt token.
+        positions = torch.where(real.any(1, keepdim=True), positions, last[:, None])
+        real = real | ~real.any(1, keepdim=True)
+        return query_attention(following, inputs.hidden, inputs.position_embeddings, positions, inputs.valid, real)
+
+
 def preset(geometry: ModelGeometry, keep_ratio: float = PDROP_KEEP_RATIO, **options) -> dict:
     stages = [SelectionStage(layer, keep_ratio=keep_ratio) for layer in paper_stage_layers(geometry.num_layers)]
     return {"stages": stages, "strategy": PDropConfig(**options)}
 
 
-register_strategy("pdrop", PDropConfig, AttentionSelection)
+register_strategy("pdrop", PDropConfig, NextLayerSelection)
 register_spec("pdrop", fraction_spec("pdrop", preset), "pdrop[:KEEP]")

@@ -2,8 +2,8 @@
 (arXiv 2410.17247).
 
 At a stage, each grid keeps ``keep_ratio`` of its remaining visual tokens: those that receive the
-most attention from the sample's query token (the last prompt token) at the stage's layer,
-averaged over heads. Kept tokens stay in their original order; they no longer form a 2D grid, so
+most attention from the sample's query token(s), averaged over heads (which layer and which
+queries: each strategy's ``scores``). Kept tokens stay in their original order; they no longer form a 2D grid, so
 a grid becomes a single row of tokens. Nothing here is trained (the model may be fine-tuned with
 the selection in place).
 """
@@ -53,9 +53,15 @@ class SelectionConfig(StrategyConfig):
 
 
 class AttentionSelection(Strategy):
-    """Keeps each grid's most-attended tokens (query: the sample's last prompt token)."""
+    """Keeps each grid's most-attended tokens. The ranking (``scores``), as FastV ranks: the
+    attention the sample's last prompt token pays each token inside the stage's own layer."""
 
     reads_query = True
+
+    def scores(self, stage: int, inputs: StageInput) -> torch.Tensor:
+        """(batch, length) the attention each token receives, by this strategy's rule."""
+        return query_attention(inputs.layer, inputs.layer_input, inputs.position_embeddings,
+                               inputs.query_index.clamp(min=0), inputs.valid)
 
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
         hidden, spans = inputs.hidden, inputs.spans
@@ -67,9 +73,7 @@ class AttentionSelection(Strategy):
         if inputs.layer is None or inputs.layer_input is None:
             raise ValueError(f"{self.options.name} ranks tokens with a decoder layer's attention; "
                              "its stages must sit after a layer (layer >= 0)")
-        scores = query_attention(
-            inputs.layer, inputs.layer_input, inputs.position_embeddings, inputs.query_index.clamp(min=0), inputs.valid
-        ).flatten()
+        scores = self.scores(stage, inputs).flatten()
         keep_ratio = self.config.stages[stage].keep_ratio
         groups: dict[int, list[int]] = {}
         for k in range(len(spans)):

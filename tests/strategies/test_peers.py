@@ -223,3 +223,73 @@ def test_every_peer_fine_tunes(name):
     last_layer = model.model.language_model.layers[-1].mlp.down_proj.weight.grad
     first_layer = model.model.language_model.layers[0].mlp.down_proj.weight.grad
     assert float(last_layer.abs().sum()) > 0 and float(first_layer.abs().sum()) > 0
+
+
+def _eager_ranking(layer, hidden, mask, position_embeddings, queries):
+    """Head-averaged attention ``layer`` (eager) pays each token of ``hidden`` from the ``queries`` rows,
+    averaged over them: the reference rankings, from the layer's own attention forward."""
+    _, weights = layer.self_attn(layer.input_layernorm(hidden), position_embeddings=position_embeddings,
+                                 attention_mask=mask)
+    return weights[0].mean(0)[queries].mean(0)
+
+
+@pytest.mark.parametrize("with_answers", [False, True])
+def test_pdrop_keeps_what_the_next_layer_ranks_highest_at_every_stage(with_answers):
+    """PyramidDrop's rule (Cooperx521/PyramidDrop): after stage layer i, layer i+1's attention on layer
+    i's output; query: the last prompt token, or with answers in the sequence every pre-answer token."""
+    model = tiny_llava(seed=3, attn="eager")
+    stage_layers = (1, 3)
+    dpn.apply_pyramid(model, dpn.PyramidConfig(strategy=dpn.PDropConfig(), stages=[
+        dpn.SelectionStage(layer, keep_ratio=0.5) for layer in stage_layers]))
+    decoder = model.model.language_model
+    captured = {}
+
+    def keep_input(index):
+        def hook(module, args, kwargs):
+            captured["in", index] = (args[0], kwargs["attention_mask"], kwargs["position_embeddings"])
+        return hook
+
+    def keep_output(index):
+        def hook(module, args, kwargs, output):
+            captured["out", index] = output
+        return hook
+
+    handles = []
+    for index in range(len(decoder.layers)):
+        handles.append(decoder.layers[index].register_forward_pre_hook(keep_input(index), with_kwargs=True))
+        handles.append(decoder.layers[index].register_forward_hook(keep_output(index), with_kwargs=True))
+    before = 3
+    ids = make_prompt(before, 4, seed=5)
+    labels = [-100] * len(ids)
+    if with_answers:  # two turns: answer, question, answer
+        g = torch.Generator().manual_seed(9)
+        answer, question, second = (torch.randint(10, 90, (n,), generator=g).tolist() for n in (2, 3, 2))
+        labels += answer + [-100] * 3 + second
+        ids += answer + question + second
+    pre_answers = [i - 1 for i in range(1, len(ids)) if labels[i] != -100 and labels[i - 1] == -100]
+    batch = batch_of([ids])
+    try:
+        with torch.no_grad():
+            model(**batch, pixel_values=pixels(1, seed=4), labels=torch.tensor([labels]) if with_answers else None)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    visual, differs_from_fastv = VISUAL, False
+    for layer in stage_layers:
+        dropped = VISUAL - visual
+        queries = [p - dropped for p in pre_answers] if with_answers else [len(ids) - dropped - 1]
+        output = captured["out", layer]
+        layer_input, mask, rotary = captured["in", layer]
+        with torch.no_grad():
+            ranking = _eager_ranking(decoder.layers[layer + 1], output, mask, rotary, queries)
+            fastv_rule = _eager_ranking(decoder.layers[layer], layer_input, mask, rotary, queries)
+        positions = torch.arange(before, before + visual)
+        keep = kept_count(visual, 0.5)
+        expected = positions[ranking[positions].topk(keep).indices.sort().values]
+        next_input = captured["in", layer + 1][0]
+        torch.testing.assert_close(next_input[0, before:before + keep], output[0, expected], rtol=0, atol=0)
+        fastv_keep = positions[fastv_rule[positions].topk(keep).indices.sort().values]
+        differs_from_fastv |= not torch.equal(fastv_keep, expected)
+        visual = keep
+    assert differs_from_fastv  # the test tells the two rules apart, so a wrong rule (or a random one) fails
