@@ -23,7 +23,7 @@ from dpn.strategies.base import Stage, StrategyConfig, check_choice, strategy_en
 from dpn.strategies.dpn import DPNConfig
 
 CONFIG_NAME = "pyramid_config.json"
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 # "renumber" gives the shortened sequence consecutive positions (the paper); "keep" gives each new
 # token the position of the token it stands for (a pooling window's first token, a kept token itself).
 POSITION_MODES = ("renumber", "keep")
@@ -158,6 +158,8 @@ def _from_dict(data: dict[str, Any]) -> tuple[PyramidConfig, dict[str, str]]:
     inference_state: dict[str, str] = {}
     if data["version"] == 1:
         data, inference_state = _migrate_v1(data)
+    if data["version"] == 2:
+        data = _migrate_v2(data)
     unknown = sorted(set(data) - _SHARED_KEYS)
     if unknown:
         raise ValueError(f"unknown pyramid config keys {unknown}; known keys are {sorted(_SHARED_KEYS)}")
@@ -192,7 +194,7 @@ def _migrate_v1(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """
     name = data.get("strategy", "dpn")
     shared = {k: v for k, v in data.items() if k in _SHARED_KEYS and k != "strategy"}
-    shared["version"] = CONFIG_VERSION
+    shared["version"] = 2
     strategy: dict[str, Any] = {"name": name}
     if name in _V1_POOLING_STRATEGIES:
         strategy.update({k: data[k] for k in _V1_POOLING_KEYS if k in data})
@@ -205,6 +207,16 @@ def _migrate_v1(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
             inference_state["router_bias"] = repr(float(data["router_bias"]))
     shared["strategy"] = strategy
     return shared, inference_state
+
+
+# ----------------------------------------------------------------------------- version 2 files
+def _migrate_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 2 -> 3: PyramidDrop now ranks with the next layer, as its reference does; a version-2
+    pdrop config was saved (and possibly trained) with the stage's own layer, which it keeps."""
+    strategy = data.get("strategy")
+    if isinstance(strategy, dict) and strategy.get("name") == "pdrop" and "ranking" not in strategy:
+        strategy = {**strategy, "ranking": "same_layer"}
+    return {**data, "strategy": strategy, "version": 3}
 
 
 __all__ = ["CONFIG_NAME", "CONFIG_VERSION", "PyramidConfig", "read_config"]

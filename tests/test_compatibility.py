@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import dpn
-from dpn.config import read_config
+from dpn.config import CONFIG_VERSION, read_config
 from helpers import IMAGE_TOKEN_ID, batch_of, make_prompt, pixels, tiny_llava
 
 V1 = Path(__file__).parent / "fixtures" / "v1"
@@ -39,7 +39,7 @@ def assert_outputs(model, forced, name):
 @pytest.mark.parametrize("name", ["static", "random", "projector", "fastv", "pdrop"])
 def test_version_1_configs_load_and_give_the_same_logits(name):
     config = dpn.PyramidConfig.load(V1 / f"{name}.json")
-    assert config.version == 2 and config.strategy.name == name
+    assert config.version == CONFIG_VERSION and config.strategy.name == name
     model = tiny_llava(seed=0)
     dpn.apply_pyramid(model, config)
     forced = None
@@ -66,10 +66,27 @@ def test_version_1_migration_moves_each_field_where_it_now_lives(tmp_path):
     assert config.positions == "keep" and inference == {"router_bias": "0.8"}
     model = dpn.load_pyramid(tiny_llava(seed=0), V1 / "dpn_biased")
     assert dpn.get_router_bias(model) == 0.8
-    # Saved again, it is a version-2 pair whose config no longer holds the bias; it reloads the same.
+    # Saved again, it is a current pair whose config no longer holds the bias; it reloads the same.
     dpn.save_pyramid(model, tmp_path)
     saved = json.loads((tmp_path / "pyramid_config.json").read_text())
-    assert saved["version"] == 2 and "router_bias" not in json.dumps(saved)
+    assert saved["version"] == CONFIG_VERSION and "router_bias" not in json.dumps(saved)
     assert dpn.get_router_bias(dpn.load_pyramid(tiny_llava(seed=0), tmp_path)) == 0.8
     # The v1 paper config is what today's preset builds.
     assert dpn.PyramidConfig.load(V1 / "dpn") == dpn.presets.paper(tiny_llava().config)
+
+
+def test_version_2_pdrop_configs_keep_the_ranking_they_were_saved_with(tmp_path):
+    """Version 3 made PyramidDrop rank with the next layer (its reference's rule); a version-2 pdrop
+    config keeps the stage layer's own ranking, so its outputs do not change."""
+    current = dpn.PyramidConfig.load(V1 / "pdrop.json")
+    assert current.strategy.ranking == "same_layer"  # v1 -> v2 -> v3
+    version_2 = current.to_dict()
+    del version_2["strategy"]["ranking"]
+    version_2["version"] = 2
+    (tmp_path / "pyramid_config.json").write_text(json.dumps(version_2))
+    config = dpn.PyramidConfig.load(tmp_path / "pyramid_config.json")
+    assert config.strategy.ranking == "same_layer" and config.version == CONFIG_VERSION
+    model = tiny_llava(seed=0)
+    dpn.apply_pyramid(model, config)
+    assert_outputs(model, None, "pdrop")
+    assert dpn.presets.pdrop(model).strategy.ranking == "next_layer"  # new pyramids rank as the reference

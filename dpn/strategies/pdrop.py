@@ -18,16 +18,27 @@ import torch
 from dpn.attention import query_attention
 from dpn.geometry import ModelGeometry
 from dpn.runtime.inputs import IGNORE_INDEX
-from dpn.strategies.base import StageInput, fraction_spec, register_spec, register_strategy
+from dpn.strategies.base import StageInput, check_choice, fraction_spec, register_spec, register_strategy
 from dpn.strategies.schedule import paper_stage_layers
 from dpn.strategies.selection import AttentionSelection, SelectionConfig, SelectionStage
 
 PDROP_KEEP_RATIO = 0.5
 
 
+PDROP_RANKINGS = ("next_layer", "same_layer")
+
+
 @dataclass
 class PDropConfig(SelectionConfig):
+    """``ranking``: ``"next_layer"`` (the reference's rule, see the module docstring) or
+    ``"same_layer"`` (the stage layer's own attention on its input, with the last prompt token: what
+    dpn did before config version 3; kept so that pyramids saved then give the same outputs)."""
+
     name = "pdrop"
+    ranking: str = "next_layer"
+
+    def __post_init__(self) -> None:
+        check_choice("ranking", self.ranking, PDROP_RANKINGS)
 
 
 def pre_answer_queries(labels: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,6 +61,8 @@ class NextLayerSelection(AttentionSelection):
     """PyramidDrop's ranking: the next layer's attention on this layer's output."""
 
     def scores(self, stage: int, inputs: StageInput) -> torch.Tensor:
+        if self.options.ranking == "same_layer":
+            return super().scores(stage, inputs)
         following = inputs.decoder.layers[self.config.stages[stage].layer + 1]
         last = inputs.query_index.clamp(min=0)
         if inputs.labels is None:
