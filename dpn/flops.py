@@ -16,6 +16,11 @@ down)::
 
 Vision tower (CLIP/SigLIP-style ViT) and projector FLOPs are reported separately; they do not
 depend on the pyramid.
+
+``convention="fastv"`` counts as FastV's paper does (Table 1): ``4 n d^2 + 2 n^2 d + 2 n d m`` per
+layer for ``n`` tokens, one FLOP per multiply-add, four d x d projections and a two-matrix MLP. The
+ratios of the two conventions differ a little (the MLP's share); with FastV's settings (36 text
+tokens) the FastV convention reproduces its table.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from dpn.spans import Gap, Grid
 GIGA = 1e9
 FLOPS_PER_MAC = 2
 GATED_MLP_MATRICES = 3  # gate, up and down projections
+CONVENTIONS = ("dpn", "fastv")
 
 
 def _head_dim(config: Any) -> int:
@@ -48,11 +54,22 @@ def decoder_layer_flops(config: Any, q_tokens, kv_tokens):
     return projections + attention + mlp
 
 
-def decoder_flops(config: Any, layer_tokens, kv_tokens=None):
+def fastv_layer_flops(config: Any, tokens):
+    """One decoder layer as FastV's paper counts it: ``4 n d^2 + 2 n^2 d + 2 n d m``."""
+    d, m = config.hidden_size, config.intermediate_size
+    return 4 * tokens * d * d + 2 * tokens * tokens * d + 2 * tokens * d * m
+
+
+def decoder_flops(config: Any, layer_tokens, kv_tokens=None, convention: str = "dpn"):
     """Total decoder FLOPs for per-layer query counts (prefill: keys = queries unless given).
 
-    ``layer_tokens`` is a list of ints (one per layer) or a (batch, layers) tensor.
+    ``layer_tokens`` is a list of ints (one per layer) or a (batch, layers) tensor; ``convention``
+    one of ``CONVENTIONS`` (``fastv``: prefill only, keys = queries).
     """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    if convention == "fastv":
+        return sum(fastv_layer_flops(config, n) for n in layer_tokens)
     if kv_tokens is None:
         kv_tokens = layer_tokens
     if isinstance(layer_tokens, torch.Tensor):
@@ -87,7 +104,8 @@ def segment_layer_tokens(num_layers: int, stage_layers: list[int], segment_token
     return counts
 
 
-def path_flops(model: Any, pyramid: Any, text_tokens: int, layout: tuple | None = None) -> list[dict]:
+def path_flops(model: Any, pyramid: Any, text_tokens: int, layout: tuple | None = None,
+               convention: str = "dpn") -> list[dict]:
     """One row per routing path of ``pyramid`` (a ``PyramidConfig``) on ``model`` (a model, its
     config or its ``ModelGeometry``): labels, visual tokens per segment, LLM prefill GFLOPs and the
     ratio to the vanilla model, for one image and ``text_tokens`` text tokens. The paths come from
@@ -95,7 +113,7 @@ def path_flops(model: Any, pyramid: Any, text_tokens: int, layout: tuple | None 
 
     ``layout``: the image's grids, ``(rows, cols)`` or ``dpn.spans.Grid`` parts (a grid with row
     newlines keeps one per row; other placeholders count as text), for families whose grids vary
-    per image; default: the model's fixed grids.
+    per image; default: the model's fixed grids. ``convention``: see the module docstring.
     """
     geometry = geometry_of(model)
     if layout is None:
@@ -108,13 +126,14 @@ def path_flops(model: Any, pyramid: Any, text_tokens: int, layout: tuple | None 
     extra = sum(part.count for part in parts if isinstance(part, Gap))  # placeholders outside any grid
     text_config, num_layers = geometry.text_config, geometry.num_layers
     layers = [stage.layer for stage in pyramid.stages]
-    vanilla = decoder_flops(text_config, [text_tokens + sum(part.tokens for part in parts)] * num_layers)
+    vanilla = decoder_flops(text_config, [text_tokens + sum(part.tokens for part in parts)] * num_layers,
+                            convention=convention)
     rows = []
     for path in pyramid.strategy.token_paths(pyramid.stages, tuple(grids)):
         newlines = [sum(r for r, n in zip(segment, newline) if n) for segment in path.rows()]
         segments = [text_tokens + extra + v + n for v, n in zip(path.visual_tokens, newlines)]
         tokens = segment_layer_tokens(num_layers, layers, segments)
-        flops = decoder_flops(text_config, tokens)
+        flops = decoder_flops(text_config, tokens, convention=convention)
         rows.append({"experts": path.labels, "visual_tokens": path.visual_tokens, "llm_gflops": flops / GIGA,
                      "ratio": flops / vanilla})
     return rows

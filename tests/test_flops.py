@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import dpn
-from dpn.flops import decoder_flops, segment_layer_tokens, vision_flops
+from dpn.flops import decoder_flops, path_flops, segment_layer_tokens, vision_flops
 from helpers import batch_of, make_prompt, pixels, tiny_llava
 
 DECODER_LAYER = re.compile(r"language_model\.layers\.\d+$")
@@ -60,3 +60,20 @@ def test_gqa_and_gated_mlp_are_counted():
 
 def test_segment_layer_tokens_expands_per_layer():
     assert segment_layer_tokens(6, [1, 2, 4], [10, 8, 6, 4]) == [10, 10, 8, 6, 6, 4]
+
+
+@pytest.mark.parametrize("spec, table", [("fastv:K=2,R=0.5", 0.55), ("fastv:K=2,R=0.75", 0.32)])
+def test_fastv_convention_reproduces_fastv_table_1(spec, table):
+    """FastV's Table 1 (LLaVA-1.5-13B, 36 system + 576 image tokens, FLOPs as it counts them)."""
+    from dpn.lab.architectures import model_config
+
+    config = model_config("llava-1.5-13b")
+    rows = path_flops(config, dpn.presets.from_spec(spec, config), text_tokens=36, convention="fastv")
+    assert rows[0]["ratio"] == pytest.approx(table, abs=0.005)
+    ours = path_flops(config, dpn.presets.from_spec(spec, config), text_tokens=36)
+    assert ours[0]["ratio"] != pytest.approx(rows[0]["ratio"], abs=1e-4)  # the conventions differ
+
+
+def test_unknown_convention_is_an_error():
+    with pytest.raises(ValueError, match="convention must be one of"):
+        dpn.flops.decoder_flops(tiny_llava().config.text_config, [10], convention="macs")

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from dpn import presets
 from dpn.config import PyramidConfig
-from dpn.flops import GIGA, path_flops, vision_flops
+from dpn.flops import CONVENTIONS, GIGA, path_flops, vision_flops
 from dpn.lab.architectures import ARCHITECTURES, model_config, typical_layout
 from dpn.lab.bench import ROUTINGS
 from dpn.lab.compare import TRAINING_FREE
@@ -39,7 +39,7 @@ def _flops_command(args: argparse.Namespace) -> int:
     geometry = geometry_of(config)
     pyramid.validate_for(geometry)
     layout = typical_layout(args.preset)
-    rows = path_flops(geometry, pyramid, args.text_tokens, layout)
+    rows = path_flops(geometry, pyramid, args.text_tokens, layout, convention=args.convention)
     text_config = geometry.text_config
     vanilla = rows[0]["llm_gflops"] / rows[0]["ratio"] * GIGA
     stage_layers = [s.layer for s in pyramid.stages]
@@ -49,7 +49,7 @@ def _flops_command(args: argparse.Namespace) -> int:
     vision = vision_flops(config.vision_config, text_config.hidden_size) if config.model_type == "llava" else None
     if args.json:
         print(json.dumps({
-            "preset": args.preset, "text_tokens": args.text_tokens, "grid": grids[0] if len(grids) == 1 else grids,
+            "preset": args.preset, "text_tokens": args.text_tokens, "convention": args.convention, "grid": grids[0] if len(grids) == 1 else grids,
             "strategy": pyramid.strategy.name, "stage_layers": stage_layers, "vanilla_llm_gflops": vanilla / GIGA,
             "vision_gflops": None if vision is None else vision / GIGA, "paths": rows,
         }, indent=2))
@@ -345,6 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
     flops.add_argument("--preset", default="llava-1.5-7b", choices=sorted(ARCHITECTURES))
     flops.add_argument("--pyramid", help=f"{presets.spec_help()} (default: paper)")
     flops.add_argument("--text-tokens", type=int, default=DEFAULT_TEXT_TOKENS, help="text tokens around the image")
+    flops.add_argument("--convention", choices=CONVENTIONS, default="dpn",
+                       help="dpn: 2 FLOPs per multiply-add, the model's own MLP and heads (dpn.flops); fastv: as "
+                            "FastV's paper counts (4nd^2 + 2n^2d + 2ndm per layer; use --text-tokens 36 for its table)")
     flops.add_argument("--json", action="store_true", help="print JSON instead of a table")
     flops.add_argument("--trace", action="store_true",
                        help="also run one forward with random weights (small presets) and print tokens per layer")

@@ -293,3 +293,43 @@ def test_pdrop_keeps_what_the_next_layer_ranks_highest_at_every_stage(with_answe
         differs_from_fastv |= not torch.equal(fastv_keep, expected)
         visual = keep
     assert differs_from_fastv  # the test tells the two rules apart, so a wrong rule (or a random one) fails
+
+
+def test_fastv_kept_tokens_keep_their_original_position_ids():
+    """FastV (pkunlp-icler/FastV) keeps each kept token's position id; the text after the image too."""
+    model = tiny_llava(seed=2)
+    dpn.apply_pyramid(model, dpn.presets.fastv(model.config, keep_ratio=0.25, layer=2))
+    seen = {}
+    handle = model.model.language_model.layers[2].register_forward_pre_hook(
+        lambda module, args, kwargs: seen.update(positions=kwargs["position_ids"]), with_kwargs=True)
+    before, after = 3, 5
+    try:
+        with torch.no_grad():
+            model(**batch_of([make_prompt(before, after, seed=1)]), pixel_values=pixels(1))
+    finally:
+        handle.remove()
+    positions = seen["positions"][0].tolist()
+    keep = kept_count(VISUAL, 0.25)
+    visual = positions[before:before + keep]
+    assert positions[:before] == list(range(before))
+    assert visual == sorted(set(visual)) and before <= visual[0] and visual[-1] < before + VISUAL
+    text_after = list(range(before + VISUAL, before + VISUAL + 2 + after))  # make_prompt puts 2 tokens after an image
+    assert positions[before + keep:] == text_after
+
+
+@pytest.mark.parametrize("spec, layer, keep", [
+    ("fastv", 1, 0.5), ("fastv:0.75", 1, 0.75), ("fastv:K=3,R=0.75", 2, 0.25), ("fastv:R=0.5", 1, 0.5),
+    ("fastv:k=4", 3, 0.5),
+])
+def test_fastv_specs_take_the_papers_k_and_r(spec, layer, keep):
+    config = dpn.presets.from_spec(spec, tiny_llava().config)
+    assert (config.stages[0].layer, config.stages[0].keep_ratio, config.positions) == (layer, pytest.approx(keep), "keep")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("fastv:K=x", "K is a layer number"), ("fastv:R=1", "must be in \\[0, 1\\)"), ("fastv:Q=1", "write K=<layer>"),
+    ("fastv:K=9", "layer K must be in 1..5"),
+])
+def test_bad_fastv_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(ValueError, match=message):
+        dpn.presets.from_spec(spec, tiny_llava().config)
