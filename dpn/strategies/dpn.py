@@ -22,7 +22,9 @@ from dpn.strategies.base import (
     StagePlan, TokenCounts, check_choice, check_finite, check_fraction, fraction_spec, plain_spec, register_spec,
     register_strategy,
 )
-from dpn.strategies.pooling import PAPER_MIN_TOKENS, GridPooling, PoolingConfig, PoolingStage, paper_pooling_stages
+from dpn.strategies.pooling import (
+    PAPER_MIN_TOKENS, GridPooling, PoolingConfig, PoolingStage, paper_pooling_stages, pooled_grid,
+)
 from dpn.transfer import host_tensor
 
 PAPER_TEMPERATURE = 10.0
@@ -30,7 +32,11 @@ PAPER_LOSS_TARGET = 1.5
 PAPER_LOSS_WEIGHT = 1e-3
 # Router bottleneck: Linear(d, d / 4).
 PAPER_ROUTER_REDUCTION = 4
-ROUTING_LOSSES = ("hinge", "budget", "none")
+# "hinge_global": the released code's loss, where a list-aliasing bug turns the per-stage hinge into
+# one hinge over the mean of every stage's confident compression (the paper states per stage).
+ROUTING_LOSSES = ("hinge", "hinge_global", "budget", "none")
+# The released training script re-samples the expert while the visual tokens kept would fall below this.
+RELEASED_MIN_KEPT_TOKENS = 18
 # How the chosen expert's probability p scales the pooled tokens: "value" multiplies them by p (the
 # paper), "straight_through" by p / stop_gradient(p), which leaves every value as it is and still
 # gives the router the gradient through p; "train_only" multiplies by p while training and not at
@@ -47,13 +53,19 @@ class DPNConfig(PoolingConfig):
         sample_in_training: in training mode, sample the expert from the router's probabilities;
             otherwise (and always at inference) take the argmax.
         probability_scale: see ``PROBABILITY_SCALES``.
-        routing_loss: ``"hinge"`` (the paper's loss), ``"budget"`` (the batch's expected LLM FLOPs
-            ratio under the router's probabilities is pulled toward ``budget_target``) or ``"none"``.
+        routing_loss: ``"hinge"`` (the paper's loss, per stage), ``"hinge_global"`` (one hinge over
+            all stages, as the released code computes it), ``"budget"`` (the batch's expected LLM
+            FLOPs ratio under the router's probabilities is pulled toward ``budget_target``) or ``"none"``.
         routing_loss_weight: total loss = LM loss + weight * routing loss.
         routing_loss_target: the hinge's target for the mean confident compression per stage.
         budget_target: the FLOPs fraction of the vanilla LLM the ``budget`` loss aims at.
         expert_scales: compression level of each expert, one list per stage (default: its index).
         router_reduction: the router's hidden width is ``hidden_size // router_reduction``.
+        min_kept_tokens: while training with sampling, an expert that would leave a sample fewer
+            visual tokens than this is not drawn (the released code re-samples until it is not;
+            drawing from the probabilities restricted to the other experts is the same
+            distribution). None (the paper's text, the default): no guard. When no expert keeps
+            enough, the one keeping the most is taken.
     """
 
     name = "dpn"
@@ -66,6 +78,7 @@ class DPNConfig(PoolingConfig):
     budget_target: float | None = None
     expert_scales: list[list[float]] | None = None
     router_reduction: int = PAPER_ROUTER_REDUCTION
+    min_kept_tokens: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -82,6 +95,9 @@ class DPNConfig(PoolingConfig):
         if isinstance(self.router_reduction, bool) or not isinstance(self.router_reduction, int) \
                 or self.router_reduction < 1:
             raise ValueError(f"router_reduction must be an int >= 1, got {self.router_reduction!r}")
+        if self.min_kept_tokens is not None and (isinstance(self.min_kept_tokens, bool) or not isinstance(
+                self.min_kept_tokens, int) or self.min_kept_tokens < 1):
+            raise ValueError(f"min_kept_tokens must be an int >= 1 or None, got {self.min_kept_tokens!r}")
         if self.routing_loss == "budget":
             if self.budget_target is None:
                 raise ValueError("routing_loss='budget' needs budget_target, a FLOPs fraction in (0, 1]; got None")
@@ -168,21 +184,45 @@ class DynamicPyramid(GridPooling):
         return probs, choice
 
     def choose(self, stage, inputs, samples):
-        return self.route(stage, inputs.hidden[samples, inputs.query_index[samples]])
+        probs, choice = self.route(stage, inputs.hidden[samples, inputs.query_index[samples]])
+        if self.options.min_kept_tokens and self.training and self.options.sample_in_training:
+            kept = self.kept_tokens(stage, inputs.spans, samples.tolist())
+            allowed = (kept >= self.options.min_kept_tokens).to(probs.device)
+            # Rows where no expert keeps enough take the one that keeps the most.
+            most = torch.nn.functional.one_hot(kept.argmax(1), kept.shape[1]).to(probs.device, torch.bool)
+            allowed = torch.where(allowed.any(1, keepdim=True), allowed, most)
+            choice = torch.multinomial(probs.detach() * allowed, 1).squeeze(-1)
+        return probs, choice
+
+    def kept_tokens(self, stage: int, spans, samples: list[int]) -> torch.Tensor:
+        """(n, E) on the host: the visual tokens each expert would leave each of ``samples``."""
+        experts = self.config.stages[stage].experts
+        kept = torch.zeros(len(samples), len(experts))
+        row = {sample: i for i, sample in enumerate(samples)}
+        for k in range(len(spans)):
+            if spans.sample[k] not in row:
+                continue
+            grid = (spans.rows[k], spans.cols[k])
+            for e, expert in enumerate(experts):
+                rows, cols = pooled_grid(grid, expert, self.options.min_tokens_to_pool)
+                kept[row[spans.sample[k]], e] += rows * cols
+        return kept
 
     @property
     def auxiliary_loss_weight(self) -> float:
         return self.options.routing_loss_weight
 
     def auxiliary_loss(self, plans: list[StagePlan], counts: TokenCounts) -> torch.Tensor | None:
-        if self.options.routing_loss == "hinge":
-            return self.hinge_loss([p.router_probs[p.routed] for p in plans])
+        if self.options.routing_loss in ("hinge", "hinge_global"):
+            return self.hinge_loss([p.router_probs[p.routed] for p in plans],
+                                   per_stage=self.options.routing_loss == "hinge")
         if self.options.routing_loss == "budget":
             return self.budget_loss(plans, counts)
         return None
 
-    def hinge_loss(self, stage_probs: list[torch.Tensor | None]) -> torch.Tensor | None:
-        """The paper's hinge: mean over stages of max(0, target - mean_b s[argmax p_b] * max p_b).
+    def hinge_loss(self, stage_probs: list[torch.Tensor | None], per_stage: bool = True) -> torch.Tensor | None:
+        """The paper's hinge: mean over stages of max(0, target - mean_b s[argmax p_b] * max p_b);
+        without ``per_stage``, the released code's max(0, target - mean over stages of that mean).
 
         ``stage_probs`` holds, per stage, the router probabilities of the samples routed there.
         """
@@ -192,10 +232,13 @@ class DynamicPyramid(GridPooling):
                 continue
             scales = host_tensor(self.options.scales(stage, probs.shape[-1]), probs.device, probs.dtype)
             confidence, expert = probs.max(dim=-1)
-            terms.append(F.relu(self.options.routing_loss_target - (scales[expert] * confidence).mean()))
+            terms.append((scales[expert] * confidence).mean())
         if not terms:
             return None
-        return torch.stack(terms).mean()
+        target = self.options.routing_loss_target
+        if not per_stage:
+            return F.relu(target - torch.stack(terms).mean())
+        return F.relu(target - torch.stack(terms)).mean()
 
     def budget_loss(self, plans: list[StagePlan], counts: TokenCounts) -> torch.Tensor | None:
         """(mean over samples with images of the expected LLM FLOPs ratio - budget_target) squared.
