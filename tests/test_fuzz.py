@@ -6,14 +6,11 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-import pytest
 import torch
+from hypothesis import event, given, settings, strategies as st
 
 import dpn
 from helpers import GRID, batch_of, make_prompt, pixels, tiny_llava
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import event, given, settings, strategies as st  # noqa: E402
 
 LAYERS = 6
 VISUAL_TOKENS = GRID[0] * GRID[1]

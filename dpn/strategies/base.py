@@ -133,6 +133,12 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """``value`` is an int (not a bool) of at least ``minimum``, or a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
 def check_fraction(name: str, value: Any) -> float:
     """``value`` as a float in (0, 1], or a ``ValueError`` naming ``name``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:

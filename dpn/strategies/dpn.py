@@ -19,8 +19,8 @@ from torch import nn
 from dpn.flops import decoder_flops, segment_layer_tokens
 from dpn.geometry import ModelGeometry
 from dpn.strategies.base import (
-    StagePlan, TokenCounts, check_choice, check_finite, check_fraction, fraction_spec, plain_spec, register_spec,
-    register_strategy,
+    StagePlan, TokenCounts, check_choice, check_finite, check_fraction, check_int, fraction_spec, plain_spec,
+    register_spec, register_strategy,
 )
 from dpn.strategies.pooling import (
     PAPER_MIN_TOKENS, GridPooling, PoolingConfig, PoolingStage, paper_pooling_stages, pooled_grid,
@@ -35,8 +35,6 @@ PAPER_ROUTER_REDUCTION = 4
 # "hinge_global": the released code's loss, where a list-aliasing bug turns the per-stage hinge into
 # one hinge over the mean of every stage's confident compression (the paper states per stage).
 ROUTING_LOSSES = ("hinge", "hinge_global", "budget", "none")
-# The released training script re-samples the expert while the visual tokens kept would fall below this.
-RELEASED_MIN_KEPT_TOKENS = 18
 # How the chosen expert's probability p scales the pooled tokens: "value" multiplies them by p (the
 # paper), "straight_through" by p / stop_gradient(p), which leaves every value as it is and still
 # gives the router the gradient through p; "train_only" multiplies by p while training and not at
@@ -92,12 +90,9 @@ class DPNConfig(PoolingConfig):
             raise ValueError(f"routing_loss_weight must be >= 0 (0 turns the routing loss off), got "
                              f"{self.routing_loss_weight}: a negative weight would reward keeping every token")
         check_finite("routing_loss_target", self.routing_loss_target)
-        if isinstance(self.router_reduction, bool) or not isinstance(self.router_reduction, int) \
-                or self.router_reduction < 1:
-            raise ValueError(f"router_reduction must be an int >= 1, got {self.router_reduction!r}")
-        if self.min_kept_tokens is not None and (isinstance(self.min_kept_tokens, bool) or not isinstance(
-                self.min_kept_tokens, int) or self.min_kept_tokens < 1):
-            raise ValueError(f"min_kept_tokens must be an int >= 1 or None, got {self.min_kept_tokens!r}")
+        check_int("router_reduction", self.router_reduction, 1)
+        if self.min_kept_tokens is not None:
+            check_int("min_kept_tokens", self.min_kept_tokens, 1)
         if self.routing_loss == "budget":
             if self.budget_target is None:
                 raise ValueError("routing_loss='budget' needs budget_target, a FLOPs fraction in (0, 1]; got None")
@@ -189,7 +184,7 @@ class DynamicPyramid(GridPooling):
             kept = self.kept_tokens(stage, inputs.spans, samples.tolist())
             allowed = (kept >= self.options.min_kept_tokens).to(probs.device)
             # Rows where no expert keeps enough take the one that keeps the most.
-            most = torch.nn.functional.one_hot(kept.argmax(1), kept.shape[1]).to(probs.device, torch.bool)
+            most = F.one_hot(kept.argmax(1), kept.shape[1]).to(probs.device, torch.bool)
             allowed = torch.where(allowed.any(1, keepdim=True), allowed, most)
             choice = torch.multinomial(probs.detach() * allowed, 1).squeeze(-1)
         return probs, choice

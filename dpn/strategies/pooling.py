@@ -19,7 +19,7 @@ import torch
 from dpn.geometry import ModelGeometry
 from dpn.spans import pool_grid, window_origins
 from dpn.strategies.base import (
-    Stage, StageInput, StagePlan, Strategy, StrategyConfig, TokenPath, check_choice,
+    Stage, StageInput, StagePlan, Strategy, StrategyConfig, TokenPath, check_choice, check_int,
 )
 from dpn.strategies.schedule import paper_stage_layers
 from dpn.transfer import host_tensor
@@ -137,9 +137,7 @@ class PoolingConfig(StrategyConfig):
 
     def __post_init__(self) -> None:
         check_choice("pooling", self.pooling, POOLING_FUNCTIONS)
-        if isinstance(self.min_tokens_to_pool, bool) or not isinstance(self.min_tokens_to_pool, int) \
-                or self.min_tokens_to_pool < 0:
-            raise ValueError(f"min_tokens_to_pool must be an int >= 0, got {self.min_tokens_to_pool!r}")
+        check_int("min_tokens_to_pool", self.min_tokens_to_pool, 0)
 
     def check_geometry(self, stages: list[PoolingStage], geometry: ModelGeometry) -> None:
         super().check_geometry(stages, geometry)

@@ -68,9 +68,12 @@ class FamilyImages(ABC):
 class FixedGridImages(FamilyImages):
     """LLaVA-1.5: every image is one square grid of the vision tower's patches."""
 
+    def __init__(self, config: Any, processor: Any) -> None:
+        super().__init__(config, processor)
+        self.tokens = geometry_of(config).image_tokens
+
     def encode(self, images: list[Image.Image]) -> SampleImages:
-        tokens = geometry_of(self.config).image_tokens
-        return SampleImages({"pixel_values": self._process(images)["pixel_values"]}, [tokens] * len(images))
+        return SampleImages({"pixel_values": self._process(images)["pixel_values"]}, [self.tokens] * len(images))
 
     def collate(self, samples: list[SampleImages]) -> dict[str, torch.Tensor]:
         return {"pixel_values": torch.cat([s.tensors["pixel_values"] for s in samples])}
