@@ -4,7 +4,7 @@ The library needs torch, transformers and safetensors only; the tools around it 
 evaluation, benchmarks, the demo, the ``dpn`` command) are in ``dpn.lab``.
 """
 
-from dpn import flops, presets
+from dpn import flops, presets, router_token
 from dpn.api import (
     apply_pyramid,
     get_pyramid,
@@ -76,6 +76,7 @@ __all__ = [
     "register_strategy",
     "remove_pyramid",
     "router_bias",
+    "router_token",
     "save_pyramid",
     "set_probability_scale",
     "set_router_bias",

@@ -27,7 +27,10 @@ CONFIG_VERSION = 3
 # "renumber" gives the shortened sequence consecutive positions (the paper); "keep" gives each new
 # token the position of the token it stands for (a pooling window's first token, a kept token itself).
 POSITION_MODES = ("renumber", "keep")
-ROUTER_INPUTS = ("last_prompt_token", "router_token")
+# "router_token" reads the last dedicated router token of a sample; "router_tokens_mean" (DPN as
+# released) the mean of every router token's hidden state (one follows each human turn).
+ROUTER_INPUTS = ("last_prompt_token", "router_token", "router_tokens_mean")
+READS_ROUTER_TOKENS = ("router_token", "router_tokens_mean")
 
 
 @dataclass
@@ -39,8 +42,11 @@ class PyramidConfig:
         positions: see ``POSITION_MODES``.
         router_input: the hidden state a sample's query is read from, for the strategies that read
             one (DPN's routers, FastV's and PyramidDrop's ranking): ``"last_prompt_token"`` (the
-            token just before the answer) or ``"router_token"`` (the last ``router_token_id``).
-        router_token_id: token id of a dedicated ``<ROUTER>`` token (only with ``router_token``).
+            token just before the answer), ``"router_token"`` (the last ``router_token_id``) or
+            ``"router_tokens_mean"`` (DPN's routers read the mean over every ``router_token_id`` of the
+            sample, as the released DPN does; FastV / PyramidDrop rank with the last one).
+            ``dpn.router_token`` adds the token to a tokenizer and to chat messages.
+        router_token_id: token id of a dedicated ``<ROUTER>`` token (with the router-token inputs).
         group_by_length: after a stage, run samples of similar length together (prefill and
             training), so one sample that kept every token does not set the length for the batch.
             Results are the same either way; only speed differs.
@@ -70,8 +76,9 @@ class PyramidConfig:
         layers = [s.layer for s in self.stages]
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise ValueError(f"stage layers must be strictly increasing, got {layers}")
-        if self.router_input == "router_token" and self.router_token_id is None:
-            raise ValueError("router_input='router_token' needs router_token_id (the id of your <ROUTER> token)")
+        if self.router_input in READS_ROUTER_TOKENS and self.router_token_id is None:
+            raise ValueError(f"router_input={self.router_input!r} needs router_token_id (the id of your <ROUTER> "
+                             "token; dpn.router_token.add_router_token adds one)")
         self.strategy.check_stages(self.stages)
         if self.version > CONFIG_VERSION:
             raise ValueError(

@@ -55,6 +55,15 @@ def paper(model: Any, **overrides: Any) -> PyramidConfig:
     return build(dpn_strategy.preset(geometry, **_pooling_arguments(overrides)), geometry, **overrides)
 
 
+def released(model: Any, router_token_id: int, **overrides: Any) -> PyramidConfig:
+    """DPN as its code was released (see ``dpn.strategies.dpn.released_preset``): routers on the mean
+    of the ``<ROUTER>`` tokens (``dpn.router_token`` adds the token and writes it into prompts),
+    training guard ``min_kept_tokens=18``, ``routing_loss="hinge_global"``."""
+    geometry = geometry_of(model)
+    preset = dpn_strategy.released_preset(geometry, **_pooling_arguments(overrides))
+    return build(preset, geometry, router_token_id=router_token_id, **overrides)
+
+
 def static(model: Any, stride: tuple[int, int], **overrides: Any) -> PyramidConfig:
     """The paper's stages, each with one fixed ``stride`` (DPN's static ablation)."""
     geometry = geometry_of(model)
@@ -92,24 +101,41 @@ def _pooling_arguments(overrides: dict[str, Any]) -> dict[str, Any]:
     return {"min_tokens_to_pool": overrides.pop("min_tokens_to_pool")} if "min_tokens_to_pool" in overrides else {}
 
 
+def reads_router_token(spec: str, model: Any) -> bool:
+    """Whether the preset behind spec string ``spec`` reads a dedicated router token (then
+    ``from_spec`` needs ``router_token_id``); False for "none" and for config files (they carry theirs)."""
+    entry = spec_entry(spec.partition(":")[0]) if spec != "none" else None
+    return entry is not None and _reads_router_token(entry.build(geometry_of(model), spec.partition(":")[2] or None))
+
+
+def _reads_router_token(preset: dict[str, Any]) -> bool:
+    return preset.get("router_input", "last_prompt_token") != "last_prompt_token"
+
+
 def spec_help() -> str:
     """One line naming every spec string (for ``--help``)."""
     return " | ".join(["none", *(entry.usage for entry in registered_specs()), "a path to a pyramid_config.json"])
 
 
-def from_spec(spec: str, model: Any) -> PyramidConfig | None:
-    """A config from a spec string (see ``spec_help()``), a path to a pyramid_config.json, or None for "none"."""
+def from_spec(spec: str, model: Any, **overrides: Any) -> PyramidConfig | None:
+    """A config from a spec string (see ``spec_help()``), a path to a pyramid_config.json, or None for
+    "none". ``overrides`` go to a spec's preset (``router_token_id`` for the specs that read one)."""
     if spec == "none":
         return None
     name, _, argument = spec.partition(":")
     entry = spec_entry(name)
     if entry is not None:
         geometry = geometry_of(model)
-        return build(entry.build(geometry, argument or None), geometry)
+        preset = entry.build(geometry, argument or None)
+        if _reads_router_token(preset) and overrides.get("router_token_id") is None:
+            raise ValueError(f"pyramid spec {spec!r} reads a <ROUTER> token: pass router_token_id "
+                             "(dpn.router_token.add_router_token adds the token; dpn train and dpn eval do it for you)")
+        return build(preset, geometry, **overrides)
     path = Path(spec)
     if path.exists():
         return PyramidConfig.load(path)
     raise ValueError(f"pyramid spec {spec!r} is not one of: {spec_help()}")
 
 
-__all__ = ["build", "fastv", "from_spec", "paper", "pdrop", "projector", "random", "spec_help", "static"]
+__all__ = ["build", "fastv", "from_spec", "paper", "pdrop", "projector", "random", "reads_router_token", "released",
+           "spec_help", "static"]

@@ -28,12 +28,16 @@ from dpn.models import geometry_of
 from dpn.strategies.dpn import PROBABILITY_SCALES
 
 DEFAULT_TEXT_TOKENS = 64  # a typical LLaVA-1.5 prompt around one image
+# FLOPs do not depend on which token the routers read; a spec that reads a router token gets this id.
+COUNTED_ROUTER_TOKEN_ID = 0
 
 
 def _flops_command(args: argparse.Namespace) -> int:
     console = lab_console()
     config = model_config(args.preset)
-    pyramid = presets.from_spec(args.pyramid, config) if args.pyramid else presets.paper(config)
+    pyramid = presets.from_spec(args.pyramid, config, **(
+        {"router_token_id": COUNTED_ROUTER_TOKEN_ID} if presets.reads_router_token(args.pyramid, config) else {}
+    )) if args.pyramid else presets.paper(config)
     if pyramid is None:
         raise ValueError("dpn flops needs a pyramid; 'none' has nothing to count")
     geometry = geometry_of(config)

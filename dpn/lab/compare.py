@@ -42,9 +42,11 @@ MATCHED_FLOPS_SLACK = 0.02
 TRAINING_FREE = ("fastv:0.75", "fastv:0.5", "fastv:0.25", "pdrop:0.75", "pdrop:0.5", "pdrop:0.25",
                  "dart:0.75", "dart:0.5", "dart:0.25")
 # Plot style per strategy family (matplotlib format strings); other families take the spare styles.
-STYLES = {"vanilla": "k*", "dpn": "C3o-", "static": "C0s-", "projector": "C1^-", "random": "C7x",
+STYLES = {"vanilla": "k*", "dpn": "C3o-", "dpn (released)": "C3s--", "static": "C0s-", "projector": "C1^-", "random": "C7x",
           "fastv": "C2v-", "pdrop": "C4D-"}
 SPARE_STYLES = ("C5P-", "C6h-", "C8X-", "C9p-")
+# DPN as its code was released (router tokens, training guard, global hinge), beside the paper's DPN.
+RELEASED = "dpn (released)"
 
 
 @dataclass
@@ -87,7 +89,7 @@ class CompareOptions:
 
 def trained_variants(options: CompareOptions, model_config: Any, config_dir: Path) -> dict[str, str]:
     """Trained variant name -> the ``--pyramid`` spec it is fine-tuned with."""
-    variants = {"vanilla": "none", "dpn": "paper", "random": "random"}
+    variants = {"vanilla": "none", "dpn": "paper", RELEASED: "released", "random": "random"}
     variants.update({f"static:{s}": f"static:{s}" for s in options.static_strides})
     variants.update({f"projector:{s}": f"projector:{s}" for s in options.projector_strides})
     if options.ablations:
@@ -120,7 +122,7 @@ def ablation_configs(model_config: Any) -> dict[str, PyramidConfig]:
 
 
 def evaluation_points(options: CompareOptions, trained: dict[str, str]) -> list[Point]:
-    points = [Point("vanilla", "vanilla", "vanilla"), Point("dpn", "dpn", "dpn")]
+    points = [Point("vanilla", "vanilla", "vanilla"), Point("dpn", "dpn", "dpn"), Point(RELEASED, RELEASED, RELEASED)]
     points += [Point(f"dpn @ {b:g} FLOPs", "dpn", "dpn", budget=b) for b in options.dpn_budgets]
     points += [Point(name, name.split(":")[0], name) for name in trained if name.startswith(("static:", "projector:"))]
     points.append(Point("random", "random", "random"))
@@ -169,6 +171,7 @@ def run_compare(options: CompareOptions, console: Console | None = None) -> dict
     (out / "compare.json").write_text(json.dumps(report, indent=1))
     images = Path(options.image_dir) if options.image_dir else out
     plots = plot_pareto(rows, images)
+    report["router_learning"] = router_learning(out, trained, options.seeds)
     page = results_page(report, plots, Path(options.markdown).parent if options.markdown else out)
     (Path(options.markdown) if options.markdown else out / "RESULTS.md").write_text(page)
     console.print(page)
@@ -281,14 +284,58 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+DPN_FAMILIES = ("dpn", RELEASED)
+
+
+def router_learning(out: Path, trained: dict[str, str], seeds: list[int]) -> list[str]:
+    """A table per DPN variant from its training logs (mean over seeds at each logged step): each
+    stage's router entropy (1 = uniform) and, per difficulty, the mean index of the expert its
+    router ranks first (0 = keep every token; higher = stronger pooling)."""
+    lines = []
+    for name in (n for n in trained if n in DPN_FAMILIES):
+        logs = []
+        for seed in seeds:
+            path = _train_dir(out, name, seed) / "log_history.json"
+            if path.is_file():
+                logs.append({entry["step"]: entry for entry in json.loads(path.read_text()) if "loss" in entry})
+        steps = sorted(set.intersection(*(set(log) for log in logs))) if logs else []
+        if not steps:
+            continue
+        stages = sorted({int(key[5:].split("_")[0]) for key in logs[0][steps[0]] if key.endswith("_entropy")})
+        header = ["step", *(f"stage {s}: entropy, first-ranked expert easy / medium / hard" for s in stages)]
+        lines += [f"**{name}**", "", "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+        for step in steps:
+            cells = [str(step)]
+            for stage in stages:
+                entropy = _mean_logged(logs, step, f"stage{stage}_entropy")
+                tops = [_first_ranked(logs, step, stage, d) for d in DIFFICULTIES]
+                cells.append(f"{entropy:.3f}; " + " / ".join("-" if t is None else f"{t:.2f}" for t in tops))
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
+def _mean_logged(logs: list[dict], step: int, key: str) -> float | None:
+    values = [log[step][key] for log in logs if key in log[step]]
+    return statistics.mean(values) if values else None
+
+
+def _first_ranked(logs: list[dict], step: int, stage: int, difficulty: str) -> float | None:
+    """Mean over seeds of sum_e e * (share of ``difficulty`` samples whose router ranks expert e first)."""
+    prefix = f"stage{stage}_{difficulty}_top"
+    values = [sum(int(key[len(prefix):]) * share for key, share in log[step].items() if key.startswith(prefix))
+              for log in logs if any(key.startswith(prefix) for key in log[step])]
+    return statistics.mean(values) if values else None
+
+
 def dominance(rows: list[dict[str, Any]]) -> list[str]:
     """Plain statements, both ways: for each peer point, the most accurate DPN point at no more
     FLOPs (+0.02); for each DPN point, the peer points at no more FLOPs that are at least as accurate."""
     def cheaper(candidates, row):
         return [c for c in candidates if c["flops_ratio"][0] <= row["flops_ratio"][0] + MATCHED_FLOPS_SLACK]
 
-    dpn_points = [r for r in rows if r["family"] == "dpn" and not r["ablation"]]
-    peers = [r for r in rows if r["family"] not in ("dpn", "vanilla") and not r["ablation"]]
+    dpn_points = [r for r in rows if r["family"] in DPN_FAMILIES and not r["ablation"]]
+    peers = [r for r in rows if r["family"] not in (*DPN_FAMILIES, "vanilla") and not r["ablation"]]
     lines = []
     for row in peers:
         matched = cheaper(dpn_points, row)
@@ -347,7 +394,7 @@ def results_page(report: dict[str, Any], plots: list[Path], page_dir: Path) -> s
     ablations = [r for r in rows if r["ablation"] or r["name"] in ("dpn", "static:2x2", "random")]
     images = "\n".join(f"![{p.stem}]({_relative(p, page_dir)})" for p in plots)
     hard_easy = [f"- {r['name']}: hard {r['kept_hard_easy'][0]:.1f} vs easy {r['kept_hard_easy'][1]:.1f}"
-                 for r in rows if r["kept_hard_easy"] and r["family"] == "dpn"]
+                 for r in rows if r["kept_hard_easy"] and r["family"] in DPN_FAMILIES]
     return "\n".join([
         "# Accuracy vs compute: DPN and its peers",
         "",
@@ -386,6 +433,14 @@ def results_page(report: dict[str, Any], plots: list[Path], page_dir: Path) -> s
         "",
         table(ablations),
         "",
+        "## Do the routers learn?",
+        "",
+        "From the training logs (`log_history.json` of each fine-tune; mean over seeds): the routers' entropy per "
+        "stage (1 = uniform, 0 = certain) and, per difficulty, the mean index of the expert each sample's router "
+        "ranks first (what inference would pick; 0 keeps every token). Routers that tell questions apart give hard "
+        "questions lower numbers than easy ones.",
+        "",
+        *report.get("router_learning", []),
     ])
 
 

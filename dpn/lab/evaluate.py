@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dpn import presets
+from dpn.lab.pyramids import prompt_router_token, pyramid_from_spec
 from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid, pyramid_disabled
 from dpn.budget import calibrate_router_bias, set_probability_scale, set_router_bias
 from dpn.config import CONFIG_NAME
@@ -92,7 +92,7 @@ def load_for_eval(model_dir: str, pyramid: str):
         if (Path(model_dir) / CONFIG_NAME).is_file():
             load_pyramid(model, model_dir)
     else:
-        config = presets.from_spec(pyramid, model.config)
+        config = pyramid_from_spec(pyramid, model, processor.tokenizer)
         if config is not None:
             apply_pyramid(model, config)
     return model, processor
@@ -111,14 +111,16 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     model, processor = load_for_eval(options.model, options.pyramid)
     device = next(model.parameters()).device
     images = family_images(model.config, processor)
-    dataset = LlavaDataset(options.data, options.image_folder, images, for_generation=True, limit=options.limit)
+    router_token = prompt_router_token(model, processor.tokenizer)
+    dataset = LlavaDataset(options.data, options.image_folder, images, for_generation=True, limit=options.limit,
+                           router_token=router_token)
     dataset.check(progress=options.progress)
     claim(output_dir, _identity(options, model, dataset), RESULTS, options.overwrite)
     tokenizer = processor.tokenizer
     collate = LlavaCollator(pad_token_id=tokenizer.pad_token_id, images=images, padding_side="left", with_labels=False)
     if options.probability_scale is not None:
         set_probability_scale(model, options.probability_scale)
-    calibration = _apply_budget(options, model, images, collate, device)
+    calibration = _apply_budget(options, model, images, collate, device, router_token)
 
     predictions_path = output_dir / PREDICTIONS
     done = _read_predictions(predictions_path)
@@ -164,7 +166,8 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     return summary
 
 
-def _apply_budget(options: EvalOptions, model, images: FamilyImages, collate, device) -> dict[str, float] | None:
+def _apply_budget(options: EvalOptions, model, images: FamilyImages, collate, device,
+                  router_token: str | None) -> dict[str, float] | None:
     """Set the DPN router bias from ``router_bias`` or by calibrating it to ``budget``."""
     if options.router_bias is None and options.budget is None:
         return None
@@ -174,7 +177,7 @@ def _apply_budget(options: EvalOptions, model, images: FamilyImages, collate, de
         set_router_bias(model, options.router_bias)
         return None
     calibration_set = LlavaDataset(options.calibration_data or options.data, options.image_folder, images,
-                                   for_generation=True, limit=options.calibration_samples)
+                                   for_generation=True, limit=options.calibration_samples, router_token=router_token)
     samples = [calibration_set[i] for i in range(len(calibration_set))]
     batches = [
         {k: v.to(device) for k, v in collate(samples[i:i + options.batch_size]).items()}

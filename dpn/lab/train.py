@@ -38,7 +38,8 @@ from dpn import presets
 from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid_weights, save_pyramid
 from dpn.lab.checkpoints import RUN_RECORD, covers, finished_run, last_complete_checkpoint
 from dpn.lab.data.images import family_images
-from dpn.lab.data.llava import LlavaCollator, LlavaDataset
+from dpn.lab.data.llava import DIFFICULTY, LlavaCollator, LlavaDataset
+from dpn.lab.pyramids import prompt_router_token, pyramid_from_spec
 
 PYRAMID_PREFIX = "pyramid."
 
@@ -54,6 +55,8 @@ class PyramidTrainer(Trainer):
         self._routing_history: list[dict[str, float]] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        difficulties = inputs.get(DIFFICULTY)
+        inputs = {k: v for k, v in inputs.items() if k != DIFFICULTY}  # a tag for the logs, not a model input
         if num_items_in_batch is not None:
             inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
         outputs = model(**inputs)
@@ -69,13 +72,13 @@ class PyramidTrainer(Trainer):
         if model.training and has_pyramid(unwrapped):  # the routing loss is a per-batch mean
             loss = get_pyramid(unwrapped).total_loss(lm_loss, routing_loss, scale=1 / accumulation)
         if model.training and outputs.get("routing") is not None:
-            self._routing_history.append(routing_stats(outputs["routing"], routing_loss))
+            self._routing_history.append(routing_stats(outputs["routing"], routing_loss, difficulties))
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._routing_history and "loss" in logs:
-            keys = self._routing_history[0].keys()
-            for key in keys:
+            keys = dict.fromkeys(key for history in self._routing_history for key in history)
+            for key in keys:  # per-difficulty keys are missing from batches without that difficulty
                 values = [h[key] for h in self._routing_history if key in h]
                 logs[key] = round(sum(values) / len(values), 4)
             self._routing_history.clear()
@@ -135,15 +138,33 @@ def load_checkpoint_weights(model: PreTrainedModel, checkpoint: str | Path) -> N
         )
 
 
-def routing_stats(routing, routing_loss: torch.Tensor | None) -> dict[str, float]:
-    """Scalars to log for one batch: expert shares per stage, kept tokens, FLOPs ratio."""
+def routing_stats(routing, routing_loss: torch.Tensor | None,
+                  difficulties: list[str | None] | None = None) -> dict[str, float]:
+    """Scalars to log for one batch: per stage, the share of each expert drawn and the routers'
+    entropy (normalised: 1 = uniform, 0 = certain); per stage and sample difficulty (when the data
+    tags one), the share of samples whose router ranks each expert first (what inference would
+    pick: batch-level shares can sit near a uniform split and hide it); kept tokens, FLOPs ratio."""
     stats: dict[str, float] = {"flops_ratio": float(routing.flops_ratio.mean())}
     routed_any = routing.experts >= 0
     for stage in range(routing.experts.shape[1]):
-        chosen = routing.experts[:, stage][routed_any[:, stage]]
-        for expert in range(routing.router_probs[stage].shape[1]):
-            share = float((chosen == expert).float().mean()) if chosen.numel() else 0.0
-            stats[f"stage{stage}_expert{expert}"] = share
+        routed = routed_any[:, stage]
+        chosen = routing.experts[:, stage][routed]
+        probs = routing.router_probs[stage][routed].float()
+        experts = probs.shape[1]
+        for expert in range(experts):
+            stats[f"stage{stage}_expert{expert}"] = float((chosen == expert).float().mean()) if chosen.numel() else 0.0
+        if chosen.numel() and experts > 1:
+            entropy = -(probs * probs.clamp(min=1e-12).log()).sum(1) / math.log(experts)
+            stats[f"stage{stage}_entropy"] = float(entropy.mean())
+        if difficulties is None:
+            continue
+        top = routing.router_probs[stage].argmax(1).tolist()
+        routed_list = routed.tolist()
+        for difficulty in sorted({d for d in difficulties if d}):
+            tops = [top[b] for b, d in enumerate(difficulties) if d == difficulty and routed_list[b]]
+            for expert in range(experts):
+                if tops:
+                    stats[f"stage{stage}_{difficulty}_top{expert}"] = tops.count(expert) / len(tops)
     with_images = routing.visual_tokens[:, 0] > 0
     if bool(with_images.any()):
         stats["kept_visual_tokens"] = float(routing.visual_tokens[with_images, -1].float().mean())
@@ -342,7 +363,7 @@ def build_model(options: TrainOptions, seed: int = 0):
         model, processor = zoo.load(options.init_from)
     else:
         model, processor = zoo.build_tiny(seed=seed)
-    pyramid = presets.from_spec(options.pyramid, model.config)
+    pyramid = pyramid_from_spec(options.pyramid, model, processor.tokenizer)
     if pyramid is not None:
         apply_pyramid(model, pyramid)
     if options.freeze_vision:
@@ -373,6 +394,7 @@ def train(options: TrainOptions, args: PyramidTrainingArguments,
     images = family_images(model.config, processor)
     dataset = LlavaDataset(
         options.data, options.image_folder, images, max_length=options.max_length, limit=options.limit,
+        router_token=prompt_router_token(model, processor.tokenizer),
     )
     dataset.check(progress=options.progress)
     trainer = PyramidTrainer(

@@ -18,7 +18,9 @@ from transformers.modeling_utils import slice_logits_to_keep
 
 from dpn.models import CallInputs, get_adapter
 from dpn.outputs import PyramidCausalLMOutput
-from dpn.runtime.inputs import LOSS_ARGUMENTS, CallArguments, chunk_validity, forced_experts, last_valid, no_query, query_index
+from dpn.runtime.inputs import (
+    LOSS_ARGUMENTS, CallArguments, chunk_validity, forced_experts, last_valid, no_query, query_index, router_tokens,
+)
 from dpn.runtime.layout import Chunk, shrink
 from dpn.runtime.record import routing_record
 from dpn.runtime.segments import SegmentRunner, layer_types_of, prepare_cache, segment_bounds
@@ -75,7 +77,8 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     prefill = length > 1 or len(spans) > 0  # decoding steps skip routing and bookkeeping
     query = (query_index(config, call.input_ids, valid, call.labels, spans, strategy.reads_query) if len(spans)
              else no_query(batch, device))
-    chunk = Chunk(prepared.hidden, valid, prepared.positions, call.labels, spans, query)
+    mean_over = router_tokens(config, call.input_ids, valid) if len(spans) else None
+    chunk = Chunk(prepared.hidden, valid, prepared.positions, call.labels, spans, query, mean_over)
     forced = forced_experts(force_experts, batch, strategy, device) if prefill else None
     track_shift = cache is not None and config.positions == "renumber" and len(spans) > 0
     decoder = adapter.decoder(model)
@@ -128,6 +131,7 @@ def _stage_input(chunk: Chunk, previous, forced, decoder, layers, stage_layer: i
     """What a strategy sees at a stage: the current layout and the stage layer's input and rotary."""
     return StageInput(
         hidden=chunk.hidden, spans=chunk.spans, query_index=chunk.router_index, valid=chunk.valid, forced=forced,
+        router_tokens=chunk.router_tokens,
         layer=layers[stage_layer] if stage_layer >= 0 else None, layer_input=previous.last_layer_input,
         position_embeddings=previous.position_embeddings, decoder=decoder, labels=chunk.labels,
     )

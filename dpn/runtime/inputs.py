@@ -94,10 +94,8 @@ def no_query(batch: int, device) -> torch.Tensor:
 def query_index(config, input_ids, valid: torch.Tensor, labels, spans: VisualSpans, required: bool) -> torch.Tensor:
     """Position whose hidden state each sample's routers (and FastV / PyramidDrop's ranking) read;
     with ``required``, every sample with an image must have one."""
-    if config.router_input == "router_token":
-        if input_ids is None:
-            raise ValueError("router_input='router_token' needs input_ids to find the router token")
-        is_router = (input_ids == config.router_token_id) & valid
+    is_router = router_tokens(config, input_ids, valid, any_mode=True)
+    if is_router is not None:
         found = is_router.any(1)
         if required:  # checked once per call, not at every stage
             found_in = found.tolist()
@@ -114,6 +112,17 @@ def query_index(config, input_ids, valid: torch.Tensor, labels, spans: VisualSpa
     has_answer = supervised.any(1)
     before_answer = (supervised.int().argmax(1) - 1).clamp(min=0)
     return torch.where(has_answer, before_answer, last)
+
+
+def router_tokens(config, input_ids, valid: torch.Tensor, any_mode: bool = False) -> torch.Tensor | None:
+    """(batch, length) bool: the real router tokens, when the config's routers read their mean (or,
+    with ``any_mode``, read any router token); None otherwise."""
+    reads = config.router_input != "last_prompt_token" if any_mode else config.router_input == "router_tokens_mean"
+    if not reads:
+        return None
+    if input_ids is None:
+        raise ValueError(f"router_input={config.router_input!r} needs input_ids to find the router tokens")
+    return (input_ids == config.router_token_id) & valid
 
 
 def forced_experts(force_experts: Any, batch: int, strategy, device) -> list[torch.Tensor] | None:

@@ -29,6 +29,7 @@ class Chunk:
     labels: torch.Tensor | None  # (batch, length)
     spans: VisualSpans
     router_index: torch.Tensor  # (batch,) position the router reads, -1 for none
+    router_tokens: torch.Tensor | None = None  # (batch, length) bool: router tokens whose mean the routers read
     lengths: list[int] | None = None  # real tokens per sample, on the host (known once a stage has shrunk the batch)
 
 
@@ -123,7 +124,10 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str, policy) -> tuple[C
     has_router = chunk.router_index >= 0
     router_source = batch_index * length + chunk.router_index.clamp(min=0)
     router_index = torch.where(has_router, column[slot[router_source]], -1)
-    return Chunk(hidden, valid, positions, labels, new_spans, router_index, new_counts), True
+    router_tokens = None
+    if chunk.router_tokens is not None:  # text tokens stand for themselves; new visual tokens are never router tokens
+        router_tokens = chunk.router_tokens.flatten()[stands_for] & valid
+    return Chunk(hidden, valid, positions, labels, new_spans, router_index, router_tokens, new_counts), True
 
 
 def with_newlines(plan: StagePlan, spans: VisualSpans, flat: torch.Tensor, rows: torch.Tensor, length: int):

@@ -206,6 +206,8 @@ class StageInput:
         decoder: the text decoder (its ``norm``, ``layers``, ``rotary_emb``), for strategies that
             need more of the model than the stage's layer.
         labels: (batch, length) the call's labels in the current layout (None without labels).
+        router_tokens: (batch, length) bool, the router tokens whose mean hidden state the routers
+            read (``router_input="router_tokens_mean"``); None: they read ``query_index``.
     """
 
     hidden: torch.Tensor
@@ -218,6 +220,16 @@ class StageInput:
     position_embeddings: Any = None
     decoder: nn.Module | None = None
     labels: torch.Tensor | None = None
+    router_tokens: torch.Tensor | None = None
+
+    def router_hidden(self, samples: torch.Tensor) -> torch.Tensor:
+        """(n, d) what the routers read for ``samples``: the hidden state at each one's query
+        token, or the mean over its router tokens."""
+        if self.router_tokens is None:
+            return self.hidden[samples, self.query_index[samples]]
+        weights = self.router_tokens[samples].to(self.hidden.dtype)
+        weights = weights / weights.sum(1, keepdim=True).clamp(min=1)
+        return torch.einsum("nl,nld->nd", weights, self.hidden[samples])
 
 
 @dataclass

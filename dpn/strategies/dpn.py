@@ -1,7 +1,8 @@
 """Dynamic Pooling Experts: the routers of a Dynamic Pyramid Network (arXiv 2503.20322, sec. 3).
 
-At each stage a small router reads one hidden state per sample (the last prompt token, or a
-dedicated router token) and picks a pooling stride ("expert") for that sample's images. The
+At each stage a small router reads one hidden state per sample (the last prompt token, a
+dedicated router token, or the mean over the router tokens after each human turn, as released)
+and picks a pooling stride ("expert") for that sample's images. The
 pooled tokens are multiplied by the chosen expert's probability, which is the router's gradient
 path. A hinge "routing loss" pushes the routers toward confident, strong compression; the LM loss
 pushes back on samples that need detail. Instead of the hinge, a "budget" loss pulls the expected
@@ -32,6 +33,8 @@ PAPER_LOSS_TARGET = 1.5
 PAPER_LOSS_WEIGHT = 1e-3
 # Router bottleneck: Linear(d, d / 4).
 PAPER_ROUTER_REDUCTION = 4
+# The released training script re-samples an expert while it would leave fewer visual tokens.
+RELEASED_MIN_KEPT_TOKENS = 18
 # "hinge_global": the released code's loss, where a list-aliasing bug turns the per-stage hinge into
 # one hinge over the mean of every stage's confident compression (the paper states per stage).
 ROUTING_LOSSES = ("hinge", "hinge_global", "budget", "none")
@@ -179,7 +182,7 @@ class DynamicPyramid(GridPooling):
         return probs, choice
 
     def choose(self, stage, inputs, samples):
-        probs, choice = self.route(stage, inputs.hidden[samples, inputs.query_index[samples]])
+        probs, choice = self.route(stage, inputs.router_hidden(samples))
         if self.options.min_kept_tokens and self.training and self.options.sample_in_training:
             kept = self.kept_tokens(stage, inputs.spans, samples.tolist())
             allowed = (kept >= self.options.min_kept_tokens).to(probs.device)
@@ -289,6 +292,14 @@ def preset(geometry: ModelGeometry, min_tokens_to_pool: int = PAPER_MIN_TOKENS, 
             "strategy": DPNConfig(min_tokens_to_pool=min_tokens_to_pool, **options)}
 
 
+def released_preset(geometry: ModelGeometry, **options) -> dict:
+    """DPN as its code was released: the paper's schedule, routers reading the mean over the
+    ``<ROUTER>`` tokens (one after each human turn), the training guard at 18 kept visual tokens
+    (an absolute count, as released) and the global hinge. Needs ``router_token_id``."""
+    options = {"routing_loss": "hinge_global", "min_kept_tokens": RELEASED_MIN_KEPT_TOKENS, **options}
+    return {**preset(geometry, **options), "router_input": "router_tokens_mean"}
+
+
 def _budget_preset(geometry: ModelGeometry, budget_target: float | None = None) -> dict:
     if budget_target is None:
         raise ValueError("pyramid spec 'budget' needs a FLOPs fraction: budget:0.5")
@@ -298,5 +309,7 @@ def _budget_preset(geometry: ModelGeometry, budget_target: float | None = None) 
 register_strategy("dpn", DPNConfig, DynamicPyramid)
 register_spec("paper", plain_spec("paper", preset), "paper (= dpn)")
 register_spec("dpn", plain_spec("dpn", preset), "dpn")
+register_spec("released", plain_spec("released", released_preset),
+              "released (DPN as its code was released: <ROUTER> tokens, guard, global hinge)")
 register_spec("budget", fraction_spec("budget", _budget_preset, "budget_target"),
               "budget:F (DPN trained toward F x vanilla FLOPs)")

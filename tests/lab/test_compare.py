@@ -34,20 +34,29 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
     )
     report = run_compare(options, console=Console(file=open(tmp_path / "console.txt", "w")))
     rows = {row["name"]: row for row in report["rows"]}
-    assert {"vanilla", "dpn", "dpn @ 0.9 FLOPs", "static:2x2", "projector:3x3", "random", "fastv:0.5",
+    assert {"vanilla", "dpn", "dpn (released)", "dpn @ 0.9 FLOPs", "static:2x2", "projector:3x3", "random", "fastv:0.5",
             "pdrop:0.5", "dart:0.5"} == set(rows)
     assert all(row["seeds"] == 2 for row in rows.values())
     # an unreachable FLOPs target is skipped with its reason, not fatal to the comparison
     assert list(report["skipped"]) == ["dpn @ 0.05 FLOPs"] and "cannot go below" in report["skipped"]["dpn @ 0.05 FLOPs"]
     assert rows["vanilla"]["flops_ratio"] == [1.0, 0.0]
     # Every compressing strategy spends fewer FLOPs than vanilla; FastV keeps half the tokens after its layer.
-    assert all(row["flops_ratio"][0] < 1 for name, row in rows.items() if name not in ("vanilla", "dpn")
+    assert all(row["flops_ratio"][0] < 1 for name, row in rows.items() if name not in ("vanilla", "dpn", "dpn (released)")
                and not row["ablation"])
     assert rows["fastv:0.5"]["kept_tokens"][0] == 72.0 and rows["dart:0.5"]["kept_tokens"][0] == 72.0
     assert rows["dpn @ 0.9 FLOPs"]["flops_ratio"][0] <= 0.9 + 1e-6
     page = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "```bash\ndpn compare --test\n```" in page and "| fastv:0.5 |" in page and "## Ablations" in page
     assert "![pareto_hard](img/pareto_hard.png)" in page and "Not evaluated: dpn @ 0.05 FLOPs" in page
+    # The routers' learning, from each DPN variant's training logs: one row per logged step (2 steps).
+    learning = page.split("## Do the routers learn?")[1]
+    for name in ("dpn", "dpn (released)"):
+        table_rows = learning.split(f"**{name}**")[1].split("\n\n")[1].splitlines()
+        assert [row.split(" | ")[0] for row in table_rows[2:]] == ["| 1", "| 2"]
+        for row in table_rows[2:]:  # per stage: "entropy; easy / medium / hard" ("-" where a batch had none)
+            for cell in row.strip("| ").split(" | ")[1:]:
+                entropy, tops = cell.split("; ")
+                assert 0 <= float(entropy) <= 1 and len(tops.split(" / ")) == 3
     for metric in ("accuracy", "easy", "hard"):
         assert (tmp_path / "docs" / "img" / f"pareto_{metric}.png").stat().st_size > 1000
     # Each fine-tune and evaluation is written once; a second run reuses them and gives the same table.

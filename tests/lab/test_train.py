@@ -305,3 +305,48 @@ def test_torchrun_trains_one_ddp_run_that_matches_one_process(data, tmp_path):
     assert len(losses("ddp")) == 3 and losses("ddp")[0] != losses("ddp")[2]  # it trained
     assert losses("ddp") == pytest.approx(losses("one"), rel=1e-4)
     assert done.stdout.count("model written to") == 2 and (tmp_path / "ddp" / "checkpoint-3").is_dir()
+
+
+def test_routing_stats_report_entropy_and_each_difficultys_first_choice():
+    from dpn.lab.train import routing_stats
+    from dpn.outputs import PyramidRouting
+
+    uniform, certain = torch.full((3,), 1 / 3), torch.tensor([0.0, 0.0, 1.0])
+    routing = PyramidRouting(
+        experts=torch.tensor([[0], [2], [2], [-1]]), expert_probability=torch.ones(4, 1),
+        router_probs=[torch.stack([uniform, certain, certain, uniform])],
+        visual_tokens=torch.tensor([[64, 64], [64, 16], [64, 16], [0, 0]]), layer_tokens=torch.ones(4, 2),
+        flops=torch.ones(4), vanilla_flops=torch.ones(4),
+    )
+    stats = routing_stats(routing, None, ["easy", "hard", "easy", "hard"])
+    assert stats["stage0_expert2"] == pytest.approx(2 / 3)  # drawn, among the three routed samples
+    assert stats["stage0_entropy"] == pytest.approx(1 / 3, abs=1e-5)  # (1 + 0 + 0) / 3
+    assert stats["stage0_hard_top2"] == 1.0  # the fourth sample (no image) is not counted
+    assert stats["stage0_easy_top0"] == 0.5 and stats["stage0_easy_top2"] == 0.5
+    assert "stage0_easy_top0" not in routing_stats(routing, None)
+
+
+def test_released_dpn_trains_and_evaluates_with_router_tokens(data, tmp_path):
+    from dpn.lab.evaluate import EvalOptions, evaluate
+    from dpn.router_token import ROUTER_TOKEN
+
+    out = train(*_options(data, tmp_path / "run", pyramid="released", max_steps=2, save_steps=2))
+    model, processor = zoo.load(out)
+    token_id = processor.tokenizer.convert_tokens_to_ids(ROUTER_TOKEN)
+    config = dpn.PyramidConfig.load(out)
+    assert config.router_input == "router_tokens_mean" and config.router_token_id == token_id
+    assert model.get_input_embeddings().num_embeddings > token_id
+    logs = [entry for entry in json.loads((out / "log_history.json").read_text()) if "loss" in entry]
+    logged = {key for entry in logs for key in entry}
+    assert {"stage0_entropy", "stage0_easy_top0", "stage0_hard_top2"} <= logged
+
+    dpn.load_pyramid(model, out)
+    dataset = LlavaDataset(data, None, family_images(model.config, processor), router_token=ROUTER_TOKEN)
+    item = dataset[0]
+    turns = sum(turn["from"] == "human" for turn in dataset.records[0]["conversations"])
+    assert item["input_ids"].count(token_id) == turns >= 1
+    assert all(label != token_id for label in item["labels"])  # written into prompts, never a target
+
+    summary = evaluate(EvalOptions(model=str(out), data=str(data), output_dir=str(tmp_path / "eval"), limit=4,
+                                   max_new_tokens=2, progress=False, plot=False, measure_latency=False))
+    assert summary["overall"]["n"] == 4 and summary["pyramid"]["router_input"] == "router_tokens_mean"

@@ -1,5 +1,6 @@
 """LLaVA-format data: a JSON list of ``{id, image?, conversations}`` and an image folder.
 
+``router_token`` (for pyramids whose routers read one) is written at the end of every human turn.
 ``image`` is one file name or a list of them (one ``<image>`` placeholder per image in the
 conversation, or none: then they go first in the first turn). ``encode_conversation`` renders a
 conversation with the tokenizer's chat template and marks only the assistant's replies as
@@ -22,11 +23,15 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from dpn.lab.data.images import FamilyImages
+from dpn.router_token import insert_router_tokens
 
 IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
 SHOWN_PROBLEMS = 20  # data problems listed in one error
+# A record's optional tag (the synthetic benchmark's easy / medium / hard / multi); training batches
+# carry it under this key so the trainer can log routing per difficulty (it never reaches the model).
+DIFFICULTY = "difficulty"
 
 
 def to_messages(conversations: list[dict]) -> list[dict]:
@@ -97,6 +102,7 @@ class LlavaDataset(Dataset):
         max_length: int = 2048,
         for_generation: bool = False,
         limit: int | None = None,
+        router_token: str | None = None,
     ) -> None:
         data_path = Path(data_path)
         if not data_path.is_file():
@@ -114,6 +120,7 @@ class LlavaDataset(Dataset):
         self.tokenizer = images.tokenizer
         self.max_length = max_length
         self.for_generation = for_generation
+        self.router_token = router_token
 
     def __len__(self) -> int:
         return len(self.records)
@@ -170,6 +177,8 @@ class LlavaDataset(Dataset):
         if self.images.placeholder != IMAGE_PLACEHOLDER:
             messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.images.placeholder)}
                         for m in messages]
+        if self.router_token is not None:
+            messages = insert_router_tokens(messages, self.router_token)
         encoded = self.images.encode([self._open(path, sample) for path in files]) if files else None
         tokens = encoded.tokens if encoded is not None else []
         input_ids, labels = encode_conversation(
@@ -182,7 +191,9 @@ class LlavaDataset(Dataset):
                     "would cut its image: raise max_length"
                 )
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
-        return {"input_ids": input_ids, "labels": labels, "images": encoded}
+        difficulty = record.get(DIFFICULTY)
+        return {"input_ids": input_ids, "labels": labels, "images": encoded,
+                DIFFICULTY: difficulty if isinstance(difficulty, str) else None}
 
     def _open(self, name: str, sample: Any) -> Image.Image:
         path = self.image_folder / name
@@ -230,6 +241,8 @@ class LlavaCollator:
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, **self.images.token_inputs(input_ids)}
         if self.with_labels:
             batch["labels"] = labels
+            if any(item.get(DIFFICULTY) for item in items):
+                batch[DIFFICULTY] = [item.get(DIFFICULTY) for item in items]
         images = [item["images"] for item in items if item["images"] is not None]
         if images:
             batch.update(self.images.collate(images))
