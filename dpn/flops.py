@@ -108,7 +108,8 @@ def path_flops(model: Any, pyramid: Any, text_tokens: int, layout: tuple | None 
                convention: str = "dpn") -> list[dict]:
     """One row per routing path of ``pyramid`` (a ``PyramidConfig``) on ``model`` (a model, its
     config or its ``ModelGeometry``): labels, visual tokens per segment, LLM prefill GFLOPs and the
-    ratio to the vanilla model, for one image and ``text_tokens`` text tokens. The paths come from
+    ratio to the vanilla model, and the tokens each layer processes (what it caches: ``dpn.memory``),
+    for one image and ``text_tokens`` text tokens. The paths come from
     the strategy's config (``token_paths``), so every registered strategy is counted the same way.
 
     ``layout``: the image's grids, ``(rows, cols)`` or ``dpn.spans.Grid`` parts (a grid with row
@@ -135,5 +136,5 @@ def path_flops(model: Any, pyramid: Any, text_tokens: int, layout: tuple | None 
         tokens = segment_layer_tokens(num_layers, layers, segments)
         flops = decoder_flops(text_config, tokens, convention=convention)
         rows.append({"experts": path.labels, "visual_tokens": path.visual_tokens, "llm_gflops": flops / GIGA,
-                     "ratio": flops / vanilla})
+                     "ratio": flops / vanilla, "layer_tokens": tokens})
     return rows

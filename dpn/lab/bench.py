@@ -36,12 +36,15 @@ from dpn import presets
 from dpn.config import PyramidConfig
 from dpn.lab.decoding import greedy_continue, prompt_positions
 from dpn.flops import vision_flops
+from dpn.memory import cache_bytes, kv_cache_bytes, largest_decoding_batch
 from dpn.models import geometry_of
 from dpn.lab.timing import paired_medians, sync
 
 ROUTINGS = ("weakest", "mixed", "strongest")
 DEFAULT_TEXT_TOKENS = 64
 DEFAULT_DECODE_TOKENS = 16
+# KV-cache memory the "decode batch" column fills: an 80 GB GPU's share after a 7B model's weights.
+DEFAULT_KV_BUDGET_GIB = 40.0
 
 
 @dataclass
@@ -58,6 +61,7 @@ class BenchOptions:
     train_step: bool = True
     strategies: list[str] = field(default_factory=list)
     image_size: tuple[int, int] | None = None  # (height, width); default: the preset's typical image
+    kv_budget_gib: float = DEFAULT_KV_BUDGET_GIB
     seed: int = 0
     progress: bool = True
 
@@ -209,6 +213,7 @@ def _measure(model, batch, labels, forced, vision: float, vanilla_memory, option
         lambda: _vanilla(_decode_seconds, model, batch, steps),
         lambda: _decode_seconds(model, batch, steps, force_experts=forced), **timing,
     )
+    kv = _kv_cache(model, batch, forced, record, steps, options.kv_budget_gib)
     vanilla_train = train = train_note = None
     if options.train_step:
         model.train()
@@ -233,11 +238,37 @@ def _measure(model, batch, labels, forced, vision: float, vanilla_memory, option
         "efficiency": measured / theoretical,
         "decode_tokens_per_s": batch_size * steps / decode,
         "vanilla_decode_tokens_per_s": batch_size * steps / vanilla_decode,
+        "end_to_end_speedup": (vanilla_prefill + vanilla_decode) / (prefill + decode),
+        **kv,
         "peak_memory_mib": memory, "vanilla_peak_memory_mib": vanilla_memory,
         "train_step_ms": None if train is None else train * 1e3,
         "vanilla_train_step_ms": None if vanilla_train is None else vanilla_train * 1e3,
         "train_speedup": None if train is None else vanilla_train / train,
         "train_note": train_note,
+    }
+
+
+def _kv_cache(model, batch, forced, record, steps: int, budget_gib: float) -> dict[str, float]:
+    """KV-cache bytes per sequence with and without the pyramid: measured after the prefill (what the
+    caches hold, batch padding included) and computed after ``steps`` new tokens (each sample's own
+    layout), with the largest decoding batch whose caches fit ``budget_gib``."""
+    with torch.no_grad():
+        pooled = cache_bytes(model(**batch, use_cache=True, logits_to_keep=1, force_experts=forced).past_key_values)
+        with pyramid_disabled(model):
+            vanilla = cache_bytes(model(**batch, use_cache=True, logits_to_keep=1).past_key_values)
+    text_config = geometry_of(model.config).text_config
+    dtype = next(model.parameters()).dtype
+    batch_size = batch["input_ids"].shape[0]
+    prompt = batch["attention_mask"].sum(1, keepdim=True).expand(-1, record.layer_tokens.shape[1])
+    after = float(kv_cache_bytes(text_config, record.layer_tokens, dtype, steps).mean())
+    vanilla_after = float(kv_cache_bytes(text_config, prompt, dtype, steps).mean())
+    budget = budget_gib * 2**30
+    return {
+        "kv_cache_mib_per_sequence": pooled / batch_size / 2**20,
+        "vanilla_kv_cache_mib_per_sequence": vanilla / batch_size / 2**20,
+        "kv_cache_mib_after_decode": after / 2**20, "vanilla_kv_cache_mib_after_decode": vanilla_after / 2**20,
+        "decode_batch_in_budget": largest_decoding_batch(after, budget),
+        "vanilla_decode_batch_in_budget": largest_decoding_batch(vanilla_after, budget),
     }
 
 
@@ -295,6 +326,11 @@ COLUMNS = (
     ("speedup FLOPs", lambda r: f"{r['theoretical_speedup']:.2f}x"),
     ("efficiency", lambda r: f"{r['efficiency']:.2f}"),
     ("decode tok/s (vanilla)", lambda r: f"{r['decode_tokens_per_s']:.0f} ({r['vanilla_decode_tokens_per_s']:.0f})"),
+    ("end-to-end speedup", lambda r: f"{r['end_to_end_speedup']:.2f}x" if "end_to_end_speedup" in r else "-"),
+    ("KV MiB/seq (vanilla)", lambda r: f"{r['kv_cache_mib_per_sequence']:.2f} ({r['vanilla_kv_cache_mib_per_sequence']:.2f})"
+     if "kv_cache_mib_per_sequence" in r else "-"),
+    ("decode batch in budget (vanilla)", lambda r: f"{r['decode_batch_in_budget']} ({r['vanilla_decode_batch_in_budget']})"
+     if "decode_batch_in_budget" in r else "-"),
     ("train step speedup", lambda r: f"{r['train_speedup']:.2f}x" if r["train_speedup"] is not None
      else r.get("train_note") or "-"),
     ("peak MiB (vanilla)", lambda r: "-" if r["peak_memory_mib"] is None
@@ -331,7 +367,11 @@ Columns: FLOPs ratio = LLM prefill FLOPs with / without the pyramid (`dpn.flops`
 forward really spent); speedup measured = vanilla / pyramid prefill time (median of the timed runs,
 after warm-up); speedup FLOPs = vanilla / pyramid prefill FLOPs, vision tower included on both
 sides (its time is in the measurement); efficiency = measured / FLOPs speedup; decode = greedy
-tokens per second over the batch after the prefill; train step = forward + backward time ratio.
+tokens per second over the batch after the prefill; end-to-end = vanilla / pyramid time of the
+prefill plus the decoded tokens; KV MiB/seq = the cache after the prefill per sequence (measured:
+what the cache holds, batch padding included); decode batch in budget = how many sequences' caches
+(computed per sample, prompt + decoded tokens) fit the `--kv-budget-gib` memory (weights not
+counted); train step = forward + backward time ratio.
 Routing is forced: `weakest` keeps every token (the runtime's own overhead), `strongest` pools with
 the last expert at every stage, `mixed` draws each sample's experts at random (different routing
 per sample in one batch). `--strategy` adds rows for the peers (`fastv:0.5`, `pdrop:0.5`,

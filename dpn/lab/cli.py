@@ -14,13 +14,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from rich.table import Table
 
 from dpn import presets
 from dpn.config import PyramidConfig
 from dpn.flops import CONVENTIONS, GIGA, path_flops, vision_flops
+from dpn.memory import kv_cache_bytes
 from dpn.lab.architectures import ARCHITECTURES, model_config, typical_layout
-from dpn.lab.bench import ROUTINGS
+from dpn.lab.bench import DEFAULT_DECODE_TOKENS, DEFAULT_KV_BUDGET_GIB, ROUTINGS
 from dpn.lab.compare import TRAINING_FREE
 from dpn.lab.console import console as lab_console
 from dpn.lab.tiny_families import FAMILIES as TINY_FAMILIES
@@ -30,6 +32,8 @@ from dpn.strategies.dpn import PROBABILITY_SCALES
 DEFAULT_TEXT_TOKENS = 64  # a typical LLaVA-1.5 prompt around one image
 # FLOPs do not depend on which token the routers read; a spec that reads a router token gets this id.
 COUNTED_ROUTER_TOKEN_ID = 0
+# The KV-cache column of dpn flops: a sequence's cache after the prefill, in this dtype.
+KV_DTYPE_NAME = "bfloat16"
 
 
 def _flops_command(args: argparse.Namespace) -> int:
@@ -76,10 +80,12 @@ def _flops_command(args: argparse.Namespace) -> int:
     table.add_column("LLM GFLOPs", justify="right")
     table.add_column("ratio", justify="right")
     table.add_column("saving", justify="right")
+    table.add_column(f"KV MiB/seq ({KV_DTYPE_NAME})", justify="right")
     for row in rows:
+        kv = kv_cache_bytes(text_config, row["layer_tokens"], getattr(torch, KV_DTYPE_NAME)) / 2**20
         table.add_row(
             *row["experts"], " ".join(map(str, row["visual_tokens"])), f"{row['llm_gflops']:.1f}",
-            f"{row['ratio']:.3f}", f"{1 - row['ratio']:.1%}",
+            f"{row['ratio']:.3f}", f"{1 - row['ratio']:.1%}", f"{kv:.1f}",
         )
     console.print(table)
     if args.trace:
@@ -217,6 +223,7 @@ def _bench_command(args: argparse.Namespace) -> int:
         repeats=args.repeats, warmup=args.warmup, dtype=args.dtype, attention=args.attn,
         text_tokens=args.text_tokens, decode_tokens=args.decode_tokens, train_step=not args.no_train_step,
         strategies=args.strategy or [], image_size=tuple(args.image_size) if args.image_size else None,
+        kv_budget_gib=args.kv_budget_gib,
     )
     report = run_bench(options, json_path=Path(args.json) if args.json else None)
     lab_console().print(report_table(report))
@@ -338,7 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     bench.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     bench.add_argument("--text-tokens", type=int, default=64)
-    bench.add_argument("--decode-tokens", type=int, default=16)
+    bench.add_argument("--decode-tokens", type=int, default=DEFAULT_DECODE_TOKENS,
+                       help="greedy tokens per timed decode (and the generation the KV-cache figures assume)")
+    bench.add_argument("--kv-budget-gib", type=float, default=DEFAULT_KV_BUDGET_GIB,
+                       help="memory for the KV cache when computing the largest decoding batch")
     bench.add_argument("--no-train-step", action="store_true", help="skip the forward+backward timing")
     bench.add_argument("--image-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                        help="the image of presets whose grids depend on it (default: the preset's, e.g. 1024 1024)")

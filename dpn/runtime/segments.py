@@ -24,6 +24,8 @@ from dpn.transfer import host_tensor
 # grouping is used when it cuts the token rows computed by at least 15%.
 PADDING_TOLERANCE = 0.1
 MIN_GROUPING_SAVING = 0.15
+# Attention kernels whose one-token decoding masks ``step_masks`` builds itself.
+STEP_MASK_IMPLEMENTATIONS = ("sdpa", "eager")
 MASK_FUNCTIONS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
@@ -41,6 +43,9 @@ def layer_types_of(text_config: Any) -> list[str]:
 
 
 def attention_masks(text_config, layer_types, first, end, hidden, key_mask, cache, positions) -> dict[str, Any]:
+    masks = step_masks(text_config, layer_types, first, end, hidden, key_mask)
+    if masks is not None:
+        return masks
     masks = {}
     for index in range(first, end):
         kind = layer_types[index]
@@ -57,6 +62,27 @@ def attention_masks(text_config, layer_types, first, end, hidden, key_mask, cach
             layer_idx=index,
         )
     return masks
+
+
+def step_masks(text_config, layer_types, first, end, hidden, key_mask) -> dict[str, Any] | None:
+    """The masks of a one-token decoding step, built without reading the device, or None to build
+    them the general way.
+
+    One query token attends to every real cached key of its segment and to itself, so its mask is
+    the segment's key mask as it is: (batch, 1, 1, keys) bool for sdpa, additive for eager. The
+    general builder would ask the device whether any key is padding (to drop the mask), once per
+    segment and step. Sliding-window layers and other attention kernels take the general way.
+    """
+    implementation = getattr(text_config, "_attn_implementation", None)
+    if hidden.shape[1] != 1 or implementation not in STEP_MASK_IMPLEMENTATIONS:
+        return None
+    if any(layer_types[index] != "full_attention" for index in range(first, end)):
+        return None
+    mask = key_mask[:, None, None, :]
+    if implementation == "eager":
+        mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
+            ~mask, torch.finfo(hidden.dtype).min)
+    return {"full_attention": mask}
 
 
 def prepare_cache(past_key_values: Any, use_cache: bool, model_config: Any, num_segments: int):

@@ -30,6 +30,28 @@ def test_rows_cover_every_routing_with_positive_measurements(report):
         assert row["efficiency"] == pytest.approx(row["measured_speedup"] / row["theoretical_speedup"])
 
 
+def test_kv_cache_columns_follow_the_kept_tokens(report):
+    config = model_config("tiny")
+    text = config.text_config
+    per_token_mib = 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4 / 2**20
+    weakest, _, strongest, fastv, _ = report["rows"]
+    prompt = 16 + 144  # text tokens + one image, the bench's prompt
+    layers = text.num_hidden_layers
+    for row in report["rows"]:  # without the pyramid every layer caches the whole prompt
+        assert row["vanilla_kv_cache_mib_per_sequence"] == pytest.approx(layers * prompt * per_token_mib, rel=1e-6)
+        assert row["vanilla_kv_cache_mib_after_decode"] == pytest.approx(layers * (prompt + 2) * per_token_mib, rel=1e-6)
+        assert row["end_to_end_speedup"] > 0
+    assert weakest["kv_cache_mib_per_sequence"] == pytest.approx(weakest["vanilla_kv_cache_mib_per_sequence"])
+    # strongest: the layers after each stage cache 36, then 9 visual tokens (both samples alike: no padding)
+    stages = [s.layer for s in dpn.presets.paper(config).stages]
+    tokens = [16 + [144, 36, 9][sum(layer > s for s in stages)] for layer in range(layers)]
+    assert strongest["kv_cache_mib_per_sequence"] == pytest.approx(sum(tokens) * per_token_mib, rel=1e-6)
+    budget = BenchOptions().kv_budget_gib * 2**10
+    assert strongest["decode_batch_in_budget"] == int(budget // ((sum(tokens) + 2 * layers) * per_token_mib))
+    assert strongest["decode_batch_in_budget"] > strongest["vanilla_decode_batch_in_budget"]
+    assert fastv["kv_cache_mib_per_sequence"] < fastv["vanilla_kv_cache_mib_per_sequence"]
+
+
 def test_theoretical_speedups_agree_with_dpn_flops(report):
     config = model_config("tiny")
     paths = {tuple(r["experts"]): r for r in path_flops(config, dpn.presets.paper(config), text_tokens=16)}

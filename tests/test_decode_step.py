@@ -1,0 +1,113 @@
+"""A decoding step with a pyramid: no reads of the device, and a cache that holds only what each segment kept."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from helpers import GRID, batch_of, make_prompt, pixels, tiny_llava
+
+import dpn
+from dpn.memory import cache_bytes, kv_bytes_per_token, kv_cache_bytes, largest_decoding_batch
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero")
+
+
+@contextlib.contextmanager
+def counting_host_reads():
+    """Counts the calls that copy a tensor's values to the host (a device synchronisation on a GPU):
+    ``item``, ``tolist``, ``bool()``/``int()``/``float()`` of a tensor, ``nonzero``, and indexing
+    with a boolean tensor (its result's size depends on the values)."""
+    counts = {"reads": 0}
+    originals = {name: getattr(torch.Tensor, name) for name in (*HOST_READS, "__getitem__")}
+
+    def counted(name):
+        def read(self, *args, **kwargs):
+            counts["reads"] += 1
+            return originals[name](self, *args, **kwargs)
+        return read
+
+    def getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+            counts["reads"] += 1
+        return originals["__getitem__"](self, index)
+
+    try:
+        for name in HOST_READS:
+            setattr(torch.Tensor, name, counted(name))
+        torch.Tensor.__getitem__ = getitem
+        yield counts
+    finally:
+        for name, method in originals.items():
+            setattr(torch.Tensor, name, method)
+
+
+def _prefill(model, batch, forced):
+    with torch.no_grad():
+        return model(**batch, pixel_values=pixels(batch["input_ids"].shape[0]), use_cache=True, force_experts=forced)
+
+
+def _step(model, batch, prefill):
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(batch["attention_mask"][:, :1])], 1)
+    with torch.no_grad():
+        return model(input_ids=prefill.logits[:, -1:].argmax(-1), attention_mask=mask,
+                     past_key_values=prefill.past_key_values, use_cache=True)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("positions", ["renumber", "keep"])
+def test_a_decoding_step_reads_nothing_from_the_device(attn, positions):
+    model = tiny_llava(attn=attn)
+    batch = batch_of([make_prompt(3, 2), make_prompt(7, 1, seed=1)])
+    vanilla = _prefill(model, batch, None)
+    with counting_host_reads() as vanilla_reads:
+        _step(model, batch, vanilla)
+    assert vanilla_reads["reads"] > 0 or attn == "eager"  # the counter sees the stock mask builder's check
+
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config, positions=positions))
+    prefill = _prefill(model, batch, [[2, 1, 0], [1, 2, 0]])  # the samples shrink differently: padded segments
+    with counting_host_reads() as reads:
+        step = _step(model, batch, prefill)
+    assert reads["reads"] == 0
+    assert torch.isfinite(step.logits).all()
+
+
+def test_the_cache_holds_each_segments_kept_tokens_and_no_more():
+    model = tiny_llava()
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
+    prompts = [make_prompt(3, 2), make_prompt(7, 1, seed=1)]
+    batch = batch_of(prompts)
+    prefill = _prefill(model, batch, [[2, 1, 0], [1, 0, 0]])
+    routing, cache = prefill.routing, prefill.past_key_values
+    text = torch.tensor([len(p) - GRID[0] * GRID[1] for p in prompts])
+    bounds = [0, *(s.layer + 1 for s in model.pyramid.config.stages), model.config.text_config.num_hidden_layers]
+    for segment, (first, end) in enumerate(zip(bounds, bounds[1:])):
+        per_sample = text + routing.visual_tokens[:, segment]
+        assert routing.layer_tokens[:, first].tolist() == per_sample.tolist()
+        for layer in range(first, end):  # one left-padded row per sample, as long as its longest sample
+            assert cache.layers[layer].keys.shape[2] == int(per_sample.max())
+            assert cache.layers[layer].values.shape[2] == int(per_sample.max())
+    assert [int(v) for v in routing.visual_tokens[0]] == [64, 16, 8, 8]  # 2x2, then 1x2, then kept
+
+
+def test_kv_cache_bytes_count_what_the_cache_holds():
+    model = tiny_llava()
+    text_config = model.config.text_config
+    batch = batch_of([make_prompt(3, 2)])
+    vanilla = _prefill(model, batch, None)
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
+    pooled = _prefill(model, batch, [[2, 1, 0]])
+    per_token = kv_bytes_per_token(text_config, torch.float32)
+    assert per_token == 2 * text_config.num_key_value_heads * (text_config.hidden_size // 4) * 4
+    length = batch["input_ids"].shape[1]
+    layers = text_config.num_hidden_layers
+    assert cache_bytes(vanilla.past_key_values) == layers * length * per_token
+    computed = kv_cache_bytes(text_config, pooled.routing.layer_tokens, torch.float32)
+    assert computed.tolist() == [cache_bytes(pooled.past_key_values)]  # batch 1: no padding
+    assert cache_bytes(pooled.past_key_values) < cache_bytes(vanilla.past_key_values)
+    grown = kv_cache_bytes(text_config, pooled.routing.layer_tokens[0].tolist(), torch.float32, new_tokens=5)
+    step = _step(model, batch, pooled)
+    assert cache_bytes(step.past_key_values) + 4 * layers * per_token == grown
+    assert largest_decoding_batch(grown, 10 * grown + 1) == 10
