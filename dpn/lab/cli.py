@@ -158,6 +158,16 @@ def _train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _chat_command(args: argparse.Namespace) -> int:
+    from dpn.lab.chat import run_chat
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not (Path(args.model) / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {args.model} (a directory with config.json)")
+    return run_chat(args.model, args.pyramid, args.image, args.prompt, args.max_new_tokens)
+
+
 def _eval_command(args: argparse.Namespace) -> int:
     from dpn.lab.evaluate import EvalOptions, evaluate
 
@@ -299,6 +309,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--overwrite", action="store_true",
                            help="delete the results of another run in --output instead of refusing to mix them")
     evaluator.set_defaults(handler=_eval_command)
+
+    chat = commands.add_parser("chat", help="talk to a model about an image: answers with kept tokens, FLOPs, "
+                                            "time to first token")
+    chat.add_argument("--model", required=True, help="model directory (its saved pyramid is used, if any)")
+    chat.add_argument("--pyramid", default="saved", help=f"saved (the one beside the model) | {presets.spec_help()}")
+    chat.add_argument("--image", help="image to talk about (in the loop: /image PATH)")
+    chat.add_argument("--prompt", help="answer this one question and exit (default: read questions from stdin)")
+    chat.add_argument("--max-new-tokens", type=int, default=128)
+    chat.set_defaults(handler=_chat_command)
 
     demo = commands.add_parser("demo", help="benchmark, fine-tune with/without DPN and static, evaluate, compare")
     demo.add_argument("--out", default="runs/demo", help="output directory")

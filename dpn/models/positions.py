@@ -52,7 +52,9 @@ class LinearPositions:
         return positions.gather(1, index[:, None]).squeeze(1)
 
     def shifted(self, positions: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
-        """Positions minus each sample's shift."""
+        """Positions minus each sample's shift (the same tensor for no shift: segments share its rotary)."""
+        if not torch.is_tensor(shift) and shift == 0:
+            return positions
         return positions - (shift[:, None] if torch.is_tensor(shift) else shift)
 
     def layer_position_ids(self, positions: torch.Tensor) -> torch.Tensor | None:
@@ -89,6 +91,8 @@ class MultimodalRotaryPositions:
         return positions[0].gather(1, index[:, None]).squeeze(1)
 
     def shifted(self, positions: torch.Tensor, shift: torch.Tensor | int) -> torch.Tensor:
+        if not torch.is_tensor(shift) and shift == 0:
+            return positions
         return positions - (shift[None, :, None] if torch.is_tensor(shift) else shift)
 
     def layer_position_ids(self, positions: torch.Tensor) -> None:

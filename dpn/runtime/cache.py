@@ -38,10 +38,10 @@ class PyramidCache(DynamicCache):
         shift = self.position_shift[segment]
         return 0 if shift is None else shift
 
-    def append(self, segment: int, valid: torch.Tensor, shift: torch.Tensor | None) -> None:
-        """Record the validity of the keys this call added to ``segment`` and its new position shift."""
-        past = self.key_masks[segment]
-        self.key_masks[segment] = valid if past is None else torch.cat([past, valid], dim=1)
+    def record(self, segment: int, key_mask: torch.Tensor, shift: torch.Tensor | None) -> None:
+        """Record which keys ``segment`` holds after this call (``key_mask``: its past keys' mask with the
+        call's tokens appended, as its layers attended to them) and its new position shift."""
+        self.key_masks[segment] = key_mask
         if shift is not None:
             self.position_shift[segment] = shift
 

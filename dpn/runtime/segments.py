@@ -174,6 +174,8 @@ class SegmentRunner:
     collect_hidden: bool
     input_last: torch.Tensor | None  # (batch,) last input position, when renumbered segments must record a shift
     record: bool  # count tokens per segment for the routing record (prefill; decoding steps skip it)
+    # The last rotary (positions, (cos, sin)): segments whose positions are the same tensor share it.
+    rotary: tuple[torch.Tensor, Any] | None = None
 
     def run(self, segment: int, bounds: tuple[int, int], chunk: Chunk, reshaped: bool) -> SegmentResult:
         first, end = bounds
@@ -182,7 +184,12 @@ class SegmentRunner:
         positions = self.policy.shifted(chunk.positions, shift)
         past_mask = (cache.past_mask(segment, batch, device) if cache is not None
                      else torch.zeros(batch, 0, dtype=torch.bool, device=device))
-        position_embeddings = self.decoder.rotary_emb(chunk.hidden, positions)
+        if self.rotary is not None and self.rotary[0] is positions:
+            position_embeddings = self.rotary[1]
+        else:
+            position_embeddings = self.decoder.rotary_emb(chunk.hidden, positions)
+            self.rotary = (positions, position_embeddings)
+        key_mask = torch.cat([past_mask, chunk.valid], dim=1) if past_mask.shape[1] else chunk.valid
         groups = None
         if (reshaped and not self.collect_hidden and past_mask.shape[1] == 0 and end > first and self.group_by_length
                 and all(self.layer_types[index] == "full_attention" for index in range(first, end))):
@@ -191,7 +198,6 @@ class SegmentRunner:
         if groups is not None:
             hidden, last_input = self.run_length_groups(bounds, chunk, positions, groups)
         else:
-            key_mask = torch.cat([past_mask, chunk.valid], dim=1)
             hidden, last_input, outputs = self.run_layers(bounds, chunk.hidden, key_mask, positions,
                                                           position_embeddings, cache)
         chunk = replace(chunk, hidden=hidden)
@@ -201,7 +207,7 @@ class SegmentRunner:
                 # Later tokens come with input positions; this segment's positions lag by what pooling removed.
                 segment_last = self.policy.at(chunk.positions, last_valid(chunk.valid))
                 new_shift = shift + (self.input_last - segment_last)
-            cache.append(segment, chunk.valid, new_shift)
+            cache.record(segment, key_mask, new_shift)
         if not self.record:
             return SegmentResult(chunk, last_input, position_embeddings, outputs, None, None)
         queries = chunk.valid.sum(1)

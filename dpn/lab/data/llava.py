@@ -169,21 +169,12 @@ class LlavaDataset(Dataset):
         messages = to_messages(record["conversations"])
         files = image_files(record)
         placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-        if files and placeholders == 0:
-            messages[0] = {**messages[0], "content": f"{IMAGE_PLACEHOLDER}\n" * len(files) + messages[0]["content"]}
-            placeholders = len(files)
-        if placeholders != len(files):
+        if placeholders not in (0, len(files)):
             raise ValueError(f"sample {sample} has {placeholders} <image> placeholders but {len(files)} images")
-        if self.images.placeholder != IMAGE_PLACEHOLDER:
-            messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, self.images.placeholder)}
-                        for m in messages]
-        if self.router_token is not None:
-            messages = insert_router_tokens(messages, self.router_token)
-        encoded = self.images.encode([self._open(path, sample) for path in files]) if files else None
+        pictures = [self._open(path, sample) for path in files]
+        input_ids, labels, encoded = encode_messages(self.images, messages, pictures, self.for_generation,
+                                                     self.router_token)
         tokens = encoded.tokens if encoded is not None else []
-        input_ids, labels = encode_conversation(
-            self.tokenizer, messages, self.images.image_token_id, tokens, self.for_generation
-        )
         if len(input_ids) > self.max_length:
             if input_ids[: self.max_length].count(self.images.image_token_id) != sum(tokens):
                 raise ValueError(
@@ -201,6 +192,26 @@ class LlavaDataset(Dataset):
             return Image.open(path).convert("RGB")
         except (OSError, FileNotFoundError) as err:
             raise ValueError(f"sample {sample}: cannot read image {path}: {err}") from err
+
+
+def encode_messages(images: FamilyImages, messages: list[dict], pictures: list[Image.Image], for_generation: bool,
+                    router_token: str | None = None) -> tuple[list[int], list[int], Any]:
+    """Token ids, labels and encoded images (``SampleImages`` or None) of chat ``messages`` whose
+    ``<image>`` placeholders stand for ``pictures`` (none: the pictures go first in the first turn)."""
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if pictures and placeholders == 0:
+        messages = [{**messages[0], "content": f"{IMAGE_PLACEHOLDER}\n" * len(pictures) + messages[0]["content"]},
+                    *messages[1:]]
+    elif placeholders != len(pictures):
+        raise ValueError(f"{placeholders} <image> placeholders but {len(pictures)} images")
+    if images.placeholder != IMAGE_PLACEHOLDER:
+        messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, images.placeholder)} for m in messages]
+    if router_token is not None:
+        messages = insert_router_tokens(messages, router_token)
+    encoded = images.encode(pictures) if pictures else None
+    input_ids, labels = encode_conversation(images.tokenizer, messages, images.image_token_id,
+                                            encoded.tokens if encoded is not None else [], for_generation)
+    return input_ids, labels, encoded
 
 
 def _sample_id(record: Any, index: int) -> Any:
