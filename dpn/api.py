@@ -51,6 +51,7 @@ def apply_pyramid(model: nn.Module, config: PyramidConfig) -> nn.Module:
     """
     if has_pyramid(model):
         raise ValueError("this model already has a pyramid; call dpn.remove_pyramid(model) first")
+    model_or_wrapper, model = model, _unwrapped(model)
     if not isinstance(config, PyramidConfig):
         raise ValueError(f"config must be a dpn.PyramidConfig, got {type(config).__name__}")
     geometry = geometry_of(model)
@@ -61,7 +62,14 @@ def apply_pyramid(model: nn.Module, config: PyramidConfig) -> nn.Module:
     strategy = strategy.to(device=reference.device, dtype=reference.dtype)
     strategy.train(model.training)
     _attach(model, strategy)
-    return model
+    return model_or_wrapper
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The model a wrapper such as peft's ``PeftModel`` runs (its ``get_base_model()``), which the
+    pyramid patches; the wrapper's forward reaches it, and attribute lookups reach the pyramid."""
+    base = getattr(type(model), "get_base_model", None)
+    return model.get_base_model() if callable(base) else model
 
 
 def _attach(model: nn.Module, pyramid: Strategy) -> None:
@@ -75,12 +83,13 @@ def remove_pyramid(model: nn.Module) -> nn.Module:
     """Undo ``apply_pyramid``: the model behaves exactly as before it was applied."""
     if not has_pyramid(model):
         raise ValueError("this model has no pyramid to remove")
+    model_or_wrapper, model = model, _unwrapped(model)
     pyramid = get_pyramid(model)
     model._keys_to_ignore_on_save = set(model._keys_to_ignore_on_save) - set(_pyramid_keys(pyramid))
     delattr(model, PYRAMID_ATTRIBUTE)
     if "forward" in vars(model):
         del model.forward
-    return model
+    return model_or_wrapper
 
 
 @contextmanager
@@ -94,7 +103,7 @@ def pyramid_disabled(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        _attach(model, pyramid)
+        _attach(_unwrapped(model), pyramid)
 
 
 def get_pyramid_config(model: nn.Module) -> PyramidConfig:

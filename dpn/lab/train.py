@@ -44,6 +44,11 @@ from dpn.lab.pyramids import prompt_router_token, pyramid_from_spec
 PYRAMID_PREFIX = "pyramid."
 
 
+def is_router_parameter(name: str) -> bool:
+    """Whether parameter ``name`` belongs to the pyramid (also inside a wrapper such as peft's)."""
+    return name.startswith(PYRAMID_PREFIX) or f".{PYRAMID_PREFIX}" in name
+
+
 class PyramidTrainer(Trainer):
     """A Trainer for models with (or without) a pyramid; see the module docstring."""
 
@@ -92,7 +97,7 @@ class PyramidTrainer(Trainer):
             for name, parameter in opt_model.named_parameters():
                 if not parameter.requires_grad:
                     continue
-                group = "router" if name.startswith(PYRAMID_PREFIX) else "decay" if name in decay else "no_decay"
+                group = "router" if is_router_parameter(name) else "decay" if name in decay else "no_decay"
                 groups[group].append(parameter)
             parameter_groups = [
                 {"params": groups["decay"], "weight_decay": self.args.weight_decay},
