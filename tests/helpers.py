@@ -206,3 +206,16 @@ def check_cached_generation_matches_recompute(model, batch: dict, forced, banned
         ids = torch.cat([ids, next_text_token(out.logits, banned)], 1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
     assert torch.equal(ids, generated.sequences)
+
+
+def save_tiny_dpn(directory):
+    """The lab's tiny LLaVA with the paper's pyramid, saved with its processor and routers at ``directory``;
+    returns the model (eval mode) and processor."""
+    import dpn
+    from dpn.lab import zoo
+
+    model, processor = zoo.build_tiny(seed=0)
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
+    zoo.save_tiny(model, processor, directory)
+    dpn.save_pyramid(model, directory)
+    return model.eval(), processor

@@ -17,31 +17,30 @@ HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero")
 @contextlib.contextmanager
 def counting_host_reads():
     """Counts the calls that copy a tensor's values to the host (a device synchronisation on a GPU):
-    ``item``, ``tolist``, ``bool()``/``int()``/``float()`` of a tensor, ``nonzero``, and indexing
-    with a boolean tensor (its result's size depends on the values)."""
+    ``item``, ``tolist``, ``bool()``/``int()``/``float()`` of a tensor and ``nonzero``. (Indexing with
+    a boolean tensor is not counted: patching ``__getitem__`` changes how torch.Tensor behaves as a
+    sequence even after it is put back.)"""
     counts = {"reads": 0}
-    originals = {name: getattr(torch.Tensor, name) for name in (*HOST_READS, "__getitem__")}
+    names = HOST_READS
+    inherited = {name: getattr(torch.Tensor, name) for name in names}
+    own = {name: torch.Tensor.__dict__[name] for name in names if name in torch.Tensor.__dict__}
 
     def counted(name):
         def read(self, *args, **kwargs):
             counts["reads"] += 1
-            return originals[name](self, *args, **kwargs)
+            return inherited[name](self, *args, **kwargs)
         return read
-
-    def getitem(self, index):
-        parts = index if isinstance(index, tuple) else (index,)
-        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
-            counts["reads"] += 1
-        return originals["__getitem__"](self, index)
 
     try:
         for name in HOST_READS:
             setattr(torch.Tensor, name, counted(name))
-        torch.Tensor.__getitem__ = getitem
         yield counts
-    finally:
-        for name, method in originals.items():
-            setattr(torch.Tensor, name, method)
+    finally:  # put back exactly what torch.Tensor had: its own methods, or none (then the base class's)
+        for name in names:
+            if name in own:
+                setattr(torch.Tensor, name, own[name])
+            else:
+                delattr(torch.Tensor, name)
 
 
 def _prefill(model, batch, forced):

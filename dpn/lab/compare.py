@@ -47,6 +47,7 @@ STYLES = {"vanilla": "k*", "dpn": "C3o-", "dpn (released)": "C3s--", "static": "
 SPARE_STYLES = ("C5P-", "C6h-", "C8X-", "C9p-")
 # DPN as its code was released (router tokens, training guard, global hinge), beside the paper's DPN.
 RELEASED = "dpn (released)"
+DPN_FAMILIES = ("dpn", RELEASED)
 
 
 @dataclass
@@ -282,9 +283,6 @@ def table(rows: list[dict[str, Any]]) -> str:
             "1 (reference)" if row["family"] == "vanilla" else _cell(row["latency_ratio"]),
         ]) + " |")
     return "\n".join(lines)
-
-
-DPN_FAMILIES = ("dpn", RELEASED)
 
 
 def router_learning(out: Path, trained: dict[str, str], seeds: list[int]) -> list[str]:

@@ -75,9 +75,10 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
         raise ValueError(f"labels have shape {tuple(call.labels.shape)} but the inputs are {(batch, length)}")
     spans = prepared.spans
     prefill = length > 1 or len(spans) > 0  # decoding steps skip routing and bookkeeping
-    query = (query_index(config, call.input_ids, valid, call.labels, spans, strategy.reads_query) if len(spans)
+    is_router = router_tokens(config, call.input_ids, valid) if len(spans) else None
+    query = (query_index(config, is_router, valid, call.labels, spans, strategy.reads_query) if len(spans)
              else no_query(batch, device))
-    mean_over = router_tokens(config, call.input_ids, valid) if len(spans) else None
+    mean_over = is_router if config.router_input == "router_tokens_mean" else None  # what DPN's routers average
     chunk = Chunk(prepared.hidden, valid, prepared.positions, call.labels, spans, query, mean_over)
     forced = forced_experts(force_experts, batch, strategy, device) if prefill else None
     track_shift = cache is not None and config.positions == "renumber" and len(spans) > 0

@@ -91,10 +91,11 @@ def no_query(batch: int, device) -> torch.Tensor:
     return torch.full((batch,), -1, dtype=torch.long, device=device)
 
 
-def query_index(config, input_ids, valid: torch.Tensor, labels, spans: VisualSpans, required: bool) -> torch.Tensor:
-    """Position whose hidden state each sample's routers (and FastV / PyramidDrop's ranking) read;
-    with ``required``, every sample with an image must have one."""
-    is_router = router_tokens(config, input_ids, valid, any_mode=True)
+def query_index(config, is_router: torch.Tensor | None, valid: torch.Tensor, labels, spans: VisualSpans,
+                required: bool) -> torch.Tensor:
+    """Position whose hidden state each sample's routers (and FastV / PyramidDrop's ranking) read:
+    the last router token (``is_router``: see ``router_tokens``) or the last prompt token; with
+    ``required``, every sample with an image must have one."""
     if is_router is not None:
         found = is_router.any(1)
         if required:  # checked once per call, not at every stage
@@ -114,11 +115,9 @@ def query_index(config, input_ids, valid: torch.Tensor, labels, spans: VisualSpa
     return torch.where(has_answer, before_answer, last)
 
 
-def router_tokens(config, input_ids, valid: torch.Tensor, any_mode: bool = False) -> torch.Tensor | None:
-    """(batch, length) bool: the real router tokens, when the config's routers read their mean (or,
-    with ``any_mode``, read any router token); None otherwise."""
-    reads = config.router_input != "last_prompt_token" if any_mode else config.router_input == "router_tokens_mean"
-    if not reads:
+def router_tokens(config, input_ids, valid: torch.Tensor) -> torch.Tensor | None:
+    """(batch, length) bool: the real router tokens, when the config reads router tokens; else None."""
+    if config.router_input == "last_prompt_token":
         return None
     if input_ids is None:
         raise ValueError(f"router_input={config.router_input!r} needs input_ids to find the router tokens")

@@ -6,9 +6,8 @@ import io
 import json
 
 import pytest
+from helpers import save_tiny_dpn
 
-import dpn
-from dpn.lab import zoo
 from dpn.lab.chat import ChatSession, run_chat
 from dpn.lab.cli import main
 from dpn.lab.data.synthetic import generate_split
@@ -19,10 +18,7 @@ from dpn.lab.evaluate import EvalOptions, evaluate, load_for_eval
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
     generate_split(root, "test", 3, seed=0)
-    model, processor = zoo.build_tiny(seed=0)
-    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
-    zoo.save_tiny(model, processor, root / "model")
-    dpn.save_pyramid(model, root / "model")
+    save_tiny_dpn(root / "model")
     return root
 
 

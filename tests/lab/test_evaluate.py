@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
+from helpers import save_tiny_dpn
 
-import dpn
 from dpn.lab import zoo
 from dpn.lab.cli import main
 from dpn.lab.console import PIPED_WIDTH, console
@@ -22,11 +22,8 @@ from dpn.lab.evaluate import EvalOptions, evaluate, normalize_answer, summarize
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     generate_split(root, "test", 12, seed=0)
-    model, processor = zoo.build_tiny(seed=0)
-    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
-    zoo.save_tiny(model, processor, root / "model")
-    dpn.save_pyramid(model, root / "model")
-    return root, model.eval(), processor
+    model, processor = save_tiny_dpn(root / "model")
+    return root, model, processor
 
 
 @pytest.mark.parametrize("raw, expected", [(" Red.", "red"), ("The circle!", "circle"), ("3", "3"), ("top  Left", "top left")])

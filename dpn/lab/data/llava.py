@@ -168,12 +168,13 @@ class LlavaDataset(Dataset):
         sample = _sample_id(record, index)
         messages = to_messages(record["conversations"])
         files = image_files(record)
-        placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-        if placeholders not in (0, len(files)):
-            raise ValueError(f"sample {sample} has {placeholders} <image> placeholders but {len(files)} images")
-        pictures = [self._open(path, sample) for path in files]
-        input_ids, labels, encoded = encode_messages(self.images, messages, pictures, self.for_generation,
-                                                     self.router_token)
+        try:
+            messages = with_image_placeholders(messages, len(files))  # before reading any image
+            input_ids, labels, encoded = encode_messages(
+                self.images, messages, [self._open(path) for path in files], self.for_generation,
+                self.router_token)
+        except ValueError as err:
+            raise ValueError(f"sample {sample}: {err}") from err
         tokens = encoded.tokens if encoded is not None else []
         if len(input_ids) > self.max_length:
             if input_ids[: self.max_length].count(self.images.image_token_id) != sum(tokens):
@@ -186,24 +187,29 @@ class LlavaDataset(Dataset):
         return {"input_ids": input_ids, "labels": labels, "images": encoded,
                 DIFFICULTY: difficulty if isinstance(difficulty, str) else None}
 
-    def _open(self, name: str, sample: Any) -> Image.Image:
+    def _open(self, name: str) -> Image.Image:
         path = self.image_folder / name
         try:
             return Image.open(path).convert("RGB")
         except (OSError, FileNotFoundError) as err:
-            raise ValueError(f"sample {sample}: cannot read image {path}: {err}") from err
+            raise ValueError(f"cannot read image {path}: {err}") from err
+
+
+def with_image_placeholders(messages: list[dict], images: int) -> list[dict]:
+    """``messages`` with one ``<image>`` per image: as they are, or (with none) all first in the first turn."""
+    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+    if images and placeholders == 0:
+        return [{**messages[0], "content": f"{IMAGE_PLACEHOLDER}\n" * images + messages[0]["content"]}, *messages[1:]]
+    if placeholders != images:
+        raise ValueError(f"{placeholders} <image> placeholders but {images} images")
+    return messages
 
 
 def encode_messages(images: FamilyImages, messages: list[dict], pictures: list[Image.Image], for_generation: bool,
                     router_token: str | None = None) -> tuple[list[int], list[int], Any]:
     """Token ids, labels and encoded images (``SampleImages`` or None) of chat ``messages`` whose
     ``<image>`` placeholders stand for ``pictures`` (none: the pictures go first in the first turn)."""
-    placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-    if pictures and placeholders == 0:
-        messages = [{**messages[0], "content": f"{IMAGE_PLACEHOLDER}\n" * len(pictures) + messages[0]["content"]},
-                    *messages[1:]]
-    elif placeholders != len(pictures):
-        raise ValueError(f"{placeholders} <image> placeholders but {len(pictures)} images")
+    messages = with_image_placeholders(messages, len(pictures))
     if images.placeholder != IMAGE_PLACEHOLDER:
         messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, images.placeholder)} for m in messages]
     if router_token is not None:
