@@ -11,6 +11,12 @@
 - checkpoints carry the pyramid (``pyramid_config.json`` + safetensors router weights) and resuming
   reloads it, so no router state is silently lost.
 
+With ``TrainOptions.lora_r`` (``dpn train --lora-r R``) the model is wrapped by ``dpn.lab.lora.add_lora``:
+only LoRA adapters on the language model's projections and the routers train. Checkpoints then hold
+the adapter (peft's files) and the routers, and resume into the wrapped model; the final output is
+the merged model (what ``dpn eval`` and ``zoo.load`` read, as after a full run), with the adapter
+itself in ``OUTPUT/lora``.
+
 ``train`` wires it to LLaVA-format data. Its arguments are two dataclasses: ``TrainOptions`` (dpn's
 own: data, pyramid, ...) and ``PyramidTrainingArguments`` (``transformers.TrainingArguments`` with
 dpn's defaults: cosine schedule, lr 5e-4, adam_beta2 0.98, ...). ``dpn train`` is their command line
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -39,9 +46,11 @@ from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid_weight
 from dpn.lab.checkpoints import RUN_RECORD, covers, finished_run, last_complete_checkpoint
 from dpn.lab.data.images import family_images
 from dpn.lab.data.llava import DIFFICULTY, LlavaCollator, LlavaDataset
+from dpn.lab.lora import DEFAULT_LORA_TARGETS, add_lora, check_adapter_matches, is_adapter_checkpoint, is_lora, merged
 from dpn.lab.pyramids import prompt_router_token, pyramid_from_spec
 
 PYRAMID_PREFIX = "pyramid."
+LORA_FOLDER = "lora"  # a LoRA run's adapter (peft's files) and routers, beside the merged model
 
 
 def is_router_parameter(name: str) -> bool:
@@ -117,12 +126,32 @@ class PyramidTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        check_checkpoint_kind(target, resume_from_checkpoint)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or not isinstance(target, PreTrainedModel):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         else:
             load_checkpoint_weights(target, resume_from_checkpoint)
         if has_pyramid(target):
             load_pyramid_weights(target, resume_from_checkpoint)
+
+
+def check_checkpoint_kind(model: Any, checkpoint: str | Path) -> None:
+    """Refuse to resume a LoRA run's checkpoint (an adapter) into a full model, or the reverse, or an
+    adapter of another rank, alpha or targets: the Trainer would skip the weights and go on from the
+    initial ones."""
+    adapter = is_adapter_checkpoint(checkpoint)
+    if adapter and not is_lora(model):
+        raise ValueError(f"{checkpoint} holds a LoRA adapter (a run with --lora-r): resume it with the same "
+                         "--lora-* flags, or use another --output")
+    if is_lora(model) and not adapter:
+        raise ValueError(f"{checkpoint} holds full weights (a run without --lora-r): resume it without "
+                         "--lora-r, or use another --output")
+    if adapter:
+        try:
+            check_adapter_matches(model, checkpoint)
+        except ValueError as err:
+            raise ValueError(f"{err}: resume it with the same --lora-r, --lora-alpha and --lora-target, "
+                             "or use another --output") from err
 
 
 def load_checkpoint_weights(model: PreTrainedModel, checkpoint: str | Path) -> None:
@@ -219,6 +248,15 @@ class TrainOptions:
     freeze_vision: bool = field(default=False, metadata=_help("do not train the vision tower"))
     router_learning_rate: float | None = field(
         default=None, metadata=_help("the routers' learning rate (default: --learning_rate)", "router_learning_rate"))
+    lora_r: int | None = field(default=None, metadata=_help(
+        "train rank-R LoRA adapters on the language model's projections, and the routers, with every other "
+        "weight frozen; the output is the merged model, the adapter goes to OUTPUT/lora; needs peft "
+        "(default: no LoRA, every weight trains)"))
+    lora_target: list[str] | None = field(default=None, metadata=_help(
+        f"with --lora-r: the language model's modules to adapt, by name (default: {' '.join(DEFAULT_LORA_TARGETS)})"))
+    lora_alpha: float | None = field(default=None, metadata=_help("with --lora-r: LoRA's alpha (default: 2 R)"))
+    lora_dropout: float | None = field(
+        default=None, metadata=_help("with --lora-r: dropout on the adapters' input, in [0, 1) (default: 0)"))
     max_length: int = field(default=2048, metadata=_help("longest tokenised sample"))
     limit: int | None = field(default=None, metadata=_help("use only the first N samples (default: all)"))
     progress: bool = field(
@@ -356,12 +394,40 @@ def check_train_options(options: TrainOptions, args: TrainingArguments) -> None:
         problems.append(f"--warmup_steps must be at least 0, got {args.warmup_steps}")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         problems.append(f"{_flag('output_dir')} {args.output_dir} is a file; give a directory")
+    problems += _lora_problems(options, args)
     if problems:
         raise ValueError("; ".join(problems))
 
 
+LORA_FLAGS = {"lora_target": "--lora-target", "lora_alpha": "--lora-alpha", "lora_dropout": "--lora-dropout"}
+
+
+def _lora_problems(options: TrainOptions, args: TrainingArguments) -> list[str]:
+    if options.lora_r is None:
+        given = [flag for name, flag in LORA_FLAGS.items() if getattr(options, name) is not None]
+        return [f"{' '.join(given)} set LoRA up: give --lora-r too (LoRA's rank)"] if given else []
+    problems = []
+    if isinstance(options.lora_r, bool) or not isinstance(options.lora_r, int):
+        problems.append(f"--lora-r must be a whole number, got {options.lora_r!r}")
+    elif options.lora_r < 1:
+        problems.append(f"--lora-r must be at least 1, got {options.lora_r}")
+    if options.lora_alpha is not None and not (math.isfinite(options.lora_alpha) and options.lora_alpha > 0):
+        problems.append(f"--lora-alpha must be a positive number, got {options.lora_alpha}")
+    if options.lora_dropout is not None and not (math.isfinite(options.lora_dropout) and 0 <= options.lora_dropout < 1):
+        problems.append(f"--lora-dropout must be in [0, 1), got {options.lora_dropout}")
+    if options.lora_target is not None and not options.lora_target:
+        problems.append("--lora-target needs at least one module name")
+    if args.fsdp or args.deepspeed:
+        problems.append("--lora-r does not work with --fsdp or --deepspeed (the merged model is written from one "
+                        "process's full weights); train LoRA on one process or with DDP (torchrun)")
+    if importlib.util.find_spec("peft") is None:
+        problems.append("--lora-r needs peft: pip install 'dpn[lora]'")
+    return problems
+
+
 def build_model(options: TrainOptions, seed: int = 0):
-    """The model and processor to train: ``init_from`` checkpoint, or a fresh tiny LLaVA from ``seed``."""
+    """The model and processor to train: ``init_from`` checkpoint, or a fresh tiny LLaVA from ``seed``;
+    with ``lora_r``, wrapped by ``add_lora`` (only the adapters and the routers train)."""
     from dpn.lab import zoo
 
     if options.init_from:
@@ -374,12 +440,20 @@ def build_model(options: TrainOptions, seed: int = 0):
     if options.freeze_vision:
         for parameter in model.get_encoder(modality="image").parameters():
             parameter.requires_grad_(False)
+    if options.lora_r is not None:  # after the pyramid: add_lora keeps its routers trainable
+        targets = tuple(options.lora_target or DEFAULT_LORA_TARGETS)
+        try:
+            model = add_lora(model, options.lora_r, targets, alpha=options.lora_alpha,
+                             dropout=options.lora_dropout or 0.0)
+        except ValueError as err:  # a target peft cannot adapt (or that matches nothing), named by its flag
+            raise ValueError(f"--lora-target {' '.join(targets)}: {err}") from err
     return model, processor
 
 
 def train(options: TrainOptions, args: PyramidTrainingArguments,
           callbacks: list[TrainerCallback] | None = None) -> Path:
-    """Train (or resume training) and write the final model, processor and pyramid to ``args.output_dir``.
+    """Train (or resume training) and write the final model, processor and pyramid to ``args.output_dir``
+    (after LoRA: the merged model, and the adapter with the routers in ``output_dir/lora``).
 
     ``args`` is used as given (``PyramidTrainingArguments`` holds dpn's defaults; any
     ``TrainingArguments`` works), except that ``options.progress=False`` also sets ``disable_tqdm``.
@@ -417,6 +491,9 @@ def train(options: TrainOptions, args: PyramidTrainingArguments,
     if last is not None:
         print(f"resuming from {last}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=last)
+    if is_lora(trainer.model):
+        trainer.save_model(str(output_dir / LORA_FOLDER))  # the adapter and the routers, as in a checkpoint
+        trainer.model = merged(trainer.model)  # then the plain model with its pyramid, as a full run writes it
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():  # one writer under DDP, as for the Trainer's own files
         record = {"options": asdict(options), "training_args": args.to_dict(), "global_step": trainer.state.global_step}

@@ -81,3 +81,18 @@ def test_merging_lora_keeps_the_pyramid():
     assert torch.equal(after.routing.experts, before.routing.experts)
     dpn.remove_pyramid(plain)
     assert not dpn.has_pyramid(plain)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(rank=0), "the LoRA rank must be an integer of at least 1, got 0"),
+    (dict(rank=4, dropout=1.0), "the LoRA dropout must be in \\[0, 1\\), got 1.0"),
+    (dict(rank=4, alpha=-2.0), "the LoRA alpha must be a positive number, got -2.0"),
+    (dict(rank=4, targets=()), "at least one target"),
+    # peft itself only refuses a list that matches nothing at all; a misspelt name among good ones is refused too
+    (dict(rank=4, targets=("q_proj", "qproj")), "LoRA target\\(s\\) qproj match no module of the language model; "
+                                                "its linear layers are named down_proj, gate_proj, k_proj"),
+    (dict(rank=4, targets=("norm",)), "LoRA cannot adapt the modules norm name here \\(LlamaRMSNorm\\)"),
+])
+def test_bad_lora_arguments_are_clear_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        add_lora(tiny_llava(), **kwargs)

@@ -350,3 +350,156 @@ def test_released_dpn_trains_and_evaluates_with_router_tokens(data, tmp_path):
     summary = evaluate(EvalOptions(model=str(out), data=str(data), output_dir=str(tmp_path / "eval"), limit=4,
                                    max_new_tokens=2, progress=False, plot=False, measure_latency=False))
     assert summary["overall"]["n"] == 4 and summary["pyramid"]["router_input"] == "router_tokens_mean"
+
+
+# ------------------------------------------------------------------------------- LoRA (--lora-r)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _is_lora_target(key):
+    return ".language_model." in f".{key}" and key.rsplit(".", 2)[-2] in LORA_TARGETS
+
+
+@pytest.fixture(scope="module")
+def lora_base(tmp_path_factory):
+    base, processor = zoo.build_tiny(seed=0)
+    return zoo.save_tiny(base, processor, tmp_path_factory.mktemp("lora") / "base")
+
+
+def test_lora_flags_reach_the_options(data, tmp_path):
+    options, _ = parse_train_args(["--data", str(data), "--output", str(tmp_path), "--lora-r", "4", "--lora-target",
+                                   "q_proj", "v_proj", "--lora-alpha", "16", "--lora_dropout", "0.1"])
+    assert (options.lora_r, options.lora_target, options.lora_alpha, options.lora_dropout) == \
+        (4, ["q_proj", "v_proj"], 16.0, 0.1)
+    default, _ = parse_train_args(["--data", str(data), "--output", str(tmp_path)])
+    assert (default.lora_r, default.lora_target, default.lora_alpha, default.lora_dropout) == (None, None, None, None)
+
+
+def test_lora_trains_only_adapters_and_routers_and_writes_a_loadable_merged_model(data, lora_base, tmp_path, capsys):
+    import peft
+
+    from dpn.lab.evaluate import EvalOptions, evaluate
+
+    out = tmp_path / "run"
+    code = main(["train", "--data", str(data), "--output", str(out), "--init-from", str(lora_base), "--lora-r", "4",
+                 "--steps", "2", "--batch-size", "2", "--save-steps", "2", "--logging-steps", "1",
+                 "--warmup-steps", "0", "--lr", "1e-2", "--no_progress"])
+    assert code == 0 and f"model written to {out}" in capsys.readouterr().out
+    config = json.loads((out / "lora" / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["lora_alpha"] == 8 and config["peft_type"] == "LORA"
+    assert (out / "lora" / "pyramid_model.safetensors").is_file()
+    assert (out / "checkpoint-2" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "train_options.json").read_text())["options"]["lora_r"] == 4
+
+    # the output is a plain model (LoRA merged in), its pyramid beside it: what a full run writes
+    saved = load_file(out / "model.safetensors")
+    assert not any("lora_" in k or "base_layer" in k or k.startswith("pyramid.") for k in saved)
+    model, processor = zoo.load(out)
+    base, _ = zoo.load(lora_base)
+    trained, initial = model.state_dict(), base.state_dict()
+    assert trained.keys() == initial.keys()
+    targets = [k for k in trained if _is_lora_target(k)]
+    assert len(targets) == 7 * model.config.text_config.num_hidden_layers
+    assert any("vision_tower" in k for k in trained) and any("embed_tokens" in k for k in trained)
+    for key in trained.keys() - set(targets):  # the vision tower, projector, embeddings, norms: frozen
+        assert torch.equal(trained[key], initial[key]), key
+    assert all(not torch.equal(trained[k], initial[k]) for k in targets)  # LoRA's B left zero: the merge moved them
+    dpn.load_pyramid(model, out)
+    fresh = zoo.load(out)[0]
+    dpn.apply_pyramid(fresh, dpn.get_pyramid_config(model))
+    assert not torch.equal(model.pyramid.routers[0].up.weight, fresh.pyramid.routers[0].up.weight)
+
+    # the adapter in lora/, put back on the base with its routers, gives the merged model's logits
+    dpn.load_pyramid(base, out / "lora")
+    adapted = peft.PeftModel.from_pretrained(base, out / "lora").eval()
+    dataset = LlavaDataset(data, None, family_images(model.config, processor))
+    batch = LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id, images=dataset.images)(
+        [dataset[0], dataset[1]])
+    batch = {k: v for k, v in batch.items() if k not in ("labels", "difficulty")}
+    with torch.no_grad():
+        expected, got = model.eval()(**batch), adapted(**batch)
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-4, atol=1e-4)
+
+    summary = evaluate(EvalOptions(model=str(out), data=str(data), output_dir=str(tmp_path / "eval"), limit=2,
+                                   max_new_tokens=2, progress=False, plot=False, measure_latency=False))
+    assert summary["overall"]["n"] == 2
+
+
+class _RestoredLora(TrainerCallback):
+    """The adapter and routers the resumed run starts its first step from."""
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if not hasattr(self, "adapter"):
+            from peft import get_peft_model_state_dict
+
+            self.step = state.global_step
+            self.adapter = {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+            self.routers = {k: v.detach().clone() for k, v in dpn.get_pyramid(model).state_dict().items()}
+
+
+def test_lora_resumes_from_its_checkpoint_and_matches_the_uninterrupted_run(data, lora_base, tmp_path):
+    lora = dict(init_from=str(lora_base), lora_r=4, max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2)
+    straight = train(*_options(data, tmp_path / "straight", **lora))
+    with pytest.raises(KeyboardInterrupt):
+        train(*_options(data, tmp_path / "killed", **lora), callbacks=[_Crash()])
+    checkpoint = tmp_path / "killed" / "checkpoint-2"
+    assert (checkpoint / "adapter_model.safetensors").is_file() and not (tmp_path / "killed" / "lora").exists()
+    restored = _RestoredLora()
+    resumed = train(*_options(data, tmp_path / "killed", **lora), callbacks=[restored])
+    assert restored.step == 2
+    for got, path in ((restored.adapter, "adapter_model.safetensors"), (restored.routers, "pyramid_model.safetensors")):
+        saved = load_file(checkpoint / path)
+        assert got.keys() == saved.keys()
+        assert all(torch.equal(got[k], saved[k]) for k in saved), path
+    assert any(load_file(checkpoint / "adapter_model.safetensors")[k].abs().sum() > 0
+               for k in restored.adapter if "lora_B" in k)  # trained weights, not the initial zeros
+    for name in ("model.safetensors", "pyramid_model.safetensors", "lora/adapter_model.safetensors"):
+        expected, actual = load_file(straight / name), load_file(resumed / name)
+        assert expected.keys() == actual.keys()
+        for key in expected:
+            torch.testing.assert_close(actual[key], expected[key], rtol=0, atol=1e-6)
+    steps = [e["step"] for e in json.loads((resumed / "log_history.json").read_text()) if "loss" in e]
+    assert steps == [1, 2, 3, 4]
+
+    # continuing it with other LoRA settings, or without LoRA, is refused (not resumed from scratch)
+    with pytest.raises(ValueError, match="does not match this run's .*r 4 there, 8 here.*same --lora-r"):
+        train(*_options(data, tmp_path / "killed", **{**lora, "lora_r": 8, "max_steps": 6}))
+    with pytest.raises(ValueError, match="holds a LoRA adapter .*resume it with the same --lora-\\* flags"):
+        train(*_options(data, tmp_path / "killed", **{**lora, "lora_r": None, "max_steps": 6}))
+
+
+def test_a_full_checkpoint_is_not_resumed_into_lora_or_the_reverse(lora_base, tmp_path):
+    from dpn.lab.lora import add_lora
+    from dpn.lab.train import check_checkpoint_kind
+
+    full, adapter = tmp_path / "full", tmp_path / "adapter"
+    full.mkdir()
+    model = zoo.load(lora_base)[0]
+    check_checkpoint_kind(model, full)
+    wrapped = add_lora(zoo.load(lora_base)[0], rank=4)
+    wrapped.save_pretrained(adapter)
+    check_checkpoint_kind(wrapped, adapter)
+    with pytest.raises(ValueError, match="holds full weights \\(a run without --lora-r\\)"):
+        check_checkpoint_kind(wrapped, full)
+    with pytest.raises(ValueError, match="holds a LoRA adapter"):
+        check_checkpoint_kind(model, adapter)
+    with pytest.raises(ValueError, match="target_modules"):
+        check_checkpoint_kind(add_lora(zoo.load(lora_base)[0], rank=4, targets=("q_proj",)), adapter)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora-r", "0"], "--lora-r must be at least 1, got 0"),
+    (["--lora-r", "4", "--lora-dropout", "1"], "--lora-dropout must be in [0, 1), got 1.0"),
+    (["--lora-r", "4", "--lora-dropout", "-0.1"], "--lora-dropout must be in [0, 1), got -0.1"),
+    (["--lora-r", "4", "--lora-alpha", "0"], "--lora-alpha must be a positive number, got 0.0"),
+    (["--lora-target", "q_proj", "--lora-alpha", "8"], "--lora-target --lora-alpha set LoRA up: give --lora-r too"),
+    (["--lora-r", "4", "--lora-target", "q_proj", "qproj"],
+     "--lora-target q_proj qproj: LoRA target(s) qproj match no module of the language model; its linear layers "
+     "are named down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+    (["--lora-r", "4", "--lora-target", "norm"], "--lora-target norm: LoRA cannot adapt the modules norm name here "
+                                                 "(LlamaRMSNorm)"),
+])
+def test_bad_lora_flags_are_errors_naming_the_flag(data, tmp_path, capsys, flags, message):
+    assert main(["train", "--data", str(data), "--output", str(tmp_path / "out"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
