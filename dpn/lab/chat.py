@@ -9,7 +9,6 @@ token (the prefill, images included). The conversation keeps its turns until ``/
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
@@ -18,31 +17,22 @@ import torch
 from PIL import Image
 
 from dpn.api import has_pyramid
-from dpn.lab.data.images import family_images
-from dpn.lab.data.llava import LlavaCollator, encode_messages
-from dpn.lab.decoding import greedy_continue, prompt_positions
+from dpn.lab.answering import Answer, Answerer, Question
 from dpn.lab.evaluate import load_for_eval
-from dpn.lab.pyramids import prompt_router_token
 
 DEFAULT_MAX_NEW_TOKENS = 128
 COMMANDS_HELP = "/image PATH: talk about another image (starts over) | /reset: start over | /quit (or end of input)"
 
 
-@dataclass
-class ChatAnswer:
-    text: str
-    visual_tokens: list[int] | None  # before the first stage, then after each stage (None: no image or no pyramid)
-    flops_ratio: float | None
-    first_token_seconds: float
-
-    def stats(self) -> str:
-        parts = []
-        if self.visual_tokens is not None:
-            parts.append("visual tokens " + " -> ".join(str(v) for v in self.visual_tokens))
-        if self.flops_ratio is not None:
-            parts.append(f"LLM FLOPs ratio {self.flops_ratio:.3f}")
-        parts.append(f"time to first token {self.first_token_seconds * 1e3:.0f} ms")
-        return " | ".join(parts)
+def stats(answer: Answer) -> str:
+    """What an answer cost, in one line."""
+    parts = []
+    if answer.visual_tokens is not None:
+        parts.append("visual tokens " + " -> ".join(str(v) for v in answer.visual_tokens))
+    if answer.flops_ratio is not None:
+        parts.append(f"LLM FLOPs ratio {answer.flops_ratio:.3f}")
+    parts.append(f"time to first token {answer.first_token_seconds * 1e3:.0f} ms")
+    return " | ".join(parts)
 
 
 @dataclass
@@ -56,10 +46,7 @@ class ChatSession:
     messages: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.images = family_images(self.model.config, self.processor)
-        self.router_token = prompt_router_token(self.model, self.processor.tokenizer)
-        tokenizer = self.processor.tokenizer
-        self.collate = LlavaCollator(tokenizer.pad_token_id, self.images, padding_side="left", with_labels=False)
+        self.answerer = Answerer(self.model, self.processor)
 
     def show(self, path: str | Path) -> None:
         """Talk about the image at ``path`` from now on (a new conversation)."""
@@ -72,33 +59,13 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = []
 
-    def ask(self, question: str) -> ChatAnswer:
+    def ask(self, question: str) -> Answer:
         messages = [*self.messages, {"role": "user", "content": question}]
         pictures = [self.image] if self.image is not None else []
-        input_ids, labels, encoded = encode_messages(self.images, messages, pictures, for_generation=True,
-                                                     router_token=self.router_token)
-        device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in self.collate(
-            [{"input_ids": input_ids, "labels": labels, "images": encoded}]).items()}
-        tokenizer = self.processor.tokenizer
-        with torch.no_grad():
-            start = time.perf_counter()
-            positions = prompt_positions(self.model, batch)
-            prefill = self.model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1)
-            prefill.logits[:, -1].argmax(-1).tolist()  # waits for the first token
-            first_token_seconds = time.perf_counter() - start
-            tokens = greedy_continue(self.model, prefill, batch["attention_mask"], positions, self.max_new_tokens,
-                                     tokenizer.eos_token_id, tokenizer.pad_token_id)
-        text = tokenizer.decode(tokens[0], skip_special_tokens=True).strip()
-        self.messages = [*messages, {"role": "assistant", "content": text}]
-        routing = getattr(prefill, "routing", None)
-        routed = routing is not None and pictures
-        return ChatAnswer(
-            text=text,
-            visual_tokens=routing.visual_tokens[0].tolist() if routed else None,
-            flops_ratio=float(routing.flops_ratio[0]) if routing is not None else None,
-            first_token_seconds=first_token_seconds,
-        )
+        prepared = self.answerer.prepare(Question(messages, pictures, self.max_new_tokens))
+        answer, = self.answerer.answer([prepared])
+        self.messages = [*messages, {"role": "assistant", "content": answer.text}]
+        return answer
 
 
 def run_chat(model_dir: str, pyramid: str = "saved", image: str | None = None, prompt: str | None = None,
@@ -116,7 +83,7 @@ def run_chat(model_dir: str, pyramid: str = "saved", image: str | None = None, p
     def answer(question: str) -> None:
         reply = session.ask(question)
         print(reply.text, file=stdout)
-        print(f"  [{reply.stats()}]", file=stdout, flush=True)
+        print(f"  [{stats(reply)}]", file=stdout, flush=True)
 
     if prompt is not None:
         answer(prompt)
