@@ -24,8 +24,10 @@ from dpn.memory import kv_cache_bytes
 from dpn.lab.architectures import ARCHITECTURES, model_config, typical_layout
 from dpn.lab.bench import DEFAULT_DECODE_TOKENS, DEFAULT_KV_BUDGET_GIB, ROUTINGS
 from dpn.lab.compare import TRAINING_FREE
+from dpn.lab.data.lmms_task import DEFAULT_TASK_MAX_NEW_TOKENS
 from dpn.lab.console import console as lab_console
 from dpn.lab.tiny_families import FAMILIES as TINY_FAMILIES
+from dpn.lab import serve as serve_defaults
 from dpn.models import geometry_of
 from dpn.strategies.dpn import PROBABILITY_SCALES
 
@@ -149,6 +151,17 @@ def _synth_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lmms_task_command(args: argparse.Namespace) -> int:
+    from dpn.lab.data.lmms_task import write_task
+
+    if not Path(args.data).is_file():
+        raise FileNotFoundError(f"no LLaVA-format data at {args.data}")
+    folder = write_task(args.data, args.out, args.name, args.limit, args.max_new_tokens)
+    print(f"lmms-eval task {args.name!r} in {folder}: lmms-eval eval --model dpn --model_args pretrained=MODEL "
+          f"--include_path {folder} --tasks {args.name}")
+    return 0
+
+
 def _train_command(args: argparse.Namespace) -> int:
     from dpn.lab.train import parse_train_args, train
 
@@ -166,6 +179,43 @@ def _chat_command(args: argparse.Namespace) -> int:
     if not (Path(args.model) / "config.json").is_file():
         raise FileNotFoundError(f"no model at {args.model} (a directory with config.json)")
     return run_chat(args.model, args.pyramid, args.image, args.prompt, args.max_new_tokens)
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    from dpn.lab.serve import ServeOptions, serve
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {args.model} (a directory with config.json)")
+    serve(ServeOptions(
+        model=args.model, pyramid=args.pyramid, host=args.host, port=args.port, name=args.name,
+        image_folder=args.image_folder, batch_window_ms=args.batch_window_ms, max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue, max_images=args.max_images, default_max_tokens=args.max_tokens,
+    ))
+    return 0
+
+
+def _serve_bench_command(args: argparse.Namespace) -> int:
+    from dpn.lab.serve_bench import ServeBenchOptions, run_serve_bench
+
+    if not (Path(args.model) / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {args.model} (a directory with config.json)")
+    rows = run_serve_bench(ServeBenchOptions(
+        model=args.model, data=args.data, pyramids=args.pyramid or ["saved", "none"],
+        concurrencies=args.concurrency, requests=args.requests, max_tokens=args.max_tokens,
+        batch_window_ms=args.batch_window_ms, max_batch_size=args.max_batch_size,
+    ))
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    table = Table(title=f"dpn serve on {device}: {args.requests} requests of {args.max_tokens} new tokens")
+    for column in ("pyramid", "concurrency", "requests/s", "p50 ms", "p95 ms", "mean batch", "FLOPs ratio"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(row["pyramid"], str(row["concurrency"]), f"{row['requests_per_second']:.2f}",
+                      f"{row['p50_ms']:.0f}", f"{row['p95_ms']:.0f}", f"{row['mean_batch']:.1f}",
+                      f"{row['flops_ratio']:.3f}")
+    lab_console().print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "rows": rows}, indent=1))
+    return 0
 
 
 def _eval_command(args: argparse.Namespace) -> int:
@@ -276,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     # dpn train's flags (dpn's TrainOptions and every TrainingArguments field) are parsed by
     # dpn.lab.train.train_parser, an HfArgumentParser: this subparser takes its words as they are
     # (no "-" prefix, so no flag of its own, not even --help) and hands them over.
+    lmms_task = data.add_parser("lmms-task", help="a local lmms-eval task over LLaVA-format data (scored as dpn eval)")
+    lmms_task.add_argument("--data", required=True, help="LLaVA-format JSON, one question per sample")
+    lmms_task.add_argument("--out", required=True, help="task folder (lmms-eval --include_path)")
+    lmms_task.add_argument("--name", default="dpn_synth", help="the task name (lmms-eval --tasks)")
+    lmms_task.add_argument("--limit", type=int, help="the first N samples")
+    lmms_task.add_argument("--max-new-tokens", type=int, default=DEFAULT_TASK_MAX_NEW_TOKENS)
+    lmms_task.set_defaults(handler=_lmms_task_command)
+
     tiny = commands.add_parser("tiny", help="save a tiny random model of a family with its processor (to try dpn "
                                             "train / eval offline)")
     tiny.add_argument("--family", choices=("llava", *TINY_FAMILIES), default="llava")
@@ -318,6 +376,36 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", help="answer this one question and exit (default: read questions from stdin)")
     chat.add_argument("--max-new-tokens", type=int, default=128)
     chat.set_defaults(handler=_chat_command)
+
+    server = commands.add_parser("serve", help="an OpenAI-compatible chat server; concurrent requests share batches")
+    server.add_argument("--model", required=True, help="model directory (its saved pyramid is used, if any)")
+    server.add_argument("--pyramid", default="saved", help=f"saved | {presets.spec_help()}")
+    server.add_argument("--host", default=serve_defaults.DEFAULT_HOST, help="address to listen on (default: loopback only)")
+    server.add_argument("--port", type=int, default=serve_defaults.DEFAULT_PORT)
+    server.add_argument("--name", help="the model id clients ask for (default: the model directory's name)")
+    server.add_argument("--image-folder", help="allow local image paths inside this folder (default: data URLs only)")
+    server.add_argument("--batch-window-ms", type=float, default=serve_defaults.DEFAULT_BATCH_WINDOW_MS,
+                        help="how long a request waits for others to share its batch")
+    server.add_argument("--max-batch-size", type=int, default=serve_defaults.DEFAULT_MAX_BATCH_SIZE)
+    server.add_argument("--max-queue", type=int, default=serve_defaults.DEFAULT_MAX_QUEUE,
+                        help="waiting requests beyond this are answered 503")
+    server.add_argument("--max-images", type=int, default=serve_defaults.DEFAULT_MAX_IMAGES, help="per request")
+    server.add_argument("--max-tokens", type=int, default=serve_defaults.DEFAULT_MAX_TOKENS,
+                        help="new tokens when a request does not say")
+    server.set_defaults(handler=_serve_command)
+
+    serve_bench = commands.add_parser("serve-bench", help="requests/s and latency of dpn serve at fixed "
+                                                          "concurrencies, with and without the pyramid")
+    serve_bench.add_argument("--model", required=True, help="model directory")
+    serve_bench.add_argument("--data", required=True, help="LLaVA-format JSON whose questions are sent")
+    serve_bench.add_argument("--pyramid", action="append", help="repeatable (default: saved and none)")
+    serve_bench.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    serve_bench.add_argument("--requests", type=int, default=64, help="requests per row")
+    serve_bench.add_argument("--max-tokens", type=int, default=8)
+    serve_bench.add_argument("--batch-window-ms", type=float, default=serve_defaults.DEFAULT_BATCH_WINDOW_MS)
+    serve_bench.add_argument("--max-batch-size", type=int, default=serve_defaults.DEFAULT_MAX_BATCH_SIZE)
+    serve_bench.add_argument("--json", help="also write the rows as JSON")
+    serve_bench.set_defaults(handler=_serve_bench_command)
 
     demo = commands.add_parser("demo", help="benchmark, fine-tune with/without DPN and static, evaluate, compare")
     demo.add_argument("--out", default="runs/demo", help="output directory")
