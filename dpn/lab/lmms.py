@@ -1,0 +1,123 @@
+"""dpn as an lmms-eval model: ``lmms-eval --model dpn --model_args pretrained=DIR,pyramid=SPEC``.
+
+lmms-eval (>= 0.7) finds this model through the ``lmms_eval.models`` entry point (``manifest``).
+It is a chat-style model: each request's ``doc_to_messages`` (images and text) is answered by the
+same engine as ``dpn chat`` and ``dpn serve`` (``dpn.lab.answering``), ``--batch_size`` requests
+at a time in one padded batch with per-sample routing. Model arguments:
+
+- ``pretrained``: a local model directory (any family ``dpn.lab.zoo.load`` reads);
+- ``pyramid``: ``saved`` (default: the one saved beside the model), ``none``, or a spec;
+- ``max_new_tokens``: when the task does not say (default 128);
+- ``stats``: a JSONL file that receives, per answered document, the visual tokens after each
+  stage and the LLM FLOPs ratio (it must not exist yet: runs are never mixed).
+
+lmms-eval's messages tasks only generate (they refuse ``loglikelihood`` output types), so this
+model answers ``generate_until``; ``loglikelihood`` raises a clear error.
+
+``dpn data lmms-task`` (``dpn.lab.data.lmms_task``) turns LLaVA-format data into a local task.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from lmms_eval.api.model import lmms
+from lmms_eval.models.registry_v2 import ModelManifest
+from tqdm.auto import tqdm
+
+from dpn.lab.answering import Answerer, Question
+from dpn.lab.data.llava import IMAGE_PLACEHOLDER
+from dpn.lab.evaluate import load_for_eval
+
+MODEL_ID = "dpn"
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+class DpnLmms(lmms):
+    """A local multimodal model with (or without) a pyramid, for lmms-eval."""
+
+    is_simple = False
+
+    def __init__(self, pretrained: str, pyramid: str = "saved", batch_size: int | str = 1,
+                 max_new_tokens: int | str = DEFAULT_MAX_NEW_TOKENS, stats: str | None = None,
+                 device: str | None = None, **unused: Any) -> None:
+        super().__init__()
+        if not (Path(pretrained) / "config.json").is_file():
+            raise ValueError(f"pretrained={pretrained}: no model there (a directory with config.json)")
+        if str(batch_size).startswith("auto"):
+            raise ValueError("dpn takes a fixed --batch_size N (not auto)")
+        self.batch_size_per_gpu = int(batch_size)
+        self.max_new_tokens = int(max_new_tokens)
+        if self.batch_size_per_gpu < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"batch_size and max_new_tokens must be at least 1, got {batch_size}, {max_new_tokens}")
+        self.stats_path = Path(stats) if stats else None
+        if self.stats_path is not None and self.stats_path.exists():
+            raise ValueError(f"stats={self.stats_path} exists: remove it or name another (runs are never mixed)")
+        model, processor = load_for_eval(pretrained, pyramid)
+        if device and device != "cpu" and torch.cuda.is_available():
+            model.to(device)
+        self.answerer = Answerer(model, processor)
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    def _question(self, request) -> tuple[Question, list[str]]:
+        _, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
+        messages, images = [], []
+        for message in doc_to_messages(self.task_dict[task][split][doc_id]):
+            content = message["content"]
+            if isinstance(content, str):
+                messages.append({"role": message["role"], "content": content})
+                continue
+            text = ""
+            for part in content:
+                if part["type"] == "image":
+                    images.append(part["url"].convert("RGB"))
+                    text += f"{IMAGE_PLACEHOLDER}\n"
+                elif part["type"] == "text":
+                    text += part["text"]
+                else:
+                    raise ValueError(f"dpn answers about images and text; task {task} sent a {part['type']!r} part")
+            messages.append({"role": message["role"], "content": text})
+        kwargs = dict(gen_kwargs or {})
+        until = kwargs.get("until") or []
+        question = Question(messages, images, int(kwargs.get("max_new_tokens", self.max_new_tokens)),
+                            float(kwargs.get("temperature", 0.0) or 0.0))
+        return question, [until] if isinstance(until, str) else list(until)
+
+    def generate_until(self, requests) -> list[str]:
+        answers: list[str] = []
+        for start in tqdm(range(0, len(requests), self.batch_size), desc="dpn answering", disable=self.rank != 0):
+            chunk = requests[start:start + self.batch_size]
+            questions = [self._question(request) for request in chunk]
+            prepared = [self.answerer.prepare(question) for question, _ in questions]
+            for request, (_, until), answer in zip(chunk, questions, self.answerer.answer(prepared)):
+                text = answer.text
+                for stop in until:
+                    text = text.split(stop)[0] if stop else text
+                answers.append(text)
+                self.cache_hook.add_partial("generate_until", (request.args[0], request.args[2]), text)
+                self._record(request, text, answer)
+        return answers
+
+    def _record(self, request, text: str, answer) -> None:
+        if self.stats_path is None:
+            return
+        _, _, _, doc_id, task, split = request.args
+        with self.stats_path.open("a") as sink:
+            sink.write(json.dumps({"task": task, "split": split, "doc_id": doc_id, "prediction": text,
+                                   "visual_tokens": answer.visual_tokens, "flops_ratio": answer.flops_ratio}) + "\n")
+
+    def loglikelihood(self, requests):
+        raise NotImplementedError("the dpn lmms-eval model is chat-style: lmms-eval's messages tasks only generate "
+                                  "(generate_until); run multiple-choice tasks in their generation form")
+
+    def generate_until_multi_round(self, requests):
+        raise NotImplementedError("the dpn lmms-eval model answers single-round generate_until tasks")
+
+
+manifest = ModelManifest(model_id=MODEL_ID, chat_class_path=f"{__name__}.{DpnLmms.__name__}")
