@@ -4,6 +4,7 @@ The engine behind ``dpn chat``, ``dpn serve`` and the lmms-eval plugin: conversa
 messages whose ``<image>`` placeholders stand for their images) are encoded as ``dpn eval``
 encodes its samples, padded on the left into one batch, prefilled once (the pyramid routes each
 sample on its own) and decoded with the KV cache. Each answer carries what the pyramid did to it.
+``loglikelihoods`` scores given continuations instead (multiple-choice evaluation).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from PIL import Image
 
 from dpn.lab.data.images import family_images
-from dpn.lab.data.llava import LlavaCollator, encode_messages
+from dpn.lab.data.llava import IGNORE_INDEX, LlavaCollator, encode_messages
 from dpn.lab.decoding import decode, prompt_positions
 from dpn.lab.pyramids import prompt_router_token
 
@@ -114,6 +115,27 @@ class Answerer:
         routing = getattr(prefill, "routing", None)
         return [self._answer(p, row, tokens[row].tolist(), routing, first_token_seconds)
                 for row, p in enumerate(prepared)]
+
+    @torch.no_grad()
+    def loglikelihoods(self, prepared: list[Prepared], continuations: list[list[int]]) -> list[tuple[float, bool]]:
+        """For each prepared question and continuation (token ids), as one batch: the log-probability
+        of the continuation after the question's generation prompt, and whether greedy decoding
+        would produce it. Pooling touches only visual tokens, so with left padding the last tokens of
+        every row are its continuation, whatever the pyramid kept before them."""
+        if any(not ids for ids in continuations):
+            raise ValueError("a continuation must have at least one token")
+        samples = [{**p.sample, "input_ids": p.sample["input_ids"] + ids,
+                    "labels": p.sample["labels"] + [IGNORE_INDEX] * len(ids)} for p, ids in zip(prepared, continuations)]
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in self.collate(samples).items()}
+        logits = self.model(**batch, use_cache=False).logits.float()
+        results = []
+        for row, ids in enumerate(continuations):
+            scores = torch.log_softmax(logits[row, -len(ids) - 1:-1], dim=-1)
+            targets = torch.tensor(ids, device=scores.device)
+            results.append((float(scores.gather(1, targets[:, None]).sum()),
+                            bool((scores.argmax(-1) == targets).all())))
+        return results
 
     def _answer(self, prepared: Prepared, row: int, tokens: list[int], routing, first_token_seconds: float) -> Answer:
         eos = self.tokenizer.eos_token_id

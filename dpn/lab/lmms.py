@@ -11,8 +11,9 @@ at a time in one padded batch with per-sample routing. Model arguments:
 - ``stats``: a JSONL file that receives, per answered document, the visual tokens after each
   stage and the LLM FLOPs ratio (it must not exist yet: runs are never mixed).
 
-lmms-eval's messages tasks only generate (they refuse ``loglikelihood`` output types), so this
-model answers ``generate_until``; ``loglikelihood`` raises a clear error.
+lmms-eval's messages tasks only generate (they refuse ``loglikelihood`` output types), so lmms-eval
+sends this model ``generate_until`` requests; ``loglikelihood`` scores continuations for callers that
+send its arguments (the same engine, tested against cached greedy decoding).
 
 ``dpn data lmms-task`` (``dpn.lab.data.lmms_task``) turns LLaVA-format data into a local task.
 """
@@ -112,11 +113,28 @@ class DpnLmms(lmms):
             sink.write(json.dumps({"task": task, "split": split, "doc_id": doc_id, "prediction": text,
                                    "visual_tokens": answer.visual_tokens, "flops_ratio": answer.flops_ratio}) + "\n")
 
-    def loglikelihood(self, requests):
-        raise NotImplementedError("the dpn lmms-eval model is chat-style: lmms-eval's messages tasks only generate "
-                                  "(generate_until); run multiple-choice tasks in their generation form")
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        """(log-probability, is greedy) of each request's continuation after its context and images,
+        ``--batch_size`` requests at a time. lmms-eval's messages tasks only generate; this serves
+        callers that send its loglikelihood arguments (context, continuation or ``doc_to_target``,
+        ``doc_to_visual``, doc id, task, split)."""
+        scores: list[tuple[float, bool]] = []
+        for start in tqdm(range(0, len(requests), self.batch_size), desc="dpn scoring", disable=self.rank != 0):
+            prepared, continuations = [], []
+            for request in requests[start:start + self.batch_size]:
+                context, target, doc_to_visual, doc_id, task, split = request.args
+                doc = self.task_dict[task][split][doc_id]
+                continuation = target(doc) if callable(target) else target
+                images = [image.convert("RGB") for image in (doc_to_visual(doc) or [])] if doc_to_visual else []
+                question = Question([{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n" * len(images) + context}],
+                                    images)
+                prepared.append(self.answerer.prepare(question))
+                continuations.append(self.answerer.tokenizer(str(continuation), add_special_tokens=False)["input_ids"])
+            scores += self.answerer.loglikelihoods(prepared, continuations)
+        return scores
 
     def generate_until_multi_round(self, requests):
+        # lmms-eval declares this method abstract; multi-round generation is outside what dpn offers here.
         raise NotImplementedError("the dpn lmms-eval model answers single-round generate_until tasks")
 
 

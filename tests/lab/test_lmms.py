@@ -58,8 +58,6 @@ def test_bad_model_arguments_are_clear_errors(data, tmp_path):
     (tmp_path / "stats.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="runs are never mixed"):
         DpnLmms(pretrained=str(SHIPPED_BASE), stats=str(tmp_path / "stats.jsonl"))
-    with pytest.raises(NotImplementedError, match="only generate"):
-        DpnLmms(pretrained=str(SHIPPED_BASE)).loglikelihood([])
 
 
 def test_a_task_takes_one_question_per_sample(data, tmp_path):
