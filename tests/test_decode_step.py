@@ -110,3 +110,34 @@ def test_kv_cache_bytes_count_what_the_cache_holds():
     step = _step(model, batch, pooled)
     assert cache_bytes(step.past_key_values) + 4 * layers * per_token == grown
     assert largest_decoding_batch(grown, 10 * grown + 1) == 10
+
+
+@pytest.mark.parametrize("forced, distinct_shifts", [([[0, 0, 0]], 1), ([[2, 0, 0]], 2), ([[2, 1, 0]], 3), ([[1, 1, 1]], 4)])
+def test_a_decoding_step_computes_every_segments_rotary_in_one_call(forced, distinct_shifts):
+    """Segments after a stage that changed nothing share their position shift (one tensor, kept
+    shared through beam reordering); a decoding step computes the rotary of all distinct shifts at once."""
+    model = tiny_llava()
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
+    batch = batch_of([make_prompt(3, 2)])
+    prefill = _prefill(model, batch, forced)
+    cache = prefill.past_key_values
+    cache.reorder_cache(torch.tensor([0]))
+    shifts = [cache.shift(segment) for segment in range(cache.num_segments)]
+    distinct = {id(shift) for shift in shifts}
+    assert len(distinct) == distinct_shifts  # the unshifted input segment (0) counts as one
+    rotary = model.model.language_model.rotary_emb
+    calls, forward = [], rotary.forward
+    rotary.forward = lambda *args, **kwargs: calls.append(1) or forward(*args, **kwargs)
+    try:
+        step = _step(model, batch, prefill)
+    finally:
+        del rotary.forward
+    assert len(calls) == 1
+    # and the step computes what the whole sequence does uncached (the labels keep the routers' query)
+    ids = torch.cat([batch["input_ids"], prefill.logits[:, -1:].argmax(-1)], 1)
+    labels = torch.full_like(ids, -100)
+    labels[:, -1] = ids[:, -1]
+    with torch.no_grad():
+        uncached = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, pixel_values=pixels(1),
+                         force_experts=forced, use_cache=False)
+    torch.testing.assert_close(step.logits[:, -1], uncached.logits[:, -1], atol=1e-5, rtol=0)

@@ -431,3 +431,44 @@ def test_a_missing_router_token_fails_only_for_strategies_that_read_it():
                 with pytest.raises(ValueError, match=r"samples \[1\] have an image but no router token"):
                     model(**batch, pixel_values=pixels(2))
         dpn.remove_pyramid(model)
+
+
+def test_a_stride_one_stage_without_scaling_copies_no_token():
+    """A kept (1x1) grid whose tokens are not scaled is left where it is: the plan replaces nothing,
+    so the stage neither copies the tokens nor rebuilds the layout. With the paper's scaling the
+    kept tokens are multiplied by the expert's probability and so are replaced."""
+    batch = batch_of([make_prompt(3, 5, seed=1), make_prompt(6, 2, seed=2)])
+    forced = torch.tensor([[0, 2, 0], [0, 1, 0]])
+    replaced = {}
+    for scale in ("none", "value"):
+        model = tiny_llava()
+        dpn.apply_pyramid(model, pyramid_config(probability_scale=scale))
+        plans, plan = [], model.pyramid.plan
+        model.pyramid.plan = lambda stage, inputs: plans.append(plan(stage, inputs)) or plans[-1]
+        with torch.no_grad():
+            out = model(**batch, pixel_values=pixels(2), force_experts=forced)
+        replaced[scale] = [sorted(p.spans) for p in plans]
+        assert out.routing.visual_tokens.tolist() == [[64, 64, 16, 16], [64, 64, 32, 32]]
+    assert replaced["none"] == [[], [0, 1], []]
+    assert replaced["value"] == [[0, 1], [0, 1], [0, 1]]
+
+
+def test_segments_on_an_unchanged_layout_reuse_the_masks():
+    """The attention masks are built once per layout: a stage that changed nothing hands its masks on."""
+    from dpn.runtime import segments
+
+    model = tiny_llava()
+    dpn.apply_pyramid(model, pyramid_config())
+    batch = batch_of([make_prompt(3, 5, seed=1)])
+    builder, built = segments.MASK_FUNCTIONS["full_attention"], []
+    segments.MASK_FUNCTIONS["full_attention"] = lambda **kwargs: built.append(1) or builder(**kwargs)
+    counts = {}
+    try:
+        for name, forced in {"all kept": 0, "first pools": [[2, 0, 0]], "all pool": [[1, 1, 1]]}.items():
+            built.clear()
+            with torch.no_grad():
+                model(**batch, pixel_values=pixels(1), force_experts=forced)
+            counts[name] = len(built)
+    finally:
+        segments.MASK_FUNCTIONS["full_attention"] = builder
+    assert counts == {"all kept": 1, "first pools": 2, "all pool": 4}

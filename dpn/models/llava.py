@@ -61,10 +61,6 @@ class LlavaAdapter(ModelAdapter):
         image_token_id = model.config.image_token_id
         if inputs_embeds is None:
             inputs_embeds = llava.get_input_embeddings()(input_ids)
-            image_mask = input_ids == image_token_id
-        else:
-            image_token = llava.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
-            image_mask = (inputs_embeds == image_token).all(-1)
         batch, length, _ = inputs_embeds.shape
         positions = self.positions.initial(call.position_ids, call.attention_mask, batch, length, call.past_length,
                                            inputs_embeds.device)
@@ -76,6 +72,11 @@ class LlavaAdapter(ModelAdapter):
             raise ValueError("give pixel_values or mm_encoder_outputs, not both")
         if pixel_values is None and encoded is None:  # as in the stock model, placeholders without images are text
             return PreparedBatch(inputs_embeds, VisualSpans(), positions)
+        if input_ids is not None:
+            image_mask = input_ids == image_token_id
+        else:
+            image_token = llava.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
+            image_mask = (inputs_embeds == image_token).all(-1)
         if encoded is None:
             vision = {k: v for k, v in family.items() if v is not None}
             encoded = llava.get_image_features(pixel_values=pixel_values, return_dict=True, **vision)

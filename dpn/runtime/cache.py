@@ -46,9 +46,18 @@ class PyramidCache(DynamicCache):
             self.position_shift[segment] = shift
 
     def _map_state(self, fn) -> None:
-        self.key_masks = [None if m is None else fn(m) for m in self.key_masks]
-        self.position_shift = [None if s is None else fn(s) for s in self.position_shift]
-        self.family_state = {k: fn(v) for k, v in self.family_state.items()}
+        mapped: dict[int, torch.Tensor] = {}  # segments that shared a tensor (e.g. a shift) keep sharing it
+
+        def once(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            if id(tensor) not in mapped:
+                mapped[id(tensor)] = fn(tensor)
+            return mapped[id(tensor)]
+
+        self.key_masks = [once(m) for m in self.key_masks]
+        self.position_shift = [once(s) for s in self.position_shift]
+        self.family_state = {k: once(v) for k, v in self.family_state.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)

@@ -43,6 +43,8 @@ class PyramidForward:
         self.__signature__ = stock.replace(parameters=[*parameters, force, *extra])
 
     def __call__(self, *args: Any, **kwargs: Any) -> PyramidCausalLMOutput | tuple:
+        if not args:  # keywords only (generate, the Trainer): binding would give the same dict, slower
+            return pyramid_forward(self.model, **kwargs)
         bound = self.__signature__.bind(*args, **kwargs)
         arguments = dict(bound.arguments)
         for parameter in self.__signature__.parameters.values():
@@ -83,7 +85,7 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     forced = forced_experts(force_experts, batch, strategy, device) if prefill else None
     track_shift = cache is not None and config.positions == "renumber" and len(spans) > 0
     decoder = adapter.decoder(model)
-    layers = decoder.layers[: geometry.num_layers]
+    layers = list(decoder.layers)[: geometry.num_layers]  # a plain list: slicing a ModuleList builds a new module
     runner = SegmentRunner(
         model.config, geometry.text_config, decoder, layers, layer_types_of(geometry.text_config), adapter.positions,
         cache, use_cache, prepared.layer_arguments, config.group_by_length, bool(call.output_hidden_states),

@@ -50,7 +50,8 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str, policy) -> tuple[C
     flat = chunk.hidden.reshape(batch * length, width)
     rows = plan.rows.to(flat.dtype)
     if all(spans.size(k) == r * c for k, (r, c) in zip(plan.spans, plan.grids)):
-        hidden = flat.index_copy(0, spans.token_index(plan.spans, length, device), rows).view(batch, length, width)
+        index = plan.token_index if plan.token_index is not None else spans.token_index(plan.spans, length, device)
+        hidden = flat.index_copy(0, index, rows).view(batch, length, width)
         return replace(chunk, hidden=hidden), False
     rows, representatives, new_sizes = with_newlines(plan, spans, flat, rows, length)
     old_index = spans.extent_index(plan.spans, length, device)  # a replaced grid's newlines go with it

@@ -7,7 +7,7 @@ segment's layers as separate groups (``length_groups``), each padded to its own 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -69,20 +69,18 @@ def step_masks(text_config, layer_types, first, end, hidden, key_mask) -> dict[s
     them the general way.
 
     One query token attends to every real cached key of its segment and to itself, so its mask is
-    the segment's key mask as it is: (batch, 1, 1, keys) bool for sdpa, additive for eager. The
-    general builder would ask the device whether any key is padding (to drop the mask), once per
-    segment and step. Sliding-window layers and other attention kernels take the general way.
+    the segment's key mask as it is: (batch, 1, 1, keys), additive. The general builder would ask
+    the device whether any key is padding (to drop the mask), once per segment and step.
+    Sliding-window layers and other attention kernels take the general way.
     """
     implementation = getattr(text_config, "_attn_implementation", None)
     if hidden.shape[1] != 1 or implementation not in STEP_MASK_IMPLEMENTATIONS:
         return None
     if any(layer_types[index] != "full_attention" for index in range(first, end)):
         return None
-    mask = key_mask[:, None, None, :]
-    if implementation == "eager":
-        mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(hidden.dtype).min)
-    return {"full_attention": mask}
+    # Additive (0 / dtype min), for both kernels: sdpa would turn a bool mask into this in every layer.
+    mask = torch.zeros((key_mask.shape[0], 1, 1, key_mask.shape[1]), dtype=hidden.dtype, device=key_mask.device)
+    return {"full_attention": mask.masked_fill_(~key_mask[:, None, None, :], torch.finfo(hidden.dtype).min)}
 
 
 def prepare_cache(past_key_values: Any, use_cache: bool, model_config: Any, num_segments: int):
@@ -174,21 +172,22 @@ class SegmentRunner:
     collect_hidden: bool
     input_last: torch.Tensor | None  # (batch,) last input position, when renumbered segments must record a shift
     record: bool  # count tokens per segment for the routing record (prefill; decoding steps skip it)
-    # The last rotary (positions, (cos, sin)): segments whose positions are the same tensor share it.
-    rotary: tuple[torch.Tensor, Any] | None = None
+    # The last masks ((key mask, positions), masks): a segment on the same layout, past and positions
+    # as the one before it (a stage that changed nothing) reuses them.
+    masks: tuple[tuple[torch.Tensor, torch.Tensor], dict] | None = None
+    # (positions, shift) object ids -> (positions, shift, shifted positions, rotary (cos, sin)): segments
+    # with the same positions and shift tensors share them (the entry holds both, so the ids stay theirs).
+    rotaries: dict[tuple[int, int], tuple] = field(default_factory=dict)
+    # The last (positions, shift, recorded shift): a segment after a stage that changed nothing reuses it.
+    recorded_shift: tuple | None = None
 
     def run(self, segment: int, bounds: tuple[int, int], chunk: Chunk, reshaped: bool) -> SegmentResult:
         first, end = bounds
         batch, device, cache = chunk.valid.shape[0], chunk.valid.device, self.cache
         shift = cache.shift(segment) if cache is not None else 0
-        positions = self.policy.shifted(chunk.positions, shift)
+        positions, position_embeddings = self.positions_and_rotary(segment, chunk, shift)
         past_mask = (cache.past_mask(segment, batch, device) if cache is not None
                      else torch.zeros(batch, 0, dtype=torch.bool, device=device))
-        if self.rotary is not None and self.rotary[0] is positions:
-            position_embeddings = self.rotary[1]
-        else:
-            position_embeddings = self.decoder.rotary_emb(chunk.hidden, positions)
-            self.rotary = (positions, position_embeddings)
         key_mask = torch.cat([past_mask, chunk.valid], dim=1) if past_mask.shape[1] else chunk.valid
         groups = None
         if (reshaped and not self.collect_hidden and past_mask.shape[1] == 0 and end > first and self.group_by_length
@@ -204,20 +203,64 @@ class SegmentRunner:
         if cache is not None:
             new_shift = None
             if reshaped and self.input_last is not None:
-                # Later tokens come with input positions; this segment's positions lag by what pooling removed.
-                segment_last = self.policy.at(chunk.positions, last_valid(chunk.valid))
-                new_shift = shift + (self.input_last - segment_last)
+                new_shift = self.new_shift(chunk, shift)
             cache.record(segment, key_mask, new_shift)
         if not self.record:
             return SegmentResult(chunk, last_input, position_embeddings, outputs, None, None)
         queries = chunk.valid.sum(1)
         return SegmentResult(chunk, last_input, position_embeddings, outputs, queries, past_mask.sum(1) + queries)
 
+    def positions_and_rotary(self, segment: int, chunk: Chunk, shift: torch.Tensor | int) -> tuple[torch.Tensor, Any]:
+        """The segment's positions (``chunk.positions`` less its shift) and their rotary (cos, sin),
+        computed once for segments that share positions and shift."""
+        key = (id(chunk.positions), id(shift))
+        if key not in self.rotaries and segment == 0 and not self.record and self.cache is not None:
+            self.rotaries.update(self.step_rotaries(chunk))
+        if key not in self.rotaries:
+            positions = self.policy.shifted(chunk.positions, shift)
+            self.rotaries[key] = (chunk.positions, shift, positions, self.decoder.rotary_emb(chunk.hidden, positions))
+        return self.rotaries[key][2:]
+
+    def step_rotaries(self, chunk: Chunk) -> dict[tuple[int, int], tuple]:
+        """At a decoding step every segment sees the same input positions less its own shift: the
+        rotary of all distinct shifts in one call, the shifted positions stacked along the batch.
+        (Only for the plain rotary: a dynamic one adapts to the largest position it is given.)"""
+        distinct = {}
+        for segment in range(self.cache.num_segments):
+            shift = self.cache.shift(segment)
+            distinct[id(shift)] = shift
+        if len(distinct) < 2 or getattr(self.decoder.rotary_emb, "rope_type", None) != "default":
+            return {}
+        shifted = [self.policy.shifted(chunk.positions, shift) for shift in distinct.values()]
+        batch_dim = chunk.positions.ndim - 2  # (batch, length), or (axes, batch, length) for M-RoPE
+        cos, sin = self.decoder.rotary_emb(chunk.hidden, torch.cat(shifted, batch_dim))
+        batch = chunk.hidden.shape[0]
+        return {(id(chunk.positions), key): (chunk.positions, shift, positions, (c, s))
+                for (key, shift), positions, c, s in zip(distinct.items(), shifted, cos.split(batch), sin.split(batch))}
+
+    def new_shift(self, chunk: Chunk, shift: torch.Tensor | int) -> torch.Tensor:
+        """The shift the segment records: later tokens come with input positions, and this segment's
+        positions lag by what pooling removed. A segment after a stage that changed nothing (same
+        positions, same shift) records the very tensor the one before it did, so that decoding steps
+        compute their positions and rotary once for both."""
+        if self.recorded_shift is not None and self.recorded_shift[0] is chunk.positions and self.recorded_shift[1] is shift:
+            return self.recorded_shift[2]
+        segment_last = self.policy.at(chunk.positions, last_valid(chunk.valid))
+        new_shift = shift + (self.input_last - segment_last)
+        self.recorded_shift = (chunk.positions, shift, new_shift)
+        return new_shift
+
     def run_layers(self, bounds, hidden, key_mask, positions, position_embeddings, cache):
         """Run decoder layers ``bounds[0]..bounds[1]-1``: the output, the last layer's input, every layer's output."""
         first, end = bounds
-        masks = attention_masks(self.text_config, self.layer_types, first, end, hidden, key_mask, cache,
-                                self.policy.mask_position_ids(positions))
+        key = (key_mask, positions)
+        if (self.masks is not None and all(a is b for a, b in zip(self.masks[0], key))
+                and all(kind in self.masks[1] for kind in self.layer_types[first:end])):
+            masks = self.masks[1]
+        else:
+            masks = attention_masks(self.text_config, self.layer_types, first, end, hidden, key_mask, cache,
+                                    self.policy.mask_position_ids(positions))
+            self.masks = (key, masks)
         return run_layers(self.layers, self.layer_types, bounds, hidden, masks, position_embeddings,
                           self.policy.layer_position_ids(positions), cache, self.use_cache, self.layer_arguments)
 

@@ -167,6 +167,8 @@ class StagePlan:
         expert_probability: (batch,) probability of the chosen expert (0 where not routed).
         router_probs: (batch, num_experts) router probabilities (zeros where not routed).
         routed: (batch,) bool, samples the router decided for.
+        token_index: the flat index of the replaced grids' visual tokens in the order of ``spans``,
+            where the strategy already computed it (else ``shrink`` does, when it needs it).
     """
 
     spans: list[int] = field(default_factory=list)
@@ -177,6 +179,7 @@ class StagePlan:
     expert_probability: torch.Tensor | None = None
     router_probs: torch.Tensor | None = None
     routed: torch.Tensor | None = None
+    token_index: torch.Tensor | None = None
 
     @classmethod
     def unrouted(cls, batch: int, num_experts: int, device: torch.device) -> StagePlan:

@@ -199,10 +199,14 @@ class GridPooling(Strategy):
         groups: dict[tuple[int, int, int, int], list[int]] = {}
         for k in eligible:
             kernel = experts[choice_of_sample[spans.sample[k]]]
+            if tuple(kernel) == (1, 1) and scale is None:
+                continue  # kept as it is: the layout does not change (no copy, no rebuild)
             groups.setdefault((spans.rows[k], spans.cols[k], *kernel), []).append(k)
+        if not groups:
+            return plan
 
         flat = hidden.reshape(batch * seq_len, width)
-        rows, representatives = [], []
+        rows, representatives, indices = [], [], []
         for (n_rows, n_cols, kh, kw), members in groups.items():
             index = spans.token_index(members, seq_len, device).view(len(members), n_rows * n_cols)
             tokens = flat[index].view(len(members), n_rows, n_cols, width)
@@ -211,12 +215,17 @@ class GridPooling(Strategy):
                 member_samples = host_tensor([spans.sample[k] for k in members], device)
                 pooled = pooled * scale[member_samples].to(pooled.dtype)[:, None, None]
             rows.append(pooled.reshape(-1, width))
-            origins = window_origins(n_rows, n_cols, (kh, kw), device)
-            representatives.append(index[:, origins].flatten())  # each window's first (top-left) token
+            indices.append(index.flatten())
+            if (kh, kw) == (1, 1):
+                representatives.append(indices[-1])
+            else:
+                origins = window_origins(n_rows, n_cols, (kh, kw), device)
+                representatives.append(index[:, origins].flatten())  # each window's first (top-left) token
             plan.spans.extend(members)
             plan.grids.extend([pooled_grid((n_rows, n_cols), (kh, kw), 0)] * len(members))
         plan.rows = torch.cat(rows)
         plan.representatives = torch.cat(representatives)
+        plan.token_index = torch.cat(indices)
         return plan
 
     def token_scale(self, probability: torch.Tensor) -> torch.Tensor | None:
