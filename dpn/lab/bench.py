@@ -38,6 +38,7 @@ from dpn.lab.decoding import greedy_continue, prompt_positions
 from dpn.flops import vision_flops
 from dpn.memory import cache_bytes, kv_cache_bytes, largest_decoding_batch
 from dpn.models import geometry_of
+from dpn.lab.overhead import runtime_overhead
 from dpn.lab.timing import paired_medians, sync
 
 ROUTINGS = ("weakest", "mixed", "strongest")
@@ -214,6 +215,7 @@ def _measure(model, batch, labels, forced, vision: float, vanilla_memory, option
         lambda: _decode_seconds(model, batch, steps, force_experts=forced), **timing,
     )
     kv = _kv_cache(model, batch, forced, record, steps, options.kv_budget_gib)
+    overhead = runtime_overhead(model, batch, forced, steps, **timing)
     vanilla_train = train = train_note = None
     if options.train_step:
         model.train()
@@ -240,6 +242,10 @@ def _measure(model, batch, labels, forced, vision: float, vanilla_memory, option
         "vanilla_decode_tokens_per_s": batch_size * steps / vanilla_decode,
         "end_to_end_speedup": (vanilla_prefill + vanilla_decode) / (prefill + decode),
         **kv,
+        "overhead_prefill_ms": overhead["overhead_prefill_ms"],
+        "overhead_prefill_share": overhead["overhead_prefill_ms"] / (vanilla_prefill * 1e3),
+        "overhead_decode_step_us": overhead["overhead_decode_step_us"],
+        "overhead_decode_share": overhead["overhead_decode_step_us"] / (vanilla_decode / steps * 1e6),
         "peak_memory_mib": memory, "vanilla_peak_memory_mib": vanilla_memory,
         "train_step_ms": None if train is None else train * 1e3,
         "vanilla_train_step_ms": None if vanilla_train is None else vanilla_train * 1e3,
@@ -315,6 +321,13 @@ def run_bench(options: BenchOptions, device: torch.device | None = None, json_pa
     return report
 
 
+def _overhead_cell(row: dict[str, Any]) -> str:
+    if "overhead_prefill_ms" not in row:  # a report from before the column
+        return "-"
+    return (f"{row['overhead_prefill_ms']:+.2f} ({100 * row['overhead_prefill_share']:+.1f}%), "
+            f"{row['overhead_decode_step_us']:+.0f} ({100 * row['overhead_decode_share']:+.1f}%)")
+
+
 COLUMNS = (
     ("preset", lambda r: r["preset"]),
     ("batch", lambda r: str(r["batch_size"])),
@@ -331,6 +344,7 @@ COLUMNS = (
      if "kv_cache_mib_per_sequence" in r else "-"),
     ("decode batch in budget (vanilla)", lambda r: f"{r['decode_batch_in_budget']} ({r['vanilla_decode_batch_in_budget']})"
      if "decode_batch_in_budget" in r else "-"),
+    ("runtime overhead: prefill ms, decode µs/step (% of vanilla)", _overhead_cell),
     ("train step speedup", lambda r: f"{r['train_speedup']:.2f}x" if r["train_speedup"] is not None
      else r.get("train_note") or "-"),
     ("peak MiB (vanilla)", lambda r: "-" if r["peak_memory_mib"] is None
@@ -371,7 +385,9 @@ tokens per second over the batch after the prefill; end-to-end = vanilla / pyram
 prefill plus the decoded tokens; KV MiB/seq = the cache after the prefill per sequence (measured:
 what the cache holds, batch padding included); decode batch in budget = how many sequences' caches
 (computed per sample, prompt + decoded tokens) fit the `--kv-budget-gib` memory (weights not
-counted); train step = forward + backward time ratio.
+counted); runtime overhead = what the pyramid adds to the work around the layers, per prefill and
+per decoding step, timed with every decoder layer passed through (`dpn/lab/overhead.py`), and its
+share of the vanilla model's full prefill or step; train step = forward + backward time ratio.
 Routing is forced: `weakest` keeps every token (the runtime's own overhead), `strongest` pools with
 the last expert at every stage, `mixed` draws each sample's experts at random (different routing
 per sample in one batch). `--strategy` adds rows for the peers (`fastv:0.5`, `pdrop:0.5`,

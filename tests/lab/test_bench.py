@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -28,6 +29,9 @@ def test_rows_cover_every_routing_with_positive_measurements(report):
         for key in ("prefill_ms", "vanilla_prefill_ms", "decode_tokens_per_s", "train_step_ms"):
             assert row[key] > 0
         assert row["efficiency"] == pytest.approx(row["measured_speedup"] / row["theoretical_speedup"])
+        for key in ("overhead_prefill_ms", "overhead_decode_step_us"):  # a difference: either sign, finite
+            assert math.isfinite(row[key])
+        assert row["overhead_prefill_share"] == pytest.approx(row["overhead_prefill_ms"] / row["vanilla_prefill_ms"])
 
 
 def test_kv_cache_columns_follow_the_kept_tokens(report):
