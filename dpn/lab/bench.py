@@ -46,6 +46,8 @@ DEFAULT_TEXT_TOKENS = 64
 DEFAULT_DECODE_TOKENS = 16
 # KV-cache memory the "decode batch" column fills: an 80 GB GPU's share after a 7B model's weights.
 DEFAULT_KV_BUDGET_GIB = 40.0
+# Paired runs behind the runtime-overhead columns, at least (see ``dpn.lab.overhead``).
+OVERHEAD_MIN_REPEATS = 10
 
 
 @dataclass
@@ -215,7 +217,9 @@ def _measure(model, batch, labels, forced, vision: float, vanilla_memory, option
         lambda: _decode_seconds(model, batch, steps, force_experts=forced), **timing,
     )
     kv = _kv_cache(model, batch, forced, record, steps, options.kv_budget_gib)
-    overhead = runtime_overhead(model, batch, forced, steps, **timing)
+    # The overhead is a small difference of cheap runs (no layers): more of them than the other columns.
+    overhead = runtime_overhead(model, batch, forced, steps, **{**timing, "repeats": max(options.repeats,
+                                                                                        OVERHEAD_MIN_REPEATS)})
     vanilla_train = train = train_note = None
     if options.train_step:
         model.train()
@@ -321,6 +325,11 @@ def run_bench(options: BenchOptions, device: torch.device | None = None, json_pa
     return report
 
 
+def _rate(value: float) -> str:
+    """Three significant digits up to 100, whole numbers above (5.06, 47.3, 1632)."""
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
 def _overhead_cell(row: dict[str, Any]) -> str:
     if "overhead_prefill_ms" not in row:  # a report from before the column
         return "-"
@@ -338,7 +347,7 @@ COLUMNS = (
     ("speedup measured", lambda r: f"{r['measured_speedup']:.2f}x"),
     ("speedup FLOPs", lambda r: f"{r['theoretical_speedup']:.2f}x"),
     ("efficiency", lambda r: f"{r['efficiency']:.2f}"),
-    ("decode tok/s (vanilla)", lambda r: f"{r['decode_tokens_per_s']:.0f} ({r['vanilla_decode_tokens_per_s']:.0f})"),
+    ("decode tok/s (vanilla)", lambda r: f"{_rate(r['decode_tokens_per_s'])} ({_rate(r['vanilla_decode_tokens_per_s'])})"),
     ("end-to-end speedup", lambda r: f"{r['end_to_end_speedup']:.2f}x" if "end_to_end_speedup" in r else "-"),
     ("KV MiB/seq (vanilla)", lambda r: f"{r['kv_cache_mib_per_sequence']:.2f} ({r['vanilla_kv_cache_mib_per_sequence']:.2f})"
      if "kv_cache_mib_per_sequence" in r else "-"),
