@@ -75,3 +75,42 @@ def test_the_lmms_model_scores_its_requests_with_the_engine(answerer_and_questio
     scores = lm.loglikelihood(requests)
     assert [greedy for _, greedy in scores] == [greedy for _, greedy in expected]
     assert [score for score, _ in scores] == pytest.approx([score for score, _ in expected])
+
+
+def test_the_lmms_model_answers_round_after_round_as_the_engine_answers_each_round(answerer_and_questions):
+    """Multi-round tasks: each round is the engine's answer to that round's question; the task sees
+    the answers so far and its own round info, and ends each document when it says so."""
+    pytest.importorskip("lmms_eval")
+    from types import SimpleNamespace
+
+    from dpn.lab.lmms import DpnLmms
+
+    answerer, questions = answerer_and_questions
+    lm = DpnLmms(pretrained=str(BASE_CHECKPOINT), pyramid="static:1x2", batch_size=2)
+    docs = [{"image": q.images[0], "question": q.messages[0]["content"], "rounds": rounds}
+            for q, rounds in zip(questions, (2, 3))]
+    lm.task_dict = {"t": {"test": docs}}
+    seen = []
+
+    def doc_to_text(doc, previous_output=None, round_idx=None, previous_round_info=None):
+        seen.append((docs.index(doc), list(previous_output), round_idx, previous_round_info))
+        terminal = round_idx == doc["rounds"]
+        return ([doc["image"]], f"{doc['question']} (again {round_idx})", terminal, previous_output, round_idx)
+
+    gen_kwargs = {"max_new_tokens": NEW_TOKENS, "until": []}
+    requests = [SimpleNamespace(args=(doc["question"], gen_kwargs, lambda d: [d["image"]], doc_to_text, i, "t", "test"))
+                for i, doc in enumerate(docs)]
+    results = lm.generate_until_multi_round(requests)
+    assert [len(answers) for answers in results] == [2, 3]
+    for doc, answers in zip(docs, results):
+        for round_index, answer in enumerate(answers):
+            text = doc["question"] if round_index == 0 else f"{doc['question']} (again {round_index})"
+            alone = answerer.answer([answerer.prepare(Question([{"role": "user", "content": "<image>\n" + text}],
+                                                               [doc["image"]], NEW_TOKENS))])[0]
+            assert answer == alone.text
+    # the task saw each document's answers so far and what it returned the round before
+    assert (0, results[0][:1], 1, None) in seen and (1, results[1][:2], 2, 1) in seen
+    assert [entry[:3] for entry in seen if entry[0] == 0] == [(0, results[0][:1], 1), (0, results[0][:2], 2)]
+    with pytest.raises(ValueError, match="answers about images"):  # a video path is not silently dropped
+        lm.generate_until_multi_round([SimpleNamespace(args=("q", gen_kwargs, lambda d: ["clip.mp4"], doc_to_text, 0,
+                                                             "t", "test"))])
