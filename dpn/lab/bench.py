@@ -38,7 +38,7 @@ from dpn.lab.decoding import greedy_continue, prompt_positions
 from dpn.flops import vision_flops
 from dpn.memory import cache_bytes, kv_cache_bytes, largest_decoding_batch
 from dpn.models import geometry_of
-from dpn.lab.overhead import runtime_overhead
+from dpn.lab.overhead import layers_passed_through
 from dpn.lab.timing import paired_medians, sync
 
 ROUTINGS = ("weakest", "mixed", "strongest")
@@ -282,15 +282,39 @@ def _kv_cache(model, batch, forced, record, steps: int, budget_gib: float) -> di
     }
 
 
-def _vanilla(run, model, *args):
-    """``run(model, *args)`` with the pyramid taken off for the call."""
+def runtime_overhead(model, batch, forced, steps: int, repeats: int, warmup: int,
+                     device: torch.device) -> dict[str, float]:
+    """Milliseconds per prefill and microseconds per decoding step that the pyramid on ``model``
+    (``forced`` routing) adds to the work around the layers: the same paired runs as the other
+    columns, with every decoder layer passed through (``dpn.lab.overhead``)."""
+    timing = dict(repeats=repeats, warmup=warmup, device=device)
+    prefill_arguments = dict(use_cache=True, position_ids=prompt_positions(model, batch))  # as generate prefills
+    with layers_passed_through(model):
+        vanilla_prefill, prefill = paired_medians(
+            lambda: _vanilla(_prefill, model, batch, **prefill_arguments),
+            lambda: _prefill(model, batch, force_experts=forced, **prefill_arguments), **timing,
+        )
+        vanilla_decode, decode = paired_medians(
+            lambda: _vanilla(_decode_seconds, model, batch, steps),
+            lambda: _decode_seconds(model, batch, steps, force_experts=forced), **timing,
+        )
+    return {
+        "overhead_prefill_ms": (prefill - vanilla_prefill) * 1e3,
+        "overhead_decode_step_us": (decode - vanilla_decode) / steps * 1e6,
+        "around_layers_prefill_ms": vanilla_prefill * 1e3,
+        "around_layers_decode_step_us": vanilla_decode / steps * 1e6,
+    }
+
+
+def _vanilla(run, model, *args, **kwargs):
+    """``run(model, *args, **kwargs)`` with the pyramid taken off for the call."""
     with pyramid_disabled(model):
-        return run(model, *args)
+        return run(model, *args, **kwargs)
 
 
-def _prefill(model, batch, **kwargs) -> None:
+def _prefill(model, batch, use_cache: bool = False, **kwargs) -> None:
     with torch.no_grad():
-        model(**batch, use_cache=False, logits_to_keep=1, **kwargs)
+        model(**batch, use_cache=use_cache, logits_to_keep=1, **kwargs)
 
 
 def device_description(device: torch.device) -> str:

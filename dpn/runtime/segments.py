@@ -243,8 +243,9 @@ class SegmentRunner:
         positions lag by what pooling removed. A segment after a stage that changed nothing (same
         positions, same shift) records the very tensor the one before it did, so that decoding steps
         compute their positions and rotary once for both."""
-        if self.recorded_shift is not None and self.recorded_shift[0] is chunk.positions and self.recorded_shift[1] is shift:
-            return self.recorded_shift[2]
+        last = self.recorded_shift
+        if last is not None and last[0] is chunk.positions and last[1] is shift:
+            return last[2]
         segment_last = self.policy.at(chunk.positions, last_valid(chunk.valid))
         new_shift = shift + (self.input_last - segment_last)
         self.recorded_shift = (chunk.positions, shift, new_shift)

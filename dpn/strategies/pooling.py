@@ -216,11 +216,8 @@ class GridPooling(Strategy):
                 pooled = pooled * scale[member_samples].to(pooled.dtype)[:, None, None]
             rows.append(pooled.reshape(-1, width))
             indices.append(index.flatten())
-            if (kh, kw) == (1, 1):
-                representatives.append(indices[-1])
-            else:
-                origins = window_origins(n_rows, n_cols, (kh, kw), device)
-                representatives.append(index[:, origins].flatten())  # each window's first (top-left) token
+            origins = window_origins(n_rows, n_cols, (kh, kw), device)
+            representatives.append(index[:, origins].flatten())  # each window's first (top-left) token
             plan.spans.extend(members)
             plan.grids.extend([pooled_grid((n_rows, n_cols), (kh, kw), 0)] * len(members))
         plan.rows = torch.cat(rows)

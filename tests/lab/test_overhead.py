@@ -8,7 +8,8 @@ import torch
 from helpers import batch_of, make_prompt, pixels, tiny_llava
 
 import dpn
-from dpn.lab.overhead import PassThroughLayer, layers_passed_through, runtime_overhead
+from dpn.lab.bench import runtime_overhead
+from dpn.lab.overhead import PassThroughLayer, layers_passed_through
 
 
 def _forward(model, batch, **kwargs):
