@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 
 import torch
 from transformers.modeling_outputs import ModelOutput
 from transformers.cache_utils import Cache
+
+from dpn.compat import CACHE_ARGUMENT
 
 
 @dataclass
@@ -37,24 +39,33 @@ class PyramidRouting:
         return self.flops / self.vanilla_flops.clamp(min=1)
 
 
-@dataclass
-class PyramidCausalLMOutput(ModelOutput):
-    """``LlavaCausalLMOutputWithPast`` fields plus the pyramid's.
+_OUTPUT_DOC = """``LlavaCausalLMOutputWithPast`` fields plus the pyramid's.
 
     ``logits``, ``labels`` and ``attention_mask`` are in the final (shortened, left-padded) layout:
     ``labels`` are the input labels carried along with their tokens, so ``loss`` can be recomputed
     from ``logits`` and ``labels`` as for any causal LM.
     ``routing_loss`` is computed when the call has labels or the pyramid is training.
+    The KV cache is the field the installed transformers names it (``dpn.compat.CACHE_ARGUMENT``:
+    ``cache`` from 5.24, ``past_key_values`` before), since ``generate`` reads it by that name;
+    ``dpn.compat.output_cache(output)`` reads it on any release.
     """
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    image_hidden_states: torch.Tensor | None = None
-    lm_loss: torch.Tensor | None = None
-    routing_loss: torch.Tensor | None = None
-    routing: PyramidRouting | None = None
-    labels: torch.Tensor | None = None
-    attention_mask: torch.Tensor | None = None
+# Built with make_dataclass because the cache field's name depends on the transformers release.
+PyramidCausalLMOutput = make_dataclass(
+    "PyramidCausalLMOutput",
+    [
+        ("loss", torch.Tensor | None, field(default=None)),
+        ("logits", torch.Tensor | None, field(default=None)),
+        (CACHE_ARGUMENT, Cache | None, field(default=None)),
+        ("hidden_states", tuple[torch.Tensor, ...] | None, field(default=None)),
+        ("attentions", tuple[torch.Tensor, ...] | None, field(default=None)),
+        ("image_hidden_states", torch.Tensor | None, field(default=None)),
+        ("lm_loss", torch.Tensor | None, field(default=None)),
+        ("routing_loss", torch.Tensor | None, field(default=None)),
+        ("routing", PyramidRouting | None, field(default=None)),
+        ("labels", torch.Tensor | None, field(default=None)),
+        ("attention_mask", torch.Tensor | None, field(default=None)),
+    ],
+    bases=(ModelOutput,),
+    namespace={"__doc__": _OUTPUT_DOC, "__module__": __name__},
+)

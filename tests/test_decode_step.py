@@ -10,6 +10,7 @@ from helpers import GRID, batch_of, make_prompt, pixels, tiny_llava
 
 import dpn
 from dpn.memory import cache_bytes, kv_bytes_per_token, kv_cache_bytes, largest_decoding_batch
+from dpn.compat import cache_keyword, output_cache
 
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero")
 
@@ -52,7 +53,7 @@ def _step(model, batch, prefill):
     mask = torch.cat([batch["attention_mask"], torch.ones_like(batch["attention_mask"][:, :1])], 1)
     with torch.no_grad():
         return model(input_ids=prefill.logits[:, -1:].argmax(-1), attention_mask=mask,
-                     past_key_values=prefill.past_key_values, use_cache=True)
+                     **cache_keyword(output_cache(prefill)), use_cache=True)
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -79,7 +80,7 @@ def test_the_cache_holds_each_segments_kept_tokens_and_no_more():
     prompts = [make_prompt(3, 2), make_prompt(7, 1, seed=1)]
     batch = batch_of(prompts)
     prefill = _prefill(model, batch, [[2, 1, 0], [1, 0, 0]])
-    routing, cache = prefill.routing, prefill.past_key_values
+    routing, cache = prefill.routing, output_cache(prefill)
     text = torch.tensor([len(p) - GRID[0] * GRID[1] for p in prompts])
     bounds = [0, *(s.layer + 1 for s in model.pyramid.config.stages), model.config.text_config.num_hidden_layers]
     for segment, (first, end) in enumerate(zip(bounds, bounds[1:])):
@@ -102,13 +103,13 @@ def test_kv_cache_bytes_count_what_the_cache_holds():
     assert per_token == 2 * text_config.num_key_value_heads * (text_config.hidden_size // 4) * 4
     length = batch["input_ids"].shape[1]
     layers = text_config.num_hidden_layers
-    assert cache_bytes(vanilla.past_key_values) == layers * length * per_token
+    assert cache_bytes(output_cache(vanilla)) == layers * length * per_token
     computed = kv_cache_bytes(text_config, pooled.routing.layer_tokens, torch.float32)
-    assert computed.tolist() == [cache_bytes(pooled.past_key_values)]  # batch 1: no padding
-    assert cache_bytes(pooled.past_key_values) < cache_bytes(vanilla.past_key_values)
+    assert computed.tolist() == [cache_bytes(output_cache(pooled))]  # batch 1: no padding
+    assert cache_bytes(output_cache(pooled)) < cache_bytes(output_cache(vanilla))
     grown = kv_cache_bytes(text_config, pooled.routing.layer_tokens[0].tolist(), torch.float32, new_tokens=5)
     step = _step(model, batch, pooled)
-    assert cache_bytes(step.past_key_values) + 4 * layers * per_token == grown
+    assert cache_bytes(output_cache(step)) + 4 * layers * per_token == grown
     assert largest_decoding_batch(grown, 10 * grown + 1) == 10
 
 
@@ -120,7 +121,7 @@ def test_a_decoding_step_computes_every_segments_rotary_in_one_call(forced, dist
     dpn.apply_pyramid(model, dpn.presets.paper(model.config))
     batch = batch_of([make_prompt(3, 2)])
     prefill = _prefill(model, batch, forced)
-    cache = prefill.past_key_values
+    cache = output_cache(prefill)
     cache.reorder_cache(torch.tensor([0]))
     shifts = [cache.shift(segment) for segment in range(cache.num_segments)]
     distinct = {id(shift) for shift in shifts}

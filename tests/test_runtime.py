@@ -8,6 +8,7 @@ import torch
 import dpn
 from dpn.strategies.pooling import visual_tokens_after
 from helpers import GRID, IMAGE_TOKEN_ID, batch_of, make_prompt, pixels, tiny_llava
+from dpn.compat import cache_keyword, output_cache
 
 MIXED_EXPERTS = [(1, 1), (1, 2), (2, 2)]
 
@@ -360,7 +361,7 @@ def test_text_only_batch_passes_through_and_decoding_steps_skip_routing():
     with torch.no_grad():
         out = model(**batch, use_cache=True)
         expected = vanilla(**batch)
-        step = model(input_ids=torch.tensor([[30], [31]]), past_key_values=out.past_key_values,
+        step = model(input_ids=torch.tensor([[30], [31]]), **cache_keyword(output_cache(out)),
                      attention_mask=torch.cat([batch["attention_mask"], torch.ones(2, 1, dtype=torch.long)], 1))
     mask = batch["attention_mask"].bool()
     torch.testing.assert_close(out.logits[mask], expected.logits[mask], atol=1e-5, rtol=0)

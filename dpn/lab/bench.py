@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from dpn.api import apply_pyramid, pyramid_disabled, remove_pyramid
 from dpn.lab.architectures import image_inputs, image_size_of, model_config
 from dpn import presets
+from dpn.compat import output_cache
 from dpn.config import PyramidConfig
 from dpn.lab.decoding import greedy_continue, prompt_positions
 from dpn.flops import vision_flops
@@ -263,9 +264,9 @@ def _kv_cache(model, batch, forced, record, steps: int, budget_gib: float) -> di
     caches hold, batch padding included) and computed after ``steps`` new tokens (each sample's own
     layout), with the largest decoding batch whose caches fit ``budget_gib``."""
     with torch.no_grad():
-        pooled = cache_bytes(model(**batch, use_cache=True, logits_to_keep=1, force_experts=forced).past_key_values)
+        pooled = cache_bytes(output_cache(model(**batch, use_cache=True, logits_to_keep=1, force_experts=forced)))
         with pyramid_disabled(model):
-            vanilla = cache_bytes(model(**batch, use_cache=True, logits_to_keep=1).past_key_values)
+            vanilla = cache_bytes(output_cache(model(**batch, use_cache=True, logits_to_keep=1)))
     text_config = geometry_of(model.config).text_config
     dtype = next(model.parameters()).dtype
     batch_size = batch["input_ids"].shape[0]

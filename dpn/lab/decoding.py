@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from dpn.compat import cache_keyword, output_cache
+
 MIN_TEMPERATURE = 1e-5  # rows at temperature 0 are greedy; this only keeps their (unused) division finite
 
 
@@ -52,7 +54,7 @@ def decode(model, prefill, attention_mask: torch.Tensor, positions: torch.Tensor
     sampling = temperatures is not None and any(t > 0 for t in temperatures)
     temperature = torch.tensor(temperatures, device=attention_mask.device) if sampling else None
     may_stop = eos_token_id is not None or limits is not None
-    cache = prefill.past_key_values
+    cache = output_cache(prefill)
     next_token = next_tokens(prefill.logits[:, -1], temperature, generator)
     finished = torch.zeros_like(next_token, dtype=torch.bool)
     position = positions[..., -1:]
@@ -71,8 +73,8 @@ def decode(model, prefill, attention_mask: torch.Tensor, positions: torch.Tensor
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         position = position + 1
         out = model(input_ids=next_token[:, None], attention_mask=attention_mask, position_ids=position,
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+                    **cache_keyword(cache), use_cache=True, logits_to_keep=1)
+        cache = output_cache(out)
         next_token = next_tokens(out.logits[:, -1], temperature, generator)
     return torch.stack(tokens, dim=1)
 

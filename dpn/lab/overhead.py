@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dpn.compat import pop_cache
 from dpn.models import get_adapter
 
 
@@ -38,11 +39,12 @@ class PassThroughLayer(nn.Module):
         except AttributeError:
             return getattr(super().__getattr__("layer"), name)
 
-    def forward(self, hidden_states: torch.Tensor, past_key_values=None, **_: Any) -> torch.Tensor:
-        if past_key_values is not None:
+    def forward(self, hidden_states: torch.Tensor, **arguments: Any) -> torch.Tensor:
+        cache = pop_cache(arguments)
+        if cache is not None:
             batch, length = hidden_states.shape[:2]
             row = hidden_states.new_empty(batch, 1, length, 1)
-            past_key_values.update(row, row, self.layer_index)
+            cache.update(row, row, self.layer_index)
         return hidden_states
 
 

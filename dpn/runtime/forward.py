@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers.modeling_utils import slice_logits_to_keep
 
+from dpn.compat import cache_keyword
 from dpn.models import CallInputs, get_adapter
 from dpn.outputs import PyramidCausalLMOutput
 from dpn.runtime.inputs import (
@@ -65,7 +66,7 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     use_cache = call.use_cache
     if use_cache is None:
         use_cache = bool(getattr(geometry.text_config, "use_cache", True)) and not model.training
-    cache = prepare_cache(call.past_key_values, use_cache, model.config, len(config.stages) + 1)
+    cache = prepare_cache(call.cache, use_cache, model.config, len(config.stages) + 1)
     past_length = cache.input_length() if cache is not None else 0
     tokens = call.input_ids if call.input_ids is not None else call.inputs_embeds
     (batch, length), device = tokens.shape[:2], tokens.device
@@ -118,7 +119,7 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     output = PyramidCausalLMOutput(
         loss=loss,
         logits=logits,
-        past_key_values=cache if use_cache else None,
+        **cache_keyword(cache if use_cache else None),
         hidden_states=all_hidden,
         lm_loss=lm_loss,
         routing_loss=auxiliary,

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from dpn.compat import CACHE_ARGUMENTS, pop_cache
 from dpn.spans import VisualSpans
 from dpn.transfer import host_tensor
 
@@ -24,7 +25,7 @@ class CallArguments:
     input_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None
-    past_key_values: Any = None
+    cache: Any = None  # passed as ``cache`` or ``past_key_values`` (``dpn.compat``)
     inputs_embeds: torch.Tensor | None = None
     labels: torch.Tensor | None = None
     use_cache: bool | None = None
@@ -38,14 +39,16 @@ class CallArguments:
 
     @classmethod
     def names(cls) -> frozenset[str]:
-        """The arguments the runtime consumes itself."""
+        """The arguments the runtime consumes itself (the cache under each name a release uses)."""
         return _RUNTIME_NAMES
 
     @classmethod
     def sort(cls, arguments: dict[str, Any], family_names: tuple[str, ...]) -> CallArguments:
         """Sort ``arguments`` by consumer; an argument nobody consumes is an error, not silently dropped."""
         runtime_names = cls.names()
-        call = cls(**{name: value for name, value in arguments.items() if name in runtime_names})
+        arguments = dict(arguments)
+        cache = pop_cache(arguments)
+        call = cls(cache=cache, **{name: value for name, value in arguments.items() if name in runtime_names})
         for name, value in arguments.items():
             if name in runtime_names:
                 continue
@@ -65,7 +68,7 @@ class CallArguments:
         return call
 
 
-_RUNTIME_NAMES = frozenset(f.name for f in fields(CallArguments)) - {"family", "loss"}
+_RUNTIME_NAMES = frozenset(f.name for f in fields(CallArguments)) - {"family", "loss", "cache"} | set(CACHE_ARGUMENTS)
 
 def chunk_validity(attention_mask, batch: int, length: int, past_length: int, device) -> torch.Tensor:
     """(batch, length) bool: which tokens of this call are real (not padding)."""
@@ -131,7 +134,10 @@ def forced_experts(force_experts: Any, batch: int, strategy, device) -> list[tor
     stages = len(strategy.config.stages)
     if not any(strategy.num_choices(stage) for stage in range(stages)):
         raise ValueError(f"force_experts applies to pooling strategies; {strategy.options.name} has no experts to force")
-    forced = torch.as_tensor(force_experts, dtype=torch.long).cpu()  # checked on the host
+    forced = torch.as_tensor(force_experts).cpu()  # checked on the host
+    if forced.is_floating_point() or forced.is_complex() or forced.dtype == torch.bool:
+        raise ValueError(f"force_experts are expert indices (ints; -1 lets the router decide), got {force_experts!r}")
+    forced = forced.long()
     if forced.ndim == 0:
         forced = forced.expand(batch, stages)
     elif forced.ndim == 1:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+from dpn.compat import cache_keyword
 from dpn.runtime.cache import PyramidCache
 from dpn.runtime.inputs import last_valid
 from dpn.runtime.layout import Chunk
@@ -57,7 +58,7 @@ def attention_masks(text_config, layer_types, first, end, hidden, key_mask, cach
             config=text_config,
             inputs_embeds=hidden,
             attention_mask=key_mask,
-            past_key_values=cache,
+            **cache_keyword(cache),
             position_ids=positions,
             layer_idx=index,
         )
@@ -83,17 +84,17 @@ def step_masks(text_config, layer_types, first, end, hidden, key_mask) -> dict[s
     return {"full_attention": mask.masked_fill_(~key_mask[:, None, None, :], torch.finfo(hidden.dtype).min)}
 
 
-def prepare_cache(past_key_values: Any, use_cache: bool, model_config: Any, num_segments: int):
-    if isinstance(past_key_values, PyramidCache):
-        if past_key_values.num_segments != num_segments:
+def prepare_cache(cache: Any, use_cache: bool, model_config: Any, num_segments: int):
+    if isinstance(cache, PyramidCache):
+        if cache.num_segments != num_segments:
             raise ValueError(
-                f"this PyramidCache has {past_key_values.num_segments} segments but the pyramid has {num_segments}"
+                f"this PyramidCache has {cache.num_segments} segments but the pyramid has {num_segments}"
             )
-        return past_key_values
-    if past_key_values is not None:
-        if past_key_values.get_seq_length() > 0:
+        return cache
+    if cache is not None:
+        if cache.get_seq_length() > 0:
             raise ValueError(
-                f"past_key_values is a filled {type(past_key_values).__name__} from a model without this pyramid; "
+                f"the cache is a filled {type(cache).__name__} from a model without this pyramid; "
                 "its layers do not match the pyramid's layouts. Start from an empty cache or a PyramidCache."
             )
         return PyramidCache(config=model_config, num_segments=num_segments)
@@ -112,7 +113,7 @@ def run_layers(layers, layer_types, bounds, hidden, masks, position_embeddings, 
             attention_mask=masks[layer_types[index]],
             position_embeddings=position_embeddings,
             position_ids=positions,
-            past_key_values=cache,
+            **cache_keyword(cache),
             use_cache=use_cache,
             **layer_arguments,
         )

@@ -10,6 +10,7 @@ from helpers import batch_of, make_prompt, pixels, tiny_llava
 import dpn
 from dpn.lab.bench import runtime_overhead
 from dpn.lab.overhead import PassThroughLayer, layers_passed_through
+from dpn.compat import output_cache
 
 
 def _forward(model, batch, **kwargs):
@@ -32,8 +33,8 @@ def test_passed_through_layers_leave_the_work_around_them_and_are_given_back():
         expected = model.lm_head(decoder.norm(embeds))
         torch.testing.assert_close(out.logits[text], expected[text])
         # the cache keeps each layer's length (rows one number wide): the next step's masks see the real past
-        assert out.past_key_values.get_seq_length() == batch["input_ids"].shape[1]
-        assert out.past_key_values.layers[0].keys.shape[-1] == 1
+        assert output_cache(out).get_seq_length() == batch["input_ids"].shape[1]
+        assert output_cache(out).layers[0].keys.shape[-1] == 1
         assert decoder.layers[0].self_attn is originals[0].self_attn  # strategies that rank read the real weights
     assert list(decoder.layers) == originals
     torch.testing.assert_close(_forward(model, batch).logits, before)

@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import dpn
 from dpn.strategies.selection import kept_count
+from dpn.compat import cache_keyword, output_cache
 from helpers import (
     PAD_TOKEN_ID, QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN, batch_of, check_cached_generation_matches_recompute,
     check_training_and_cached_generation, next_text_token, qwen_pixels, qwen_prompt, tiny_qwen_vl,
@@ -155,7 +156,7 @@ def test_an_identity_pyramid_generates_like_the_stock_model():
         prefill = model(**batch, use_cache=True, logits_to_keep=1)
         token = next_text_token(prefill.logits, [QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN])
         mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
-        step = model(input_ids=token, attention_mask=mask, past_key_values=prefill.past_key_values)
+        step = model(input_ids=token, attention_mask=mask, **cache_keyword(output_cache(prefill)))
     assert torch.equal(ours.sequences, stock.sequences)
     torch.testing.assert_close(torch.stack(ours.logits), torch.stack(stock.logits), atol=1e-5, rtol=0)
     torch.testing.assert_close(step.logits[:, -1], stock.logits[1], atol=1e-5, rtol=0)
