@@ -43,7 +43,7 @@ def _dpn_module(model: nn.Module, knob: str) -> DynamicPyramid:
 
 def set_router_bias(model: nn.Module, bias: float) -> None:
     """Set the router bias of ``model``'s DPN (kept by ``dpn.save_pyramid``; the config is unchanged)."""
-    _dpn_module(model, "the router bias moves").router_bias = float(bias)
+    _dpn_module(model, "the router bias moves").router_bias = bias  # checked by the module
 
 
 def get_router_bias(model: nn.Module) -> float:
@@ -55,7 +55,7 @@ def router_bias(model: nn.Module, bias: float) -> Iterator[nn.Module]:
     """Run ``model``'s DPN with ``bias`` inside the block; the previous bias returns after."""
     module = _dpn_module(model, "the router bias moves")
     previous = module.router_bias
-    module.router_bias = float(bias)
+    module.router_bias = bias  # checked by the module: a ValueError before the block runs
     try:
         yield model
     finally:

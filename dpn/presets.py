@@ -120,6 +120,9 @@ def spec_help() -> str:
 def from_spec(spec: str, model: Any, **overrides: Any) -> PyramidConfig | None:
     """A config from a spec string (see ``spec_help()``), a path to a pyramid_config.json, or None for
     "none". ``overrides`` go to a spec's preset (``router_token_id`` for the specs that read one)."""
+    if not isinstance(spec, str):
+        raise ValueError(f"a pyramid spec is a string such as 'fastv:0.5' or 'none' (no pyramid), got {spec!r}; "
+                         f"specs: {spec_help()}")
     if spec == "none":
         return None
     name, _, argument = spec.partition(":")

@@ -167,7 +167,9 @@ def test_full_feature_strategy_with_class_token_is_rejected():
         dpn.apply_pyramid(model, dpn.PyramidConfig(stages=[dpn.PoolingStage(1, [(1, 1)])]))
 
 
-@pytest.mark.parametrize("forced, message", [([0, 1], "has 2 entries"), (3, "expert index in 0..2"), (-2, "-1")])
+@pytest.mark.parametrize("forced, message", [([0, 1], "has 2 entries"), (3, "expert index in 0..2"), (-2, "-1"),
+                                             (1.5, "expert indices"), ([1.0, 0.0, 2.0], "expert indices"),
+                                             (True, "expert indices")])
 def test_bad_force_experts_is_a_clear_error(forced, message):
     model = tiny_llava()
     dpn.apply_pyramid(model, dpn.presets.paper(model.config))
@@ -199,3 +201,22 @@ def test_mistral_backbone_runs_with_pooling():
         ids = model.generate(**batch_of([make_prompt(2, 2)]), pixel_values=pixels(1), max_new_tokens=3,
                              do_sample=False, pad_token_id=0)
     assert out.routing.visual_tokens[0].tolist() == [64, 16, 4, 4] and ids.shape[1] == 70 + 3
+
+
+@pytest.mark.parametrize("spec", ["static:0x2", "static:2x0", "static:-1x2", "projector:0x1", "projector:-2x-2"])
+def test_zero_or_negative_strides_are_clear_errors(spec):
+    config = tiny_llava().config
+    with pytest.raises(ValueError, match=f"stride of pyramid spec '{spec}'.*positive ints"):
+        dpn.presets.from_spec(spec, config)
+    stride = tuple(int(k) for k in spec.partition(":")[2].split("x"))
+    preset = dpn.presets.static if spec.startswith("static") else dpn.presets.projector
+    with pytest.raises(ValueError, match="positive ints"):
+        preset(config, stride)
+    with pytest.raises(ValueError, match="expert of the stage after layer 1 .*positive ints"):
+        dpn.PoolingStage(1, [stride])
+
+
+@pytest.mark.parametrize("spec", [None, 2, ["fastv:0.5"]])
+def test_a_spec_that_is_not_a_string_is_a_clear_error(spec):
+    with pytest.raises(ValueError, match="a pyramid spec is a string .*'none'"):
+        dpn.presets.from_spec(spec, tiny_llava().config)

@@ -4,12 +4,14 @@ ValueError: never another exception, never a silent wrong shape."""
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 
 import torch
 from hypothesis import event, given, settings, strategies as st
 
 import dpn
+from dpn.strategies.dpn import MAX_ROUTER_BIAS
 from helpers import GRID, batch_of, make_prompt, pixels, tiny_llava
 
 LAYERS = 6
@@ -22,9 +24,11 @@ specs = st.one_of(
     st.builds("fastv:{}".format, fractions),
     st.builds("pdrop:{}".format, fractions),
     st.builds("dart:{}".format, fractions),
+    st.builds("static:{}x{}".format, st.integers(-2, 4), st.integers(-2, 4)),
+    st.builds("projector:{}x{}".format, st.integers(-2, 4), st.integers(-2, 4)),
 )
-# Mostly valid, sometimes not: a zero stride, a layer past the last, no experts, no stages.
-strides = st.tuples(st.integers(0, 4), st.integers(1, 4))
+# Mostly valid, sometimes not: a zero or negative stride, a layer past the last, no experts, no stages.
+strides = st.tuples(st.integers(-2, 4), st.integers(-1, 4))
 raw_stages = st.lists(st.tuples(st.integers(0, LAYERS), st.lists(strides, min_size=0, max_size=3)),
                       min_size=0, max_size=3)
 samples = st.lists(st.tuples(st.integers(0, 5), st.integers(1, 5), st.integers(0, 2)), min_size=1, max_size=3)
@@ -94,5 +98,35 @@ def test_random_configs_and_batches_hold_the_invariants_or_raise_value_error(spe
     except ValueError:
         event("refused at the forward")
         return
+    finally:
+        dpn.remove_pyramid(llava)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(bias=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-2 * MAX_ROUTER_BIAS, 2 * MAX_ROUTER_BIAS),
+                      st.integers(-50, 50)),
+       route_seed=st.integers(0, 2**16))
+def test_any_router_bias_is_refused_unless_finite_and_a_finite_one_runs(bias, route_seed):
+    """A bias within ±MAX_ROUTER_BIAS runs with finite logits and never more visual tokens after a stage
+    than before; NaN, infinities and larger values are refused (a NaN bias would keep every token
+    without a word)."""
+    llava = model()
+    dpn.apply_pyramid(llava, dpn.presets.paper(llava.config))
+    try:
+        try:
+            dpn.set_router_bias(llava, bias)
+        except ValueError:
+            assert not (math.isfinite(bias) and abs(bias) <= MAX_ROUTER_BIAS)
+            assert dpn.get_router_bias(llava) == 0.0
+            event("refused")
+            return
+        assert abs(bias) <= MAX_ROUTER_BIAS and dpn.get_router_bias(llava) == float(bias)
+        batch = batch_of([make_prompt(2, 3, seed=route_seed % 7), make_prompt(4, 1, seed=1)])
+        with torch.no_grad():
+            out = llava(**batch, pixel_values=pixels(2, seed=route_seed))
+        kept = out.routing.visual_tokens
+        assert torch.isfinite(out.logits[out.attention_mask.bool()]).all()
+        assert (kept[:, 1:] <= kept[:, :-1]).all()
+        event("ran")
     finally:
         dpn.remove_pyramid(llava)

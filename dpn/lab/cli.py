@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,8 @@ from dpn.strategies.dpn import PROBABILITY_SCALES
 DEFAULT_TEXT_TOKENS = 64  # a typical LLaVA-1.5 prompt around one image
 # FLOPs do not depend on which token the routers read; a spec that reads a router token gets this id.
 COUNTED_ROUTER_TOKEN_ID = 0
+# --trace needs its weights and room for one forward's activations: this factor over the weights.
+TRACE_MEMORY_HEADROOM = 1.25
 # The KV-cache column of dpn flops: a sequence's cache after the prefill, in this dtype.
 KV_DTYPE_NAME = "bfloat16"
 
@@ -93,8 +96,44 @@ def _flops_command(args: argparse.Namespace) -> int:
     if args.trace:
         if config.model_type != "llava":
             raise ValueError("--trace runs the LLaVA-1.5 presets (tiny, qwen2-0.5b, llava-*); use dpn bench for the others")
+        check_trace_fits(args.preset, trace_memory_bytes(config), available_memory_bytes())
         _trace(console, config, pyramid, args.text_tokens)
     return 0
+
+
+def trace_memory_bytes(model_config) -> int:
+    """The float32 weights ``--trace`` would create for ``model_config``, counted on the meta device."""
+    from transformers import LlavaForConditionalGeneration
+
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(model_config)
+    return sum(p.numel() for p in model.parameters()) * torch.finfo(torch.float32).bits // 8
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process now (Linux: MemAvailable), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_trace_fits(preset: str, weights: int, available: int | None) -> None:
+    """Refuse a ``--trace`` whose weights (with room for the forward) exceed the memory available,
+    rather than be killed by the out-of-memory killer part way."""
+    needed = weights * TRACE_MEMORY_HEADROOM
+    if available is not None and needed > available:
+        raise ValueError(
+            f"--trace builds {preset} with random float32 weights on the CPU: about {needed / 2**30:.1f} GiB with the "
+            f"forward, and this machine has {available / 2**30:.1f} GiB available. The table above needs no model; "
+            "trace a smaller preset (tiny, qwen2-0.5b) or time this shape with dpn bench on a GPU"
+        )
 
 
 def _trace(console, model_config, pyramid: PyramidConfig, text_tokens: int) -> None:
@@ -163,11 +202,14 @@ def _lmms_task_command(args: argparse.Namespace) -> int:
 
 
 def _train_command(args: argparse.Namespace) -> int:
+    from dpn.lab.checkpoints import is_finished
     from dpn.lab.train import parse_train_args, train
 
     options, training_args = parse_train_args(args.train_argv)  # exits 2 on a bad flag, prints --help
-    out = train(options, training_args)
-    print(f"model written to {out}")
+    already = is_finished(training_args.output_dir, training_args.max_steps, training_args.num_train_epochs)
+    out = train(options, training_args)  # a finished run says so itself and writes nothing
+    if not already:
+        print(f"model written to {out}")
     return 0
 
 
@@ -305,8 +347,18 @@ def _tiny_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version_line() -> str:
+    """dpn's version and the versions it runs on (what a bug report needs)."""
+    import transformers
+
+    import dpn
+
+    return f"dpn {dpn.__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpn", description="Dynamic Pyramid Networks for multimodal LLMs")
+    parser.add_argument("--version", action="version", version=_version_line())
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="datasets").add_subparsers(dest="data_command", required=True)

@@ -9,6 +9,9 @@ routes each sample on its own, so one batch mixes easy and hard questions. A req
 through ``extra_body={"dpn": {...}}``, ``"pyramid": "off"`` (every visual token) or a DPN
 ``"router_bias"`` (> 0 compresses more); requests with different choices run in separate batches.
 
+OpenAI parameters that would change the answer are honoured or refused with a 400, never ignored
+(``HANDLED``, ``NEUTRAL_VALUES``, ``UNSUPPORTED``, ``IGNORED``; docs/serving.md has the table);
+``stream_options.include_usage`` ends a stream with a usage chunk.
 Bad requests get a 4xx JSON error in OpenAI's shape (``{"error": {"message", "type", "param",
 "code"}}``); more than ``max_queue`` waiting requests get 503. Each response carries, beside the
 OpenAI fields, ``dpn``: the visual tokens per stage, the FLOPs ratio and the batch it ran in.
@@ -33,6 +36,7 @@ from PIL import Image
 
 from dpn.api import has_pyramid, pyramid_disabled
 from dpn.budget import get_router_bias, router_bias
+from dpn.strategies.dpn import checked_router_bias
 from dpn.lab.answering import DEFAULT_MAX_IMAGES, Answer, Answerer, Prepared, Question
 from dpn.lab.data.llava import IMAGE_PLACEHOLDER
 
@@ -45,6 +49,20 @@ DEFAULT_MAX_TOKENS = 128
 MAX_TEMPERATURE = 2.0  # OpenAI's range
 ROLES = ("system", "user", "assistant")
 PYRAMID_CHOICES = ("on", "off")
+
+# The policy for OpenAI's chat-completions parameters (docs/serving.md): a parameter that would change
+# the answer is honoured or refused with a 400, never ignored; one that cannot change it is accepted.
+HANDLED = ("model", "messages", "max_tokens", "max_completion_tokens", "temperature", "stream", "stream_options",
+           "dpn")
+# Accepted only at the value that leaves sampling as it is (what OpenAI's default does).
+NEUTRAL_VALUES = {"n": 1, "top_p": 1, "frequency_penalty": 0, "presence_penalty": 0}
+# Refused unless absent or empty (null, false, [], {}, "").
+UNSUPPORTED = ("stop", "seed", "logit_bias", "logprobs", "top_logprobs", "tools", "tool_choice", "functions",
+               "function_call", "parallel_tool_calls", "response_format", "modalities", "audio", "prediction",
+               "reasoning_effort", "web_search_options")
+# They describe the caller or the bookkeeping, not the answer: accepted and ignored.
+IGNORED = ("user", "metadata", "store", "service_tier")
+KNOWN_PARAMETERS = frozenset((*HANDLED, *NEUTRAL_VALUES, *UNSUPPORTED, *IGNORED))
 
 
 class RequestError(Exception):
@@ -65,6 +83,14 @@ class Settings:
 
     pyramid: bool
     router_bias: float | None = None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """How a request wants its answer: whole or streamed, and whether a stream ends with the usage."""
+
+    stream: bool = False
+    include_usage: bool = False
 
 
 @dataclass
@@ -203,18 +229,24 @@ class RequestReader:
         self.options = options
         self.image_folder = Path(options.image_folder).resolve() if options.image_folder else None
 
-    def read(self, body: Any) -> tuple[Question, Settings, bool]:
+    def read(self, body: Any) -> tuple[Question, Settings, Delivery]:
         if not isinstance(body, dict):
             raise RequestError(400, "the request body must be a JSON object")
+        unknown = sorted(set(body) - KNOWN_PARAMETERS)
+        if unknown:
+            raise RequestError(400, f"unrecognized request argument(s): {', '.join(unknown)} (dpn's own options go in "
+                                    "'dpn')", param=unknown[0])
         model = body.get("model")
+        if model is None:
+            raise RequestError(400, f"'model' is required (this server serves {self.model_name!r})", param="model")
         if model != self.model_name:
             raise RequestError(404, f"the model {model!r} does not exist; this server serves {self.model_name!r}",
                                param="model", code="model_not_found")
-        for name, allowed in (("n", 1), ("top_p", 1)):
-            if body.get(name) not in (None, allowed):
-                raise RequestError(400, f"'{name}' other than {allowed} is not supported", param=name)
-        for name in ("stop", "tools", "logprobs", "seed", "response_format"):
-            if body.get(name) not in (None, False):
+        for name, neutral in NEUTRAL_VALUES.items():
+            if body.get(name) not in (None, neutral):
+                raise RequestError(400, f"'{name}' other than {neutral} is not supported by dpn serve", param=name)
+        for name in UNSUPPORTED:
+            if body.get(name) not in (None, False, [], {}, ""):
                 raise RequestError(400, f"'{name}' is not supported by dpn serve", param=name)
         max_tokens = _field(body, "max_completion_tokens", int)
         if max_tokens is None:
@@ -226,8 +258,21 @@ class RequestReader:
             raise RequestError(400, f"'temperature' must be in [0, {MAX_TEMPERATURE}], got {temperature}",
                                param="temperature")
         stream = _field(body, "stream", bool, False)
+        delivery = Delivery(stream, self._include_usage(body.get("stream_options"), stream))
         messages, images = self._messages(_field(body, "messages", list))
-        return Question(messages, images, max_tokens, temperature), self._settings(body.get("dpn")), stream
+        return Question(messages, images, max_tokens, temperature), self._settings(body.get("dpn")), delivery
+
+    @staticmethod
+    def _include_usage(options: Any, stream: bool) -> bool:
+        """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
+        if options is None:
+            return False
+        if not stream:
+            raise RequestError(400, "'stream_options' is only allowed with stream: true", param="stream_options")
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise RequestError(400, "'stream_options' must be an object with 'include_usage' (a boolean)",
+                               param="stream_options")
+        return _field(options, "include_usage", bool, False)
 
     def _settings(self, choice: Any) -> Settings:
         if choice is None:
@@ -244,10 +289,11 @@ class RequestReader:
                 raise RequestError(400, "dpn.router_bias needs the pyramid on", param="dpn")
             try:
                 get_router_bias(self.answerer.model)
+                bias = checked_router_bias(bias)  # JSON's NaN and Infinity parse as numbers
             except ValueError as err:
                 raise RequestError(400, f"dpn.router_bias: {err}", param="dpn") from err
         on = pyramid == "on" and has_pyramid(self.answerer.model)  # without one, "on" is the same as "off"
-        return Settings(pyramid=on, router_bias=float(bias) if bias is not None else None)
+        return Settings(pyramid=on, router_bias=bias)
 
     def _messages(self, raw: list | None) -> tuple[list[dict], list[Image.Image]]:
         if not raw:
@@ -364,16 +410,16 @@ def create_app(model, processor, options: ServeOptions):
                 body = json.loads(await request.body())
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise RequestError(400, f"the request body is not JSON: {err}") from err
-            question, settings, stream = reader.read(body)
+            question, settings, delivery = reader.read(body)
             try:
                 prepared = await run_in_threadpool(answerer.prepare, question)  # tokenising and image processing
             except ValueError as err:
                 raise RequestError(400, str(err), param="messages") from err
-            reply = Reply(name, asyncio.get_running_loop(), stream)
-            batcher.submit(Job(prepared, settings, reply.token if stream else None, reply.finish))
+            reply = Reply(name, asyncio.get_running_loop(), delivery)
+            batcher.submit(Job(prepared, settings, reply.token if delivery.stream else None, reply.finish))
         except RequestError as err:
             return error(err)
-        if stream:
+        if delivery.stream:
             return StreamingResponse(reply.events(answerer.tokenizer), media_type="text/event-stream")
         try:
             return reply.completion(await reply.done)
@@ -389,7 +435,7 @@ class Reply:
 
     model_name: str
     loop: asyncio.AbstractEventLoop
-    stream: bool
+    delivery: Delivery
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -423,20 +469,29 @@ class Reply:
         return {"visual_tokens": answer.visual_tokens, "flops_ratio": answer.flops_ratio,
                 "batch_size": self.batch_size, "first_token_seconds": answer.first_token_seconds}
 
-    def completion(self, answer: Answer) -> dict[str, Any]:
+    @staticmethod
+    def _usage(answer: Answer) -> dict[str, int]:
         completion_tokens = len(answer.token_ids)
+        return {"prompt_tokens": answer.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": answer.prompt_tokens + completion_tokens}
+
+    def completion(self, answer: Answer) -> dict[str, Any]:
         return {
             "id": self.id, "object": "chat.completion", "created": self.created, "model": self.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
                          "finish_reason": answer.finish_reason}],
-            "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": answer.prompt_tokens + completion_tokens},
+            "usage": self._usage(answer),
             "dpn": self._extras(answer),
         }
 
-    def _chunk(self, delta: dict, finish_reason: str | None = None, **extra) -> str:
+    def _chunk(self, delta: dict | None, finish_reason: str | None = None, usage: dict | None = None, **extra) -> str:
+        """One event; ``delta=None`` is the usage chunk (no choices). With ``include_usage`` every chunk
+        carries ``usage``, null but in the last one (as OpenAI sends it)."""
+        choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
         chunk = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model_name,
-                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}], **extra}
+                 "choices": choices, **extra}
+        if self.delivery.include_usage:
+            chunk["usage"] = usage
         return f"data: {json.dumps(chunk)}\n\n"
 
     async def events(self, tokenizer):
@@ -461,6 +516,8 @@ class Reply:
             return
         rest = answer.text[len(sent):] if answer.text.startswith(sent) else ""
         yield self._chunk({"content": rest} if rest else {}, answer.finish_reason, dpn=self._extras(answer))
+        if self.delivery.include_usage:
+            yield self._chunk(None, usage=self._usage(answer))
         yield "data: [DONE]\n\n"
 
 

@@ -43,7 +43,7 @@ from transformers.trainer_utils import SchedulerType, set_seed
 
 from dpn import presets
 from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid_weights, save_pyramid
-from dpn.lab.checkpoints import RUN_RECORD, covers, finished_run, last_complete_checkpoint
+from dpn.lab.checkpoints import RUN_RECORD, finished_run, is_finished, last_complete_checkpoint
 from dpn.lab.data.images import family_images
 from dpn.lab.data.llava import DIFFICULTY, LlavaCollator, LlavaDataset
 from dpn.lab.lora import DEFAULT_LORA_TARGETS, add_lora, check_adapter_matches, is_adapter_checkpoint, is_lora, merged
@@ -460,10 +460,9 @@ def train(options: TrainOptions, args: PyramidTrainingArguments,
     """
     output_dir = Path(args.output_dir)
     check_train_options(options, args)
-    finished = finished_run(output_dir)
-    if finished is not None and covers(finished, args.max_steps, args.num_train_epochs):
-        print(f"{output_dir} holds a finished run ({finished.get('global_step')} steps); nothing to do "
-              "(ask for more steps to continue it, or use another --output)", file=sys.stderr)
+    if is_finished(output_dir, args.max_steps, args.num_train_epochs):
+        print(f"{output_dir} holds a finished run ({finished_run(output_dir).get('global_step')} steps); nothing to "
+              "do (ask for more steps to continue it, or use another --output)", file=sys.stderr)
         return output_dir
     if not options.progress and not args.disable_tqdm:
         args = copy.copy(args)  # the caller's arguments stay as they were
@@ -487,7 +486,8 @@ def train(options: TrainOptions, args: PyramidTrainingArguments,
     )
     last, incomplete = last_complete_checkpoint(output_dir)
     for checkpoint in incomplete:
-        print(f"skipping {checkpoint}: incomplete (the run stopped while writing it)", file=sys.stderr)
+        print(f"skipping {checkpoint}: incomplete (no readable trainer_state.json or no weights; the run "
+              "stopped while writing it, or files were removed)", file=sys.stderr)
     if last is not None:
         print(f"resuming from {last}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=last)

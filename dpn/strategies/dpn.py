@@ -11,7 +11,9 @@ LLM FLOPs toward a target fraction; at inference ``router_bias`` trades accuracy
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -132,6 +134,26 @@ class Router(nn.Module):
         return self.up(F.gelu(self.down(self.norm(hidden))))
 
 
+# A router bias shifts log-probabilities (a few nats apart): a shift of this size already pins every
+# choice to one end, and much larger ones overflow float32 (bias x scale = inf, then NaN probabilities).
+MAX_ROUTER_BIAS = 1e4
+
+
+def checked_router_bias(bias: Any) -> float:
+    """``bias`` as a float, or a ValueError: a NaN bias would make every choice NaN (silently keeping
+    every token), and an infinite or huge one overflows the routers' arithmetic."""
+    try:
+        value = float(bias)
+    except (TypeError, ValueError):
+        raise ValueError(f"the router bias must be a number, got {bias!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"the router bias must be a finite number, got {bias!r}")
+    if abs(value) > MAX_ROUTER_BIAS:
+        raise ValueError(f"the router bias must be within ±{MAX_ROUTER_BIAS:g} (every choice is pinned long before), "
+                         f"got {bias!r}")
+    return value
+
+
 class DynamicPyramid(GridPooling):
     """The per-stage routers of a pyramid and the pooling they drive.
 
@@ -150,6 +172,14 @@ class DynamicPyramid(GridPooling):
         )
         self.router_bias = 0.0
         self.probability_scale_override: str | None = None
+
+    @property
+    def router_bias(self) -> float:
+        return self._router_bias
+
+    @router_bias.setter
+    def router_bias(self, bias: float) -> None:
+        self._router_bias = checked_router_bias(bias)
 
     @property
     def probability_scale(self) -> str:

@@ -42,15 +42,8 @@ class PoolingStage(Stage):
         super().__post_init__()
         if not self.experts:
             raise ValueError(f"stage after layer {self.layer} has no experts; give at least one (kh, kw) stride")
-        experts = []
-        for expert in self.experts:
-            if isinstance(expert, int):
-                expert = (expert, expert)
-            if (not isinstance(expert, (list, tuple)) or len(expert) != 2
-                    or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in expert)):
-                raise ValueError(f"expert {expert!r} must be a pair of positive ints (kh, kw)")
-            experts.append((int(expert[0]), int(expert[1])))
-        self.experts = experts
+        self.experts = [checked_stride(expert, f"expert of the stage after layer {self.layer}")
+                        for expert in self.experts]
 
     def to_dict(self) -> dict:
         return {"layer": self.layer, "experts": [list(e) for e in self.experts]}
@@ -60,6 +53,17 @@ class PoolingStage(Stage):
         if isinstance(data, dict) and "keep_ratio" in data:
             raise ValueError("a pooling stage is {layer, experts}; keep_ratio is for the token-selection strategies")
         return super().from_dict(data)
+
+
+def checked_stride(stride, what: str) -> Grid:
+    """``stride`` as a (kh, kw) pair of positive ints (an int k means (k, k)), or a ValueError that
+    names ``what`` it is: a zero or negative stride would divide by zero or pool nothing."""
+    if isinstance(stride, int) and not isinstance(stride, bool):
+        stride = (stride, stride)
+    if (not isinstance(stride, (list, tuple)) or len(stride) != 2
+            or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in stride)):
+        raise ValueError(f"{what} is {stride!r}: a stride must be a pair of positive ints (kh, kw), e.g. (2, 2)")
+    return int(stride[0]), int(stride[1])
 
 
 # ---------------------------------------------------------------------------- grid arithmetic
@@ -102,6 +106,7 @@ def dividing_stages(grids: tuple[Grid, ...], layers: list[int], experts: list[Gr
                     keep_single: bool = False) -> list[PoolingStage]:
     """Stages at ``layers`` with the ``experts`` that divide every grid reachable there; a stage left
     with nothing (or, unless ``keep_single``, with only 1x1) is dropped. Makes presets valid for any grid."""
+    experts = [checked_stride(expert, "a pooling stride") for expert in experts]
     stages: list[PoolingStage] = []
     for layer in layers:
         reachable = [g for grid in grids for g in reachable_grids(grid, stages, min_tokens)]
@@ -237,4 +242,4 @@ def parse_stride(spec: str, argument: str | None) -> Grid:
         kh, kw = (int(k) for k in (argument or "").lower().split("x"))
     except ValueError as err:
         raise ValueError(f"pyramid spec {spec!r}: the stride must look like 2x2") from err
-    return kh, kw
+    return checked_stride((kh, kw), f"the stride of pyramid spec {spec!r}")

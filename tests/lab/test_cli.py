@@ -35,6 +35,33 @@ def test_flops_table_and_trace_on_tiny(capsys):
     assert "LLM prefill FLOPs per routing path" in out and "tokens per decoder layer" in out
 
 
+def test_version_names_dpn_torch_and_transformers(capsys):
+    import torch
+    import transformers
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    assert capsys.readouterr().out.strip() == (f"dpn {dpn.__version__} (torch {torch.__version__}, "
+                                               f"transformers {transformers.__version__})")
+
+
+def test_a_zero_stride_is_exit_2_with_a_message(capsys):
+    assert main(["flops", "--preset", "tiny", "--pyramid", "static:0x2"]) == 2
+    assert "static:0x2" in capsys.readouterr().err
+
+
+def test_trace_refuses_a_shape_that_does_not_fit_in_memory():
+    from dpn.lab.cli import check_trace_fits, trace_memory_bytes
+
+    weights = trace_memory_bytes(model_config("llava-1.5-7b"))  # counted on the meta device: nothing allocated
+    assert 7.0e9 * 4 < weights < 7.2e9 * 4  # LLaVA-1.5-7B: about 7.06B parameters, float32
+    with pytest.raises(ValueError, match="llava-1.5-7b.*GiB.*available"):
+        check_trace_fits("llava-1.5-7b", weights, available=24 * 2**30)
+    check_trace_fits("llava-1.5-7b", weights, available=64 * 2**30)
+    check_trace_fits("llava-1.5-7b", weights, available=None)  # unknown: the forward is tried
+
+
 def test_flops_with_a_user_pyramid_file(tmp_path, capsys):
     PyramidConfig(stages=[{"layer": 3, "experts": [(1, 1), (4, 4)]}]).save(tmp_path)
     assert main(["flops", "--preset", "llava-1.5-13b", "--pyramid", str(tmp_path), "--json"]) == 0

@@ -176,6 +176,17 @@ def test_malformed_requests_get_4xx_errors_and_the_server_stays_healthy(root, se
         "hot": ({**good, "temperature": 5}, 400, "temperature"),
         "n=2": ({**good, "n": 2}, 400, "'n'"),
         "stop": ({**good, "stop": ["."]}, 400, "not supported"),
+        "no model": ({"messages": good["messages"]}, 400, "'model' is required"),
+        "unknown field": ({**good, "temprature": 0.5}, 400, "unrecognized request argument(s): temprature"),
+        "frequency penalty": ({**good, "frequency_penalty": 0.5}, 400, "'frequency_penalty' other than 0"),
+        "presence penalty": ({**good, "presence_penalty": -1}, 400, "'presence_penalty' other than 0"),
+        "top_p": ({**good, "top_p": 0.9}, 400, "'top_p' other than 1"),
+        "logit bias": ({**good, "logit_bias": {"5": 10}}, 400, "'logit_bias' is not supported"),
+        "seed": ({**good, "seed": 3}, 400, "'seed' is not supported"),
+        "usage without stream": ({**good, "stream_options": {"include_usage": True}}, 400, "only allowed with stream"),
+        "bad stream options": ({**good, "stream": True, "stream_options": {"usage": True}}, 400, "'stream_options'"),
+        "NaN bias": ('{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "dpn": {"router_bias": NaN}}',
+                     400, "finite number"),
         "bad pyramid choice": ({**good, "dpn": {"pyramid": "maybe"}}, 400, "dpn.pyramid"),
         "unknown dpn key": ({**good, "dpn": {"budget": 2}}, 400, "'dpn' must be"),
         "bias without pyramid": ({**good, "dpn": {"pyramid": "off", "router_bias": 1}}, 400, "pyramid on"),
@@ -193,6 +204,24 @@ def test_malformed_requests_get_4xx_errors_and_the_server_stays_healthy(root, se
     assert _http(server, "/health").json()["status"] == "ok"
     assert [m.id for m in client.models.list().data] == ["tiny"]
     assert _post(server, good).status_code == 200
+
+
+def test_parameters_that_leave_the_answer_alone_are_accepted(root, client):
+    record = _records(root)[3]
+    plain = _ask(client, root, record).choices[0].message.content
+    neutral = _ask(client, root, record, frequency_penalty=0, presence_penalty=0, top_p=1, n=1, logit_bias={},
+                   stop=None, user="someone", metadata={"run": "a"})
+    assert neutral.choices[0].message.content == plain
+
+
+def test_a_stream_ends_with_the_usage_when_asked(root, client):
+    record = _records(root)[4]
+    whole = _ask(client, root, record)
+    chunks = list(_ask(client, root, record, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.to_dict() == whole.usage.to_dict()
+    assert all(c.usage is None for c in chunks[:-1])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == whole.choices[0].message.content
+    assert all(c.usage is None for c in _ask(client, root, record, stream=True))  # not asked: none sent
 
 
 def test_router_bias_per_request_compresses_more(root, client):

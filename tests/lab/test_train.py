@@ -159,6 +159,12 @@ def test_dpn_train_runs_with_trainer_flags_and_records_them(data, tmp_path, caps
     assert (trainer_args["max_steps"], trainer_args["per_device_train_batch_size"]) == (1, 2)
     assert [e["step"] for e in json.loads((out / "log_history.json").read_text()) if "loss" in e] == [1]
     assert (out / "pyramid_config.json").is_file()
+    written = (out / "model.safetensors").stat().st_mtime_ns
+    assert main(["train", "--data", str(data), "--output", str(out), "--steps", "1", "--batch-size", "2",
+                 "--limit", "4", "--no_progress"]) == 0  # the same run again: finished, nothing written
+    again = capsys.readouterr()
+    assert "nothing to do" in again.err and "model written" not in again.out
+    assert (out / "model.safetensors").stat().st_mtime_ns == written
 
 
 DPN_DEFAULTS = dict(

@@ -89,3 +89,16 @@ def test_router_bias_is_for_dpn_only():
     dpn.apply_pyramid(model, dpn.presets.fastv(model.config))
     with pytest.raises(ValueError, match="moves a DPN's routers"):
         dpn.set_router_bias(model, 1.0)
+
+
+@pytest.mark.parametrize("bias", [float("nan"), float("inf"), -float("inf"), 1e30, "strong", None])
+def test_a_router_bias_that_is_not_a_finite_number_is_refused_and_changes_nothing(bias):
+    model = tiny_llava(layers=6, seed=0)
+    dpn.apply_pyramid(model, dpn.presets.paper(model.config))
+    dpn.set_router_bias(model, 0.5)
+    with pytest.raises(ValueError, match="router bias must be (a|within)"):
+        dpn.set_router_bias(model, bias)
+    with pytest.raises(ValueError, match="router bias must be (a|within)"):
+        with dpn.router_bias(model, bias):
+            pass
+    assert dpn.get_router_bias(model) == 0.5
