@@ -55,6 +55,17 @@ def paper(model: Any, **overrides: Any) -> PyramidConfig:
     return build(dpn_strategy.preset(geometry, **_pooling_arguments(overrides)), geometry, **overrides)
 
 
+def fitted(model: Any, fit_flops_weight: float = dpn_strategy.DEFAULT_FIT_FLOPS_WEIGHT,
+           **overrides: Any) -> PyramidConfig:
+    """DPN with fitted routers (see ``dpn.strategies.dpn.fitted_preset``): the paper's stages and
+    experts; training fine-tunes the LLM on uniformly drawn paths, then ``dpn.router_fit`` fits each
+    router to the path that minimises the sample's LM loss + ``fit_flops_weight`` x FLOPs ratio.
+    Pooled tokens keep their window's position."""
+    geometry = geometry_of(model)
+    preset = dpn_strategy.fitted_preset(geometry, fit_flops_weight, **_pooling_arguments(overrides))
+    return build(preset, geometry, **overrides)
+
+
 def released(model: Any, router_token_id: int, **overrides: Any) -> PyramidConfig:
     """DPN as its code was released (see ``dpn.strategies.dpn.released_preset``): routers on the mean
     of the ``<ROUTER>`` tokens (``dpn.router_token`` adds the token and writes it into prompts),
@@ -140,5 +151,5 @@ def from_spec(spec: str, model: Any, **overrides: Any) -> PyramidConfig | None:
     raise ValueError(f"pyramid spec {spec!r} is not one of: {spec_help()}")
 
 
-__all__ = ["build", "fastv", "from_spec", "paper", "pdrop", "projector", "random", "reads_router_token", "released",
+__all__ = ["build", "fastv", "fitted", "from_spec", "paper", "pdrop", "projector", "random", "reads_router_token", "released",
            "spec_help", "static"]

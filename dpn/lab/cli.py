@@ -30,7 +30,8 @@ from dpn.lab.console import console as lab_console
 from dpn.lab.tiny_families import FAMILIES as TINY_FAMILIES
 from dpn.lab import serve as serve_defaults
 from dpn.models import geometry_of
-from dpn.strategies.dpn import PROBABILITY_SCALES
+from dpn.lab.train import DEFAULT_ROUTER_FIT_SAMPLES
+from dpn.strategies.dpn import DEFAULT_FIT_FLOPS_WEIGHT, PROBABILITY_SCALES
 
 DEFAULT_TEXT_TOKENS = 64  # a typical LLaVA-1.5 prompt around one image
 # FLOPs do not depend on which token the routers read; a spec that reads a router token gets this id.
@@ -268,7 +269,7 @@ def _eval_command(args: argparse.Namespace) -> int:
         pyramid=args.pyramid, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
         router_bias=args.router_bias, budget=args.budget, calibration_data=args.calibration_data,
         calibration_samples=args.calibration_samples, probability_scale=args.probability_scale,
-        measure_latency=not args.no_latency, overwrite=args.overwrite,
+        force_experts=args.force_experts, measure_latency=not args.no_latency, overwrite=args.overwrite,
     ))
     console = lab_console()
     table = Table(title=f"{args.model} on {args.data}")
@@ -303,6 +304,32 @@ def _demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _paths_command(args: argparse.Namespace) -> int:
+    from dpn.lab.paths import PathsOptions, run_paths
+
+    report = run_paths(PathsOptions(
+        model=args.model, data=args.data, output_dir=args.output, pyramid=args.pyramid, positions=args.positions,
+        scales=args.scale, limit=args.limit, batch_size=args.batch_size,
+    ))
+    console = lab_console()
+    for mode in report["modes"]:
+        table = Table(title=f"forced paths: {mode['mode']}")
+        for column in ("path", "FLOPs ratio", "accuracy", "easy", "medium", "hard"):
+            table.add_column(column, justify="right")
+        for row in mode["rows"]:
+            table.add_row(" ".join(map(str, row["path"])), f"{row['flops_ratio']:.3f}", f"{row['accuracy']:.1%}",
+                          *(f"{row[d]:.1%}" if d in row else "-" for d in ("easy", "medium", "hard")))
+        console.print(table)
+        console.print("oracle frontier: " + ", ".join(f"{p['accuracy']:.1%} at {p['flops_ratio']:.3f}"
+                                                      for p in mode["oracle"]))
+        if "router" in mode:
+            router = mode["router"]
+            console.print(f"routers: {router['accuracy']:.1%} at {router['flops_ratio']:.3f} FLOPs; regret "
+                          f"{router['regret']:.1%}")
+    console.print(f"results in {args.output} (PATHS.md, paths.json, paths.png)")
+    return 0
+
+
 def _compare_command(args: argparse.Namespace) -> int:
     from dpn.lab.compare import CompareOptions, run_compare
 
@@ -312,7 +339,10 @@ def _compare_command(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, router_learning_rate=args.router_lr,
         train_limit=args.train_limit, test_limit=args.test_limit, training_free=args.training_free,
         static_strides=args.static, projector_strides=args.projector, dpn_budgets=args.dpn_budget,
-        ablations=not args.no_ablations, markdown=args.markdown, image_dir=args.image_dir, command=command,
+        fine_tuned=args.fine_tuned, fit_flops_weight=args.fit_flops_weight, router_fit_samples=args.router_fit_samples,
+        positions=None if args.positions == "own" else args.positions, ablations=not args.no_ablations,
+        paper_ablations=args.paper_ablations, oracle=args.oracle, markdown=args.markdown, image_dir=args.image_dir,
+        command=command,
     ))
     return 0
 
@@ -413,6 +443,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--router-bias", type=float, help="DPN: set the router bias (> 0 compresses more)")
     evaluator.add_argument("--probability-scale", choices=PROBABILITY_SCALES,
                            help="DPN: override the saved probability_scale (train_only: no scaling at inference)")
+    evaluator.add_argument("--force-experts", type=int, nargs="+", metavar="E",
+                           help="pooling pyramids: every sample takes expert E at each stage (one per stage; "
+                                "-1: the router decides), e.g. --force-experts 0 2")
     evaluator.add_argument("--calibration-data", help="LLaVA-format JSON for --budget (default: --data)")
     evaluator.add_argument("--calibration-samples", type=int, default=128)
     evaluator.add_argument("--no-latency", action="store_true", help="skip the prefill latency measurement")
@@ -469,6 +502,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(handler=_demo_command)
 
+    paths = commands.add_parser("paths", help="every routing path of a pooling pyramid, forced: accuracy per "
+                                              "difficulty, the oracle frontier and the routers' regret")
+    paths.add_argument("--model", required=True, help="model directory (its saved pyramid is used, if any)")
+    paths.add_argument("--data", required=True, help="LLaVA-format JSON file")
+    paths.add_argument("--output", required=True, help="results directory (each evaluation resumes)")
+    paths.add_argument("--pyramid", default="saved", help=f"saved | a pooling spec: {presets.spec_help()}")
+    paths.add_argument("--positions", nargs="+", default=["keep"], help="position modes: renumber and/or keep")
+    paths.add_argument("--scale", nargs="+", default=["none"],
+                       help="DPN: none (pooled tokens unscaled) and/or value (times the router's probability)")
+    paths.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    paths.add_argument("--batch-size", type=int, default=32)
+    paths.set_defaults(handler=_paths_command)
+
     compare = commands.add_parser("compare", help="every strategy at several budgets: table and Pareto plots")
     compare.add_argument("--base", required=True, help="model every variant is fine-tuned from")
     compare.add_argument("--train-data", required=True, help="LLaVA-format JSON for fine-tuning")
@@ -487,8 +533,21 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--static", nargs="+", default=["1x2", "2x2"], help="static strides")
     compare.add_argument("--projector", nargs="+", default=["2x2", "3x3"], help="projector-side pooling strides")
     compare.add_argument("--dpn-budget", type=float, nargs="+", default=[0.8, 0.6],
-                         help="FLOPs targets for DPN's calibrated router bias")
-    compare.add_argument("--no-ablations", action="store_true", help="skip the DPN ablations")
+                         help="FLOPs targets for the calibrated router bias of DPN and the fitted DPN")
+    compare.add_argument("--fine-tuned", nargs="*", default=["fastv:0.5"], metavar="SPEC",
+                         help="peers also fine-tuned with their own strategy (default: fastv:0.5)")
+    compare.add_argument("--fit-flops-weight", type=float, default=DEFAULT_FIT_FLOPS_WEIGHT,
+                         help="the fitted DPN's price of FLOPs in LM loss (higher: more compression)")
+    compare.add_argument("--router-fit-samples", type=int, default=DEFAULT_ROUTER_FIT_SAMPLES,
+                         help="training samples the fitted DPN's routers are fitted on")
+    compare.add_argument("--positions", choices=["keep", "renumber", "own"], default="keep",
+                         help="position mode of every row but the ablations (own: each strategy's default)")
+    compare.add_argument("--no-ablations", action="store_true",
+                         help="skip the ablations (the other position mode, unscaled tokens, temperature 1)")
+    compare.add_argument("--paper-ablations", action="store_true",
+                         help="also the paper's ablations: no routing loss, avg pooling, early / late stages")
+    compare.add_argument("--oracle", action="store_true",
+                         help="evaluate every routing path of the fitted DPN: the oracle frontier and the routers' regret")
     compare.add_argument("--markdown", help="write the results page here (default: OUT/RESULTS.md)")
     compare.add_argument("--image-dir", help="write the plots here (default: OUT)")
     compare.set_defaults(handler=_compare_command)

@@ -1,13 +1,17 @@
 """``dpn compare``: every strategy at several budgets, on one model and one test set.
 
-Trained variants (vanilla, DPN, static, projector, random, and the ablations) are fine-tuned from
+Trained variants (vanilla, DPN as in the paper, as released and with fitted routers, static,
+projector, random, peers fine-tuned with their own strategy, and the ablations) are fine-tuned from
 the same base with the same data, steps and learning rates, once per seed. Training-free variants
-(FastV, PyramidDrop) run on the vanilla fine-tune of each seed. DPN is evaluated at its own
-routing and at router biases calibrated to FLOPs targets (the budget knob, no retraining).
+(FastV, PyramidDrop, DART) run on the vanilla fine-tune of each seed. The DPNs with routers are
+evaluated at their own routing and at router biases calibrated to FLOPs targets (no retraining).
+``positions`` gives every row but the ablations one position mode (the ablations name theirs).
 
 Each evaluation is a normal ``dpn eval`` run (resumable); so is each fine-tune. The command writes
 a markdown page (table with mean ± std over seeds, the ablation table, the exact command at the
-top) and accuracy-vs-FLOPs Pareto plots: overall and per difficulty.
+top) and accuracy-vs-FLOPs Pareto plots: overall and per difficulty. With ``oracle``, every
+routing path of the fitted DPN is evaluated too (``dpn paths``): the oracle frontier goes on the
+plots and the routers' regret on the page.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import itertools
 import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,9 @@ from dpn.models import geometry_of
 from dpn.strategies.pooling import PoolingStage
 from dpn.lab.console import console as lab_console
 from dpn.lab.evaluate import SUMMARY, EvalOptions, evaluate
-from dpn.lab.train import PyramidTrainingArguments, TrainOptions, train
+from dpn.lab.paths import PathsOptions, efficient, run_paths
+from dpn.lab.train import DEFAULT_ROUTER_FIT_SAMPLES, PyramidTrainingArguments, TrainOptions, train
+from dpn.strategies.dpn import DEFAULT_FIT_FLOPS_WEIGHT
 
 # Written in an evaluation's folder instead of its summary when its FLOPs target is unreachable.
 SKIPPED = "skipped.txt"
@@ -42,12 +48,34 @@ MATCHED_FLOPS_SLACK = 0.02
 TRAINING_FREE = ("fastv:0.75", "fastv:0.5", "fastv:0.25", "pdrop:0.75", "pdrop:0.5", "pdrop:0.25",
                  "dart:0.75", "dart:0.5", "dart:0.25")
 # Plot style per strategy family (matplotlib format strings); other families take the spare styles.
-STYLES = {"vanilla": "k*", "dpn": "C3o-", "dpn (released)": "C3s--", "static": "C0s-", "projector": "C1^-", "random": "C7x",
-          "fastv": "C2v-", "pdrop": "C4D-"}
-SPARE_STYLES = ("C5P-", "C6h-", "C8X-", "C9p-")
 # DPN as its code was released (router tokens, training guard, global hinge), beside the paper's DPN.
 RELEASED = "dpn (released)"
-DPN_FAMILIES = ("dpn", RELEASED)
+# DPN whose routers are fitted to per-path losses after path-robust fine-tuning (dpn.presets.fitted).
+FITTED = "dpn (fitted)"
+DPN_FAMILIES = ("dpn", RELEASED, FITTED)
+# The DPN variants with routers worth calibrating to FLOPs targets.
+CALIBRATED = ("dpn", FITTED)
+FINE_TUNED = " (fine-tuned)"  # suffix of a peer fine-tuned with its own strategy
+ORACLE = "oracle (fitted model's paths)"
+STYLES = {"vanilla": "k*", "dpn": "C3o-", RELEASED: "C3s--", FITTED: "mo-", "static": "C0s-", "projector": "C1^-",
+          "random": "C7x", "fastv": "C2v-", "fastv" + FINE_TUNED: "C2v--", "pdrop": "C4D-", ORACLE: "k:"}
+SPARE_STYLES = ("C5P-", "C6h-", "C8X-", "C9p-")
+# The goal's range of matched FLOPs and its efficiency point (docs/RESULTS.md).
+GOAL_FLOPS_RANGE = (0.45, 0.85)
+GOAL_FLOPS = 0.6
+GOAL_SHARE_OF_VANILLA = 0.95
+# The distillation ablations' weight of KL(vanilla || pyramid) beside the LM loss.
+DISTILL_WEIGHT = 1.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One fine-tune: the ``--pyramid`` spec (or config file) it trains with, and the position mode
+    it is given (None: the spec's or file's own)."""
+
+    spec: str
+    positions: str | None = None
+    distill_weight: float = 0.0  # KL toward the same weights without the pyramid (TrainOptions.distill_weight)
 
 
 @dataclass
@@ -60,6 +88,7 @@ class Point:
     pyramid: str = "saved"  # evaluation-time pyramid spec (training-free strategies)
     budget: float | None = None  # DPN: calibrate the router bias to this FLOPs fraction
     ablation: bool = False
+    positions: str | None = None  # evaluation-time position mode (training-free strategies)
 
 
 @dataclass
@@ -80,7 +109,14 @@ class CompareOptions:
     # Training-free strategies (any --pyramid spec), run on the vanilla fine-tune of each seed.
     training_free: list[str] = field(default_factory=lambda: list(TRAINING_FREE))
     dpn_budgets: list[float] = field(default_factory=lambda: [0.8, 0.6])
-    ablations: bool = True
+    # Peers fine-tuned with their own strategy (any --pyramid spec), beside their training-free rows.
+    fine_tuned: list[str] = field(default_factory=lambda: ["fastv:0.5"])
+    fit_flops_weight: float = DEFAULT_FIT_FLOPS_WEIGHT
+    router_fit_samples: int = DEFAULT_ROUTER_FIT_SAMPLES
+    positions: str | None = "keep"  # every row's position mode but the ablations'; None: each strategy's own
+    ablations: bool = True  # what each cause of the paper DPN's losses costs (see ablation_configs)
+    paper_ablations: bool = False  # the paper's own ablations: no routing loss, avg pooling, early / late stages
+    oracle: bool = False
     measure_latency: bool = True
     markdown: str | None = None
     image_dir: str | None = None
@@ -88,32 +124,62 @@ class CompareOptions:
     progress: bool = True
 
 
-def trained_variants(options: CompareOptions, model_config: Any, config_dir: Path) -> dict[str, str]:
-    """Trained variant name -> the ``--pyramid`` spec it is fine-tuned with."""
-    variants = {"vanilla": "none", "dpn": "paper", RELEASED: "released", "random": "random"}
-    variants.update({f"static:{s}": f"static:{s}" for s in options.static_strides})
-    variants.update({f"projector:{s}": f"projector:{s}" for s in options.projector_strides})
+def trained_variants(options: CompareOptions, model_config: Any, config_dir: Path) -> dict[str, Variant]:
+    """Trained variant name -> what it is fine-tuned with."""
+    positions = options.positions
+    specs = {"vanilla": "none", "dpn": "paper", RELEASED: "released", FITTED: f"fitted:{options.fit_flops_weight:g}",
+             "random": "random", **{f"static:{s}": f"static:{s}" for s in options.static_strides},
+             **{f"projector:{s}": f"projector:{s}" for s in options.projector_strides},
+             **{f"{spec}{FINE_TUNED}": spec for spec in options.fine_tuned}}
+    variants = {name: Variant(spec, None if spec == "none" else positions) for name, spec in specs.items()}
+    configs = {}
     if options.ablations:
-        for name, config in ablation_configs(model_config).items():
-            variants[name] = str(config.save(config_dir / f"{name}.json"))
+        configs.update(cause_ablation_configs(model_config, options))
+    if options.paper_ablations:
+        configs.update(ablation_configs(model_config, positions))
+    for name, config in configs.items():
+        variants[name] = Variant(str(config.save(config_dir / f"{_slug(name)}.json")))
+    if options.ablations:
+        for name in ("dpn", FITTED):
+            variants[f"{name}, distilled from vanilla"] = replace(variants[name], distill_weight=DISTILL_WEIGHT)
     return variants
 
 
-def ablation_configs(model_config: Any) -> dict[str, PyramidConfig]:
+def cause_ablation_configs(model_config: Any, options: CompareOptions) -> dict[str, PyramidConfig]:
+    """One change each to the main rows, for the causes of the paper DPN's losses (issue 24): the
+    other position mode (for DPN, the fitted DPN and static pooling), the probability scaling
+    (straight-through: values unscaled, the same gradient) and the routers' temperature (1, not 10,
+    or annealed from 10 to 1). ``trained_variants`` adds distillation from the vanilla model."""
+    main = options.positions or "renumber"
+    other = "renumber" if main == "keep" else "keep"
+    return {
+        f"dpn, {other} positions": presets.paper(model_config, positions=other),
+        "dpn, unscaled tokens (straight-through)": presets.paper(model_config, positions=main,
+                                                                 probability_scale="straight_through"),
+        "dpn, temperature 1": presets.paper(model_config, positions=main, router_temperature=1.0),
+        "dpn, temperature 10 to 1": presets.paper(model_config, positions=main, router_temperature=1.0,
+                                                  router_temperature_start=10.0),
+        f"{FITTED}, {other} positions": presets.fitted(model_config, options.fit_flops_weight, positions=other),
+        f"static:2x2, {other} positions": presets.static(model_config, (2, 2), positions=other),
+    }
+
+
+def ablation_configs(model_config: Any, positions: str | None = None) -> dict[str, PyramidConfig]:
     """The paper's ablations of DPN: routing loss off, average pooling, stages early or late."""
-    paper = presets.paper(model_config)
+    shared = {"positions": positions} if positions else {}
+    paper = presets.paper(model_config, **shared)
     num_layers = geometry_of(model_config).num_layers
     count = len(paper.stages)
 
     def at(layers: list[int]) -> PyramidConfig:
         stages = [PoolingStage(layer, stage.experts) for layer, stage in zip(layers, paper.stages)]
-        return PyramidConfig(stages=stages, strategy=paper.strategy)
+        return PyramidConfig(stages=stages, strategy=paper.strategy, positions=paper.positions)
 
     early = list(range(count))
     late = list(range(num_layers - 1 - count, num_layers - 1))
     configs = {
-        "dpn, no routing loss": presets.paper(model_config, routing_loss="none"),
-        "dpn, avg pooling": presets.paper(model_config, pooling="avg"),
+        "dpn, no routing loss": presets.paper(model_config, routing_loss="none", **shared),
+        "dpn, avg pooling": presets.paper(model_config, pooling="avg", **shared),
     }
     if early != [s.layer for s in paper.stages]:
         configs["dpn, early stages"] = at(early)
@@ -122,14 +188,24 @@ def ablation_configs(model_config: Any) -> dict[str, PyramidConfig]:
     return configs
 
 
-def evaluation_points(options: CompareOptions, trained: dict[str, str]) -> list[Point]:
-    points = [Point("vanilla", "vanilla", "vanilla"), Point("dpn", "dpn", "dpn"), Point(RELEASED, RELEASED, RELEASED)]
-    points += [Point(f"dpn @ {b:g} FLOPs", "dpn", "dpn", budget=b) for b in options.dpn_budgets]
-    points += [Point(name, name.split(":")[0], name) for name in trained if name.startswith(("static:", "projector:"))]
+def evaluation_points(options: CompareOptions, trained: dict[str, Variant]) -> list[Point]:
+    points = [Point("vanilla", "vanilla", "vanilla"), Point("dpn", "dpn", "dpn"), Point(RELEASED, RELEASED, RELEASED),
+              Point(FITTED, FITTED, FITTED)]
+    points += [Point(f"{family} @ {b:g} FLOPs", family, family, budget=b)
+               for family in CALIBRATED for b in options.dpn_budgets]
+    points += [Point(name, name.split(":")[0], name) for name in trained if name.startswith(("static:", "projector:"))
+               and "," not in name]
     points.append(Point("random", "random", "random"))
-    points += [Point(spec, spec.partition(":")[0], "vanilla", pyramid=spec) for spec in options.training_free]
-    points += [Point(name, "dpn", name, ablation=True) for name in trained if name.startswith("dpn, ")]
+    points += [Point(spec, spec.partition(":")[0], "vanilla", pyramid=spec, positions=options.positions)
+               for spec in options.training_free]
+    points += [Point(name, name.partition(":")[0] + FINE_TUNED, name) for name in trained if name.endswith(FINE_TUNED)]
+    points += [Point(name, _base_family(name.partition(",")[0]), name, ablation=True) for name in trained if ", " in name]
     return points
+
+
+def _base_family(name: str) -> str:
+    """The curve a variant belongs to: its strategy without the argument ("static:2x2" -> "static")."""
+    return name if name in DPN_FAMILIES else name.partition(":")[0]
 
 
 def _slug(name: str) -> str:
@@ -156,7 +232,7 @@ def run_compare(options: CompareOptions, console: Console | None = None) -> dict
     work_done = not _all_done(out, trained, points, options.seeds)
     skipped: dict[str, str] = {}
     for seed in options.seeds:
-        models = {name: _finetune(options, name, spec, seed, out, console) for name, spec in trained.items()}
+        models = {name: _finetune(options, name, variant, seed, out, console) for name, variant in trained.items()}
         for point in points:
             if point.name in skipped:
                 continue
@@ -167,16 +243,37 @@ def run_compare(options: CompareOptions, console: Console | None = None) -> dict
                 skipped[point.name] = str(error)
                 console.print(f"[yellow]skipping {point.name} (seed {seed}): {error}[/]")
     rows = [aggregate(point, summaries[point.name]) for point in points if point.name not in skipped]
-    report = {"options": asdict(options), "rows": rows, "skipped": skipped,
-              "elapsed_seconds": _previous_seconds(out, work_done) + time.perf_counter() - start}
+    report = {"options": asdict(options), "rows": rows, "skipped": skipped}
+    if options.oracle:
+        report["oracle"] = oracle_over_seeds(options, out, console)
+    report["elapsed_seconds"] = _previous_seconds(out, work_done) + time.perf_counter() - start
     (out / "compare.json").write_text(json.dumps(report, indent=1))
     images = Path(options.image_dir) if options.image_dir else out
-    plots = plot_pareto(rows, images)
+    plots = plot_pareto(rows, images, report.get("oracle"))
     report["router_learning"] = router_learning(out, trained, options.seeds)
     page = results_page(report, plots, Path(options.markdown).parent if options.markdown else out)
     (Path(options.markdown) if options.markdown else out / "RESULTS.md").write_text(page)
     console.print(page)
     return report
+
+
+def oracle_over_seeds(options: CompareOptions, out: Path, console: Console) -> dict[str, Any]:
+    """Every routing path of each seed's fitted DPN, forced (``dpn paths``): the oracle frontier
+    (mean over seeds at each price of FLOPs) and the fitted routers' regret against it."""
+    reports = []
+    for seed in options.seeds:
+        console.print(f"every routing path of {FITTED} (seed {seed})")
+        reports.append(run_paths(PathsOptions(
+            model=str(_train_dir(out, FITTED, seed)), data=options.test_data, output_dir=str(out / "paths" / f"seed{seed}"),
+            positions=[options.positions or "keep"], scales=["none"], limit=options.test_limit,
+            batch_size=options.batch_size, progress=options.progress,
+        ))["modes"][0])
+    by_price = [{"price": points[0]["price"],
+                 "accuracy": statistics.mean(p["accuracy"] for p in points),
+                 "flops_ratio": statistics.mean(p["flops_ratio"] for p in points)}
+                for points in zip(*(mode["oracle_by_price"] for mode in reports))]
+    return {"frontier": efficient(by_price), "regret": _mean_std([mode["router"]["regret"] for mode in reports]),
+            "router_flops": _mean_std([mode["router"]["flops_ratio"] for mode in reports])}
 
 
 def _train_dir(out: Path, name: str, seed: int) -> Path:
@@ -202,14 +299,15 @@ def _previous_seconds(out: Path, work_done: bool) -> float:
     return seconds if not work_done else 0.0
 
 
-def _finetune(options: CompareOptions, name: str, spec: str, seed: int, out: Path, console: Console) -> Path:
+def _finetune(options: CompareOptions, name: str, variant: Variant, seed: int, out: Path, console: Console) -> Path:
     run_dir = _train_dir(out, name, seed)
     if (run_dir / "train_options.json").is_file():
         return run_dir
     console.print(f"fine-tuning {name} (seed {seed})")
     return train(TrainOptions(
-        data=options.train_data, pyramid=spec, init_from=options.base,
+        data=options.train_data, pyramid=variant.spec, positions=variant.positions, init_from=options.base,
         router_learning_rate=options.router_learning_rate, limit=options.train_limit, progress=options.progress,
+        router_fit_samples=options.router_fit_samples, distill_weight=variant.distill_weight,
     ), PyramidTrainingArguments(
         output_dir=str(run_dir), max_steps=options.steps, per_device_train_batch_size=options.batch_size,
         learning_rate=options.learning_rate, warmup_steps=max(1, options.steps // 10),
@@ -226,7 +324,8 @@ def _evaluate(options: CompareOptions, point: Point, model: Path, seed: int, out
     try:
         return evaluate(EvalOptions(
             model=str(model), data=options.test_data, output_dir=str(eval_dir), pyramid=point.pyramid,
-            budget=point.budget, batch_size=options.batch_size, limit=options.test_limit, plot=False,
+            positions=point.positions, budget=point.budget, batch_size=options.batch_size, limit=options.test_limit,
+            plot=False,
             measure_latency=options.measure_latency, progress=options.progress,
         ))
     except UnreachableBudgetError as error:
@@ -290,7 +389,7 @@ def router_learning(out: Path, trained: dict[str, str], seeds: list[int]) -> lis
     stage's router entropy (1 = uniform) and, per difficulty, the mean index of the expert its
     router ranks first (0 = keep every token; higher = stronger pooling)."""
     lines = []
-    for name in (n for n in trained if n in DPN_FAMILIES):
+    for name in (n for n in trained if n in ("dpn", RELEASED)):  # fitted routers learn after training, not in it
         logs = []
         for seed in seeds:
             path = _train_dir(out, name, seed) / "log_history.json"
@@ -354,8 +453,55 @@ def dominance(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def plot_pareto(rows: list[dict[str, Any]], image_dir: Path) -> list[Path]:
-    """Accuracy vs LLM FLOPs ratio, one curve per strategy: overall, then one plot per difficulty."""
+def goal_check(rows: list[dict[str, Any]]) -> list[str]:
+    """The goal of issue 24, stated from the rows: the fitted DPN at least as accurate as every peer
+    point (not DPN, not vanilla) with FLOPs in ``GOAL_FLOPS_RANGE`` at no more FLOPs (+ slack);
+    its accuracy at no more than ``GOAL_FLOPS`` as a share of vanilla's; hard vs easy kept tokens."""
+    fitted = [r for r in rows if r["family"] == FITTED]
+    if not fitted:
+        return [f"- no {FITTED} row"]
+    low, high = GOAL_FLOPS_RANGE
+    peers = [r for r in rows if r["family"] not in (*DPN_FAMILIES, "vanilla") and low <= r["flops_ratio"][0] <= high]
+    lines, met = [], 0
+    for peer in sorted(peers, key=lambda r: r["flops_ratio"][0]):
+        matched = [f for f in fitted if f["flops_ratio"][0] <= peer["flops_ratio"][0] + MATCHED_FLOPS_SLACK]
+        best = max(matched, key=lambda f: f["accuracy"][0], default=None)
+        ok = best is not None and best["accuracy"][0] >= peer["accuracy"][0]
+        met += ok
+        against = "none at or below its FLOPs" if best is None else (
+            f"{best['name']} {best['accuracy'][0]:.1%} at {best['flops_ratio'][0]:.3f}")
+        lines.append(f"- {peer['name']} ({peer['accuracy'][0]:.1%} at {peer['flops_ratio'][0]:.3f}): {against}: "
+                     + ("at least as accurate" if ok else "less accurate"))
+    lines.insert(0, f"At least as accurate as {met} of the {len(peers)} peer points with {low}-{high} FLOPs, at no "
+                    f"more FLOPs (+{MATCHED_FLOPS_SLACK}):")
+    lines.insert(1, "")
+    vanilla = next((r for r in rows if r["family"] == "vanilla"), None)
+    cheap = [f for f in fitted if f["flops_ratio"][0] <= GOAL_FLOPS]
+    if vanilla is not None and vanilla["accuracy"][0] > 0 and cheap:
+        best = max(cheap, key=lambda f: f["accuracy"][0])
+        share = best["accuracy"][0] / vanilla["accuracy"][0]
+        lines += ["", f"At {GOAL_FLOPS} FLOPs or fewer: {best['name']} keeps {share:.1%} of vanilla's accuracy "
+                      f"({best['accuracy'][0]:.1%} vs {vanilla['accuracy'][0]:.1%}, at {best['flops_ratio'][0]:.3f}); "
+                      f"the goal is {GOAL_SHARE_OF_VANILLA:.0%}."]
+    kept = [f for f in fitted if f["kept_hard_easy"]]
+    if kept:
+        lines += ["", "Kept visual tokens, hard vs easy questions: " + "; ".join(
+            f"{f['name']} {f['kept_hard_easy'][0]:.1f} vs {f['kept_hard_easy'][1]:.1f}" for f in kept) + "."]
+    return lines
+
+
+def oracle_lines(oracle: dict[str, Any] | None) -> list[str]:
+    if oracle is None:
+        return []
+    frontier = ", ".join(f"{p['accuracy']:.1%} at {p['flops_ratio']:.3f}" for p in oracle["frontier"])
+    return ["", f"Oracle on the fitted models' own paths (every sample the path that maximises correct - price x FLOPs, "
+                f"mean over seeds; `dpn paths`): {frontier}. The fitted routers' regret against it at their own "
+                f"FLOPs ({oracle['router_flops'][0]:.3f}): {oracle['regret'][0]:.1%} ± {oracle['regret'][1]:.1%}."]
+
+
+def plot_pareto(rows: list[dict[str, Any]], image_dir: Path, oracle: dict[str, Any] | None = None) -> list[Path]:
+    """Accuracy vs LLM FLOPs ratio, one curve per strategy: overall, then one plot per difficulty;
+    the overall plot also draws the oracle frontier when there is one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,6 +519,9 @@ def plot_pareto(rows: list[dict[str, Any]], image_dir: Path) -> list[Path]:
                             key=lambda r: r["flops_ratio"][0])
             axis.errorbar([p["flops_ratio"][0] for p in points], [p[metric][0] for p in points],
                           yerr=[p[metric][1] for p in points], fmt=styles[family], label=family, capsize=3)
+        if oracle is not None and metric == "accuracy":
+            axis.plot([p["flops_ratio"] for p in oracle["frontier"]], [p["accuracy"] for p in oracle["frontier"]],
+                      STYLES[ORACLE], label=ORACLE)
         axis.set_xlabel("LLM prefill FLOPs / vanilla")
         axis.set_ylabel(f"{metric} accuracy" if metric != "accuracy" else "accuracy (all questions)")
         axis.grid(alpha=0.3)
@@ -389,7 +538,7 @@ def results_page(report: dict[str, Any], plots: list[Path], page_dir: Path) -> s
     options = report["options"]
     rows = report["rows"]
     main = [r for r in rows if not r["ablation"]]
-    ablations = [r for r in rows if r["ablation"] or r["name"] in ("dpn", "static:2x2", "random")]
+    ablations = [r for r in rows if r["ablation"] or r["name"] in ("dpn", FITTED, "static:2x2", "random")]
     images = "\n".join(f"![{p.stem}]({_relative(p, page_dir)})" for p in plots)
     hard_easy = [f"- {r['name']}: hard {r['kept_hard_easy'][0]:.1f} vs easy {r['kept_hard_easy'][1]:.1f}"
                  for r in rows if r["kept_hard_easy"] and r["family"] in DPN_FAMILIES]
@@ -411,8 +560,11 @@ def results_page(report: dict[str, Any], plots: list[Path], page_dir: Path) -> s
         "",
         "FLOPs ratio: LLM prefill, analytic from the tokens each layer processed (`dpn.flops`). Latency ratio: "
         "measured prefill time with / without the strategy on the same batches, on the machine that ran the command. "
-        "FastV and PyramidDrop run training-free on the vanilla fine-tune; every other row is fine-tuned with its "
-        "strategy. `dpn @ F FLOPs` is the trained DPN with its router bias calibrated to F (no retraining).",
+        "Rows named by a training-free spec run on the vanilla fine-tune; `(fine-tuned)` rows and every other row are "
+        "fine-tuned with their strategy. `X @ F FLOPs` is the trained DPN X with its router bias calibrated to F (no "
+        f"retraining). `{FITTED}` is `dpn.presets.fitted`: fine-tuned on uniformly drawn paths, then its routers fitted "
+        "to each training sample's LM loss + FLOPs price under every path. Position mode of every row but the "
+        f"ablations: {options.get('positions') or 'each strategy its own'}.",
         "",
         table(main),
         *[f"\nNot evaluated: {name}: {reason}" for name, reason in report.get("skipped", {}).items()],
@@ -422,6 +574,11 @@ def results_page(report: dict[str, Any], plots: list[Path], page_dir: Path) -> s
         "## Does DPN dominate at matched FLOPs?",
         "",
         *dominance(main),
+        "",
+        f"## Is {FITTED} on the Pareto frontier?",
+        "",
+        *goal_check(main),
+        *oracle_lines(report.get("oracle")),
         "",
         "Kept visual tokens after the last stage, hard vs easy questions (DPN rows):",
         "",

@@ -17,7 +17,7 @@ import math
 import re
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dpn.lab.pyramids import prompt_router_token, pyramid_from_spec
-from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid, pyramid_disabled
+from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid, pyramid_disabled, remove_pyramid
 from dpn.budget import calibrate_router_bias, set_probability_scale, set_router_bias
 from dpn.config import CONFIG_NAME
 from dpn.lab.data.images import FamilyImages, family_images
@@ -63,6 +63,8 @@ class EvalOptions:
     calibration_data: str | None = None  # samples for the calibration (default: the evaluated data)
     calibration_samples: int = 128
     probability_scale: str | None = None  # DPN only: override the saved probability_scale (e.g. train_only)
+    force_experts: list[int] | None = None  # pooling pyramids: one expert per stage for every sample (-1: routed)
+    positions: str | None = None  # re-apply the pyramid with this position mode (its weights and settings kept)
     measure_latency: bool = True
     latency_batches: int = LATENCY_BATCHES  # the first N batches are timed with and without the pyramid
     plot: bool = True
@@ -98,9 +100,44 @@ def load_for_eval(model_dir: str, pyramid: str):
     return model, processor
 
 
-def _prefill(model, batch) -> None:
+def _prefill(model, batch, **forced) -> None:
     with torch.no_grad():
-        model(**batch, use_cache=False, logits_to_keep=1)
+        model(**batch, use_cache=False, logits_to_keep=1, **forced)
+
+
+def with_positions(model, positions: str) -> None:
+    """Re-apply ``model``'s pyramid with position mode ``positions``, keeping its weights and
+    inference settings (how positions follow pooled tokens changes no weight)."""
+    if not has_pyramid(model):
+        raise ValueError("--positions needs a model with a pyramid (saved or --pyramid)")
+    pyramid = get_pyramid(model)
+    state, inference = pyramid.state_dict(), pyramid.inference_state()
+    config = replace(pyramid.config, positions=positions)  # checked by PyramidConfig, and for the family below
+    remove_pyramid(model)
+    apply_pyramid(model, config)
+    get_pyramid(model).load_state_dict(state)
+    get_pyramid(model).load_inference_state(inference)
+
+
+def _forced_experts(options: EvalOptions, model) -> dict[str, list[int]]:
+    """The ``force_experts`` argument of every prefill ({} when not forcing), checked up front."""
+    if options.force_experts is None:
+        return {}
+    if not has_pyramid(model):
+        raise ValueError("--force-experts needs a model with a pooling pyramid (saved or --pyramid)")
+    strategy = get_pyramid(model)
+    stages = len(strategy.config.stages)
+    if len(options.force_experts) != stages:
+        raise ValueError(f"--force-experts takes one expert per stage: the pyramid has {stages} stages, got "
+                         f"{len(options.force_experts)}")
+    for stage, expert in enumerate(options.force_experts):
+        choices = strategy.num_choices(stage)
+        if choices == 0:
+            raise ValueError(f"--force-experts applies to pooling pyramids; {strategy.options.name} has no experts")
+        if not -1 <= expert < choices:
+            raise ValueError(f"--force-experts: stage {stage} has experts 0..{choices - 1} (-1: its router decides), "
+                             f"got {expert}")
+    return {"force_experts": list(options.force_experts)}
 
 
 def evaluate(options: EvalOptions) -> dict[str, Any]:
@@ -109,6 +146,9 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output {output_dir} is a file; give a directory")
     model, processor = load_for_eval(options.model, options.pyramid)
+    if options.positions is not None:
+        with_positions(model, options.positions)
+    forced = _forced_experts(options, model)
     device = next(model.parameters()).device
     images = family_images(model.config, processor)
     router_token = prompt_router_token(model, processor.tokenizer)
@@ -132,11 +172,12 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             indices = todo[start:start + options.batch_size]
             batch = {k: v.to(device) for k, v in collate([dataset[i] for i in indices]).items()}
             tokens, prefill = greedy_answer(
-                model, batch, options.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id
+                model, batch, options.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                **forced,
             )
             if options.measure_latency and has_pyramid(model) and number < options.latency_batches:
                 vanilla, pyramid = paired_medians(
-                    lambda: _without_pyramid(model, batch), lambda: _prefill(model, batch),
+                    lambda: _without_pyramid(model, batch), lambda: _prefill(model, batch, **forced),
                     repeats=LATENCY_REPEATS, warmup=1, device=device,
                 )
                 latency["vanilla"].append(vanilla)
@@ -196,7 +237,8 @@ def _identity(options: EvalOptions, model, dataset: LlavaDataset) -> dict[str, A
         "pyramid": pyramid.config.to_dict() if pyramid is not None else None,
         "inference": {"router_bias": options.router_bias, "budget": options.budget,
                       "calibration_data": options.calibration_data, "calibration_samples": options.calibration_samples,
-                      "probability_scale": options.probability_scale},
+                      "probability_scale": options.probability_scale, "force_experts": options.force_experts,
+                      "positions": options.positions},
         "data": str(Path(options.data).resolve()),
         "data_sha256": file_hash(options.data),
         "image_folder": str(dataset.image_folder.resolve()),

@@ -32,24 +32,32 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 from transformers.trainer_utils import SchedulerType, set_seed
 
 from dpn import presets
-from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid_weights, save_pyramid
+from dpn.config import POSITION_MODES
+from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid_weights, pyramid_disabled, save_pyramid
 from dpn.lab.checkpoints import RUN_RECORD, finished_run, is_finished, last_complete_checkpoint
 from dpn.lab.data.images import family_images
 from dpn.lab.data.llava import DIFFICULTY, LlavaCollator, LlavaDataset
 from dpn.lab.lora import DEFAULT_LORA_TARGETS, add_lora, check_adapter_matches, is_adapter_checkpoint, is_lora, merged
 from dpn.lab.pyramids import prompt_router_token, pyramid_from_spec
+from dpn.runtime.inputs import IGNORE_INDEX
+from dpn.router_fit import FitReport, fit_routers
 
 PYRAMID_PREFIX = "pyramid."
+# Fitted routers (router_training="fit") learn from this many training samples after training.
+DEFAULT_ROUTER_FIT_SAMPLES = 1024
+ROUTER_FIT_RECORD = "router_fit.json"
 LORA_FOLDER = "lora"  # a LoRA run's adapter (peft's files) and routers, beside the merged model
 
 
@@ -63,9 +71,11 @@ class PyramidTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args: Any, router_learning_rate: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, router_learning_rate: float | None = None, distill_weight: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.router_learning_rate = router_learning_rate
+        self.distill_weight = distill_weight
         self._routing_history: list[dict[str, float]] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -73,6 +83,10 @@ class PyramidTrainer(Trainer):
         inputs = {k: v for k, v in inputs.items() if k != DIFFICULTY}  # a tag for the logs, not a model input
         if num_items_in_batch is not None:
             inputs = {**inputs, "num_items_in_batch": num_items_in_batch}
+        unwrapped = self.accelerator.unwrap_model(model)
+        pyramid = get_pyramid(unwrapped) if has_pyramid(unwrapped) else None
+        if model.training and hasattr(pyramid, "set_training_progress"):  # a router temperature schedule's clock
+            pyramid.set_training_progress(self.state.global_step / max(1, self.state.max_steps - 1))
         outputs = model(**inputs)
         accumulation = self.current_gradient_accumulation_steps if model.training else 1
         lm_loss = outputs.get("lm_loss", outputs["loss"])
@@ -82,9 +96,10 @@ class PyramidTrainer(Trainer):
             lm_loss = lm_loss * self.accelerator.num_processes  # DDP averages gradients over processes
         loss = lm_loss
         routing_loss = outputs.get("routing_loss")
-        unwrapped = self.accelerator.unwrap_model(model)
-        if model.training and has_pyramid(unwrapped):  # the routing loss is a per-batch mean
-            loss = get_pyramid(unwrapped).total_loss(lm_loss, routing_loss, scale=1 / accumulation)
+        if model.training and pyramid is not None:  # the routing loss is a per-batch mean
+            loss = pyramid.total_loss(lm_loss, routing_loss, scale=1 / accumulation)
+            if self.distill_weight:
+                loss = loss + self.distill_weight * distillation_loss(unwrapped, inputs, outputs) / accumulation
         if model.training and outputs.get("routing") is not None:
             self._routing_history.append(routing_stats(outputs["routing"], routing_loss, difficulties))
         return (loss, outputs) if return_outputs else loss
@@ -172,6 +187,21 @@ def load_checkpoint_weights(model: PreTrainedModel, checkpoint: str | Path) -> N
         )
 
 
+def distillation_loss(model, inputs: dict[str, Any], outputs) -> torch.Tensor:
+    """KL(vanilla || pyramid) of the next-token distributions at the supervised positions, the
+    teacher being the same model with its pyramid taken off (no gradients). Answers are text, never
+    pooled, so the pyramid's shortened layout lists them in the same order."""
+    teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+    with torch.no_grad(), pyramid_disabled(model):
+        teacher = model(**teacher_inputs, use_cache=False).logits
+    teacher = teacher[:, :-1][inputs["labels"][:, 1:] != IGNORE_INDEX]
+    student = outputs["logits"][:, :-1][outputs["labels"][:, 1:] != IGNORE_INDEX]
+    if student.shape != teacher.shape:
+        raise ValueError(f"distillation: {student.shape[0]} supervised tokens with the pyramid, {teacher.shape[0]} without")
+    return F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
+                    reduction="batchmean")
+
+
 def routing_stats(routing, routing_loss: torch.Tensor | None,
                   difficulties: list[str | None] | None = None) -> dict[str, float]:
     """Scalars to log for one batch: per stage, the share of each expert drawn and the routers'
@@ -185,6 +215,8 @@ def routing_stats(routing, routing_loss: torch.Tensor | None,
         chosen = routing.experts[:, stage][routed]
         probs = routing.router_probs[stage][routed].float()
         experts = probs.shape[1]
+        if experts == 0:  # a strategy without experts (FastV, PyramidDrop, DART): nothing routed to log
+            continue
         for expert in range(experts):
             stats[f"stage{stage}_expert{expert}"] = float((chosen == expert).float().mean()) if chosen.numel() else 0.0
         if chosen.numel() and experts > 1:
@@ -243,6 +275,8 @@ class TrainOptions:
     image_folder: str | None = field(
         default=None, metadata=_help("folder the JSON's image paths are relative to (default: the JSON's folder)"))
     pyramid: str = field(default="paper", metadata=_help(f"pyramid to train with: {presets.spec_help()}"))
+    positions: str | None = field(default=None, metadata=_help(
+        f"position mode of the pyramid's tokens, one of {POSITION_MODES} (default: the pyramid's own)"))
     init_from: str | None = field(
         default=None, metadata=_help("checkpoint to fine-tune (default: a fresh tiny LLaVA from --seed)"))
     freeze_vision: bool = field(default=False, metadata=_help("do not train the vision tower"))
@@ -257,6 +291,12 @@ class TrainOptions:
     lora_alpha: float | None = field(default=None, metadata=_help("with --lora-r: LoRA's alpha (default: 2 R)"))
     lora_dropout: float | None = field(
         default=None, metadata=_help("with --lora-r: dropout on the adapters' input, in [0, 1) (default: 0)"))
+    distill_weight: float = field(default=0.0, metadata=_help(
+        "add this weight x KL(vanilla || pyramid) on the answer tokens, the vanilla model being the same "
+        "weights with the pyramid off (one more forward per step; default: 0, no distillation)"))
+    router_fit_samples: int = field(default=DEFAULT_ROUTER_FIT_SAMPLES, metadata=_help(
+        "with a pyramid whose routers are fitted after training (--pyramid fitted): how many training samples "
+        "they are fitted on (each runs once per routing path)"))
     max_length: int = field(default=2048, metadata=_help("longest tokenised sample"))
     limit: int | None = field(default=None, metadata=_help("use only the first N samples (default: all)"))
     progress: bool = field(
@@ -378,6 +418,7 @@ def check_train_options(options: TrainOptions, args: TrainingArguments) -> None:
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "max_length": options.max_length,
         "limit": options.limit,
+        "router_fit_samples": options.router_fit_samples,
     }
     problems = [f"{_flag(name)} must be at least 1, got {value}" for name, value in at_least_one.items()
                 if value is not None and value < 1]
@@ -394,6 +435,10 @@ def check_train_options(options: TrainOptions, args: TrainingArguments) -> None:
         problems.append(f"--warmup_steps must be at least 0, got {args.warmup_steps}")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         problems.append(f"{_flag('output_dir')} {args.output_dir} is a file; give a directory")
+    if not (math.isfinite(options.distill_weight) and options.distill_weight >= 0):
+        problems.append(f"--distill_weight must be a number >= 0, got {options.distill_weight}")
+    if options.positions is not None and options.positions not in POSITION_MODES:
+        problems.append(f"--positions must be one of {POSITION_MODES}, got {options.positions!r}")
     problems += _lora_problems(options, args)
     if problems:
         raise ValueError("; ".join(problems))
@@ -436,6 +481,8 @@ def build_model(options: TrainOptions, seed: int = 0):
         model, processor = zoo.build_tiny(seed=seed)
     pyramid = pyramid_from_spec(options.pyramid, model, processor.tokenizer)
     if pyramid is not None:
+        if options.positions is not None:
+            pyramid = replace(pyramid, positions=options.positions)
         apply_pyramid(model, pyramid)
     if options.freeze_vision:
         for parameter in model.get_encoder(modality="image").parameters():
@@ -448,6 +495,32 @@ def build_model(options: TrainOptions, seed: int = 0):
         except ValueError as err:  # a target peft cannot adapt (or that matches nothing), named by its flag
             raise ValueError(f"--lora-target {' '.join(targets)}: {err}") from err
     return model, processor
+
+
+def fit_routers_after_training(trainer: Trainer, dataset: LlavaDataset, options: TrainOptions,
+                               args: TrainingArguments) -> FitReport | None:
+    """Fit the routers of a ``router_training="fit"`` pyramid (``dpn.router_fit``) on the first
+    ``options.router_fit_samples`` training samples; None for any other model."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    model = model.get_base_model() if is_lora(model) else model  # the pyramid sits on the base model
+    if not has_pyramid(model) or getattr(get_pyramid(model).options, "router_training", None) != "fit":
+        return None
+    collate = trainer.data_collator
+    count = min(options.router_fit_samples, len(dataset))
+    device = next(model.parameters()).device
+
+    def batches():
+        starts = range(0, count, args.per_device_train_batch_size)
+        for start in tqdm(starts, desc="fitting the routers (every path of each sample)", disable=not options.progress):
+            batch = collate([dataset[i] for i in range(start, min(start + args.per_device_train_batch_size, count))])
+            yield {k: v.to(device) for k, v in batch.items() if k != DIFFICULTY}
+
+    report = fit_routers(model, batches(), get_pyramid(model).options.fit_flops_weight, seed=args.seed)
+    if options.progress:
+        shares = "; ".join(f"stage {s}: " + " / ".join(f"{share:.0%}" for share in stage)
+                           for s, stage in enumerate(report.target_shares))
+        print(f"routers fitted on {report.samples} samples; cheapest expert shares {shares}", file=sys.stderr)
+    return report
 
 
 def train(options: TrainOptions, args: PyramidTrainingArguments,
@@ -482,6 +555,7 @@ def train(options: TrainOptions, args: PyramidTrainingArguments,
         data_collator=LlavaCollator(pad_token_id=processor.tokenizer.pad_token_id, images=images),
         processing_class=processor,
         router_learning_rate=options.router_learning_rate,
+        distill_weight=options.distill_weight,
         callbacks=callbacks,
     )
     last, incomplete = last_complete_checkpoint(output_dir)
@@ -491,6 +565,10 @@ def train(options: TrainOptions, args: PyramidTrainingArguments,
     if last is not None:
         print(f"resuming from {last}", file=sys.stderr)
     trainer.train(resume_from_checkpoint=last)
+    fit = fit_routers_after_training(trainer, dataset, options, args)
+    if fit is not None and trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / ROUTER_FIT_RECORD).write_text(json.dumps(asdict(fit), indent=1))
     if is_lora(trainer.model):
         trainer.save_model(str(output_dir / LORA_FOLDER))  # the adapter and the routers, as in a checkpoint
         trainer.model = merged(trainer.model)  # then the plain model with its pyramid, as a full run writes it

@@ -31,6 +31,8 @@ from dpn.strategies.pooling import (
 from dpn.transfer import host_tensor
 
 PAPER_TEMPERATURE = 10.0
+# Fitted routers' logits are minus each expert's predicted cost (in LM-loss units): no softening needed.
+FITTED_TEMPERATURE = 1.0
 PAPER_LOSS_TARGET = 1.5
 PAPER_LOSS_WEIGHT = 1e-3
 # Router bottleneck: Linear(d, d / 4).
@@ -45,6 +47,14 @@ ROUTING_LOSSES = ("hinge", "hinge_global", "budget", "none")
 # gives the router the gradient through p; "train_only" multiplies by p while training and not at
 # inference; "none" leaves them unscaled (the routers then learn from the routing loss alone).
 PROBABILITY_SCALES = ("value", "straight_through", "train_only", "none")
+# How the routers learn. "gradient" (the paper): in training each sample's expert is drawn from its
+# router's probabilities, and the routers learn through the probability that scales the pooled
+# tokens and through the routing loss. "fit": in training each sample's expert is drawn uniformly,
+# so the LLM learns every path and the routers are left alone; afterwards ``dpn.router_fit``
+# fits each router to the path that minimises the sample's LM loss + fit_flops_weight x FLOPs ratio.
+ROUTER_TRAININGS = ("gradient", "fit")
+# The FLOPs price of router fitting: a path saving 0.1 of the FLOPs is worth 0.05 more LM loss.
+DEFAULT_FIT_FLOPS_WEIGHT = 0.5
 
 
 @dataclass
@@ -53,6 +63,9 @@ class DPNConfig(PoolingConfig):
 
     Attributes:
         router_temperature: probabilities are ``softmax(logits / router_temperature)``.
+        router_temperature_start: in training, the temperature moves linearly from this (at the
+            first step) to ``router_temperature`` (at the last), as the trainer reports progress
+            (``DynamicPyramid.set_training_progress``); None (the paper): constant.
         sample_in_training: in training mode, sample the expert from the router's probabilities;
             otherwise (and always at inference) take the argmax.
         probability_scale: see ``PROBABILITY_SCALES``.
@@ -69,10 +82,15 @@ class DPNConfig(PoolingConfig):
             drawing from the probabilities restricted to the other experts is the same
             distribution). None (the paper's text, the default): no guard. When no expert keeps
             enough, the one keeping the most is taken.
+        router_training: see ``ROUTER_TRAININGS``. ``"fit"`` needs ``probability_scale="none"`` and
+            ``routing_loss="none"`` (the routers take no part in training).
+        fit_flops_weight: with ``router_training="fit"``, the price of one unit of FLOPs ratio in LM
+            loss when choosing each sample's target path (higher: more compression).
     """
 
     name = "dpn"
     router_temperature: float = PAPER_TEMPERATURE
+    router_temperature_start: float | None = None
     sample_in_training: bool = True
     probability_scale: str = "value"
     routing_loss: str = "hinge"
@@ -82,14 +100,17 @@ class DPNConfig(PoolingConfig):
     expert_scales: list[list[float]] | None = None
     router_reduction: int = PAPER_ROUTER_REDUCTION
     min_kept_tokens: int | None = None
+    router_training: str = "gradient"
+    fit_flops_weight: float = DEFAULT_FIT_FLOPS_WEIGHT
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("probability_scale", self.probability_scale, PROBABILITY_SCALES)
         check_choice("routing_loss", self.routing_loss, ROUTING_LOSSES)
-        check_finite("router_temperature", self.router_temperature)
-        if not self.router_temperature > 0:
-            raise ValueError(f"router_temperature must be > 0, got {self.router_temperature}")
+        for name in ("router_temperature", "router_temperature_start"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         check_finite("routing_loss_weight", self.routing_loss_weight)
         if self.routing_loss_weight < 0:
             raise ValueError(f"routing_loss_weight must be >= 0 (0 turns the routing loss off), got "
@@ -98,6 +119,17 @@ class DPNConfig(PoolingConfig):
         check_int("router_reduction", self.router_reduction, 1)
         if self.min_kept_tokens is not None:
             check_int("min_kept_tokens", self.min_kept_tokens, 1)
+        check_choice("router_training", self.router_training, ROUTER_TRAININGS)
+        check_finite("fit_flops_weight", self.fit_flops_weight)
+        if self.fit_flops_weight < 0:
+            raise ValueError(f"fit_flops_weight must be >= 0 (0: the lowest loss whatever it costs), got "
+                             f"{self.fit_flops_weight}")
+        if self.router_training == "fit" and (self.probability_scale != "none" or self.routing_loss != "none"):
+            raise ValueError(
+                "router_training='fit' trains the LLM on uniformly drawn paths and fits the routers afterwards: it "
+                f"needs probability_scale='none' and routing_loss='none' (got {self.probability_scale!r}, "
+                f"{self.routing_loss!r}); dpn.presets.fitted sets them"
+            )
         if self.routing_loss == "budget":
             if self.budget_target is None:
                 raise ValueError("routing_loss='budget' needs budget_target, a FLOPs fraction in (0, 1]; got None")
@@ -172,6 +204,20 @@ class DynamicPyramid(GridPooling):
         )
         self.router_bias = 0.0
         self.probability_scale_override: str | None = None
+        self.training_progress = 1.0  # share of training done; only a temperature schedule reads it
+
+    def set_training_progress(self, progress: float) -> None:
+        """Where training is (0: first step, 1: last), for ``router_temperature_start``'s schedule;
+        set by the trainer at each step (a schedule like the learning rate's, not per-call state)."""
+        self.training_progress = min(max(float(progress), 0.0), 1.0)
+
+    @property
+    def temperature(self) -> float:
+        """The routers' temperature now: the schedule's in training, ``router_temperature`` otherwise."""
+        start, end = self.options.router_temperature_start, self.options.router_temperature
+        if start is None or not self.training:
+            return end
+        return start + (end - start) * self.training_progress
 
     @property
     def router_bias(self) -> float:
@@ -199,13 +245,15 @@ class DynamicPyramid(GridPooling):
         ``router_bias`` shifts the log-probabilities by bias x expert scale before the choice,
         moving the pyramid along its accuracy / FLOPs curve without retraining.
         """
-        logits = self.routers[stage](router_hidden).float() / self.options.router_temperature
+        logits = self.routers[stage](router_hidden).float() / self.temperature
         if self.router_bias:
             scales = self.options.scales(stage, logits.shape[-1])
             logits = torch.log_softmax(logits, dim=-1) + self.router_bias * host_tensor(scales, logits.device,
                                                                                         logits.dtype)
         probs = torch.softmax(logits, dim=-1)
-        if self.training and self.options.sample_in_training:
+        if self.training and self.options.router_training == "fit":  # every path alike; the routers wait
+            choice = torch.randint(0, probs.shape[-1], (probs.shape[0],), device=probs.device)
+        elif self.training and self.options.sample_in_training:
             choice = torch.multinomial(probs.detach(), 1).squeeze(-1)
         else:
             choice = probs.argmax(-1)
@@ -330,6 +378,27 @@ def released_preset(geometry: ModelGeometry, **options) -> dict:
     return {**preset(geometry, **options), "router_input": "router_tokens_mean"}
 
 
+def fitted_preset(geometry: ModelGeometry, fit_flops_weight: float = DEFAULT_FIT_FLOPS_WEIGHT,
+                  **options) -> dict:
+    """The paper's stages and experts with routers fitted after training (``router_training="fit"``):
+    the LLM is fine-tuned on uniformly drawn paths, then each router learns to predict, per expert,
+    the training samples' LM loss + ``fit_flops_weight`` x FLOPs ratio, and picks the least. Pooled
+    tokens keep their window's position and are not scaled; the routers' temperature is 1."""
+    options = {"router_training": "fit", "probability_scale": "none", "routing_loss": "none",
+               "router_temperature": FITTED_TEMPERATURE, "fit_flops_weight": fit_flops_weight, **options}
+    return {**preset(geometry, **options), "positions": "keep"}
+
+
+def _fitted_spec(geometry: ModelGeometry, argument: str | None) -> dict:
+    if not argument:
+        return fitted_preset(geometry)
+    try:
+        weight = float(argument)
+    except ValueError:
+        raise ValueError(f"pyramid spec 'fitted:{argument}': the FLOPs weight must be a number, e.g. fitted:0.5") from None
+    return fitted_preset(geometry, fit_flops_weight=weight)
+
+
 def _budget_preset(geometry: ModelGeometry, budget_target: float | None = None) -> dict:
     if budget_target is None:
         raise ValueError("pyramid spec 'budget' needs a FLOPs fraction: budget:0.5")
@@ -341,5 +410,7 @@ register_spec("paper", plain_spec("paper", preset), "paper (= dpn)")
 register_spec("dpn", plain_spec("dpn", preset), "dpn")
 register_spec("released", plain_spec("released", released_preset),
               "released (DPN as its code was released: <ROUTER> tokens, guard, global hinge)")
+register_spec("fitted", _fitted_spec, "fitted[:W] (DPN with routers fitted to per-path losses; W: FLOPs weight, "
+              f"default {DEFAULT_FIT_FLOPS_WEIGHT})")
 register_spec("budget", fraction_spec("budget", _budget_preset, "budget_target"),
               "budget:F (DPN trained toward F x vanilla FLOPs)")

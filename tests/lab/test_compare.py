@@ -10,7 +10,9 @@ from rich.console import Console
 import dpn
 from dpn.lab import zoo
 from dpn.lab.cli import main
-from dpn.lab.compare import CompareOptions, ablation_configs, run_compare
+from dpn.lab.compare import (
+    CompareOptions, Variant, ablation_configs, cause_ablation_configs, run_compare, trained_variants,
+)
 from dpn.lab.data.synthetic import generate
 
 
@@ -29,24 +31,40 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
         base=str(setup / "base"), train_data=str(setup / "data" / "train.json"),
         test_data=str(setup / "data" / "test.json"), out_dir=str(tmp_path / "runs"), seeds=[0, 1], steps=2,
         batch_size=4, static_strides=["2x2"], projector_strides=["3x3"], training_free=["fastv:0.5", "pdrop:0.5", "dart:0.5"],
-        dpn_budgets=[0.9, 0.05], ablations=False, measure_latency=False, markdown=str(tmp_path / "docs" / "RESULTS.md"), image_dir=str(tmp_path / "docs" / "img"),
+        dpn_budgets=[0.9, 0.05], fine_tuned=["fastv:0.5"], router_fit_samples=8, ablations=False, oracle=True,
+        measure_latency=False, markdown=str(tmp_path / "docs" / "RESULTS.md"), image_dir=str(tmp_path / "docs" / "img"),
         command="dpn compare --test", progress=False,
     )
     report = run_compare(options, console=Console(file=open(tmp_path / "console.txt", "w")))
     rows = {row["name"]: row for row in report["rows"]}
-    assert {"vanilla", "dpn", "dpn (released)", "dpn @ 0.9 FLOPs", "static:2x2", "projector:3x3", "random", "fastv:0.5",
-            "pdrop:0.5", "dart:0.5"} == set(rows)
+    assert {"vanilla", "dpn", "dpn (released)", "dpn (fitted)", "dpn @ 0.9 FLOPs", "dpn (fitted) @ 0.9 FLOPs",
+            "static:2x2", "projector:3x3", "random", "fastv:0.5", "pdrop:0.5", "dart:0.5",
+            "fastv:0.5 (fine-tuned)"} == set(rows)
     assert all(row["seeds"] == 2 for row in rows.values())
     # an unreachable FLOPs target is skipped with its reason, not fatal to the comparison
-    assert list(report["skipped"]) == ["dpn @ 0.05 FLOPs"] and "cannot go below" in report["skipped"]["dpn @ 0.05 FLOPs"]
+    assert list(report["skipped"]) == ["dpn @ 0.05 FLOPs", "dpn (fitted) @ 0.05 FLOPs"]
+    assert "cannot go below" in report["skipped"]["dpn @ 0.05 FLOPs"]
     assert rows["vanilla"]["flops_ratio"] == [1.0, 0.0]
     # Every compressing strategy spends fewer FLOPs than vanilla; FastV keeps half the tokens after its layer.
-    assert all(row["flops_ratio"][0] < 1 for name, row in rows.items() if name not in ("vanilla", "dpn", "dpn (released)")
-               and not row["ablation"])
+    assert all(row["flops_ratio"][0] < 1 for name, row in rows.items()
+               if name not in ("vanilla", "dpn", "dpn (released)", "dpn (fitted)") and not row["ablation"])
+    assert rows["fastv:0.5 (fine-tuned)"]["kept_tokens"][0] == 72.0 and rows["fastv:0.5 (fine-tuned)"]["family"] == \
+        "fastv (fine-tuned)"
+    # One position mode for every row (keep, the default): the fine-tunes and the training-free evaluations.
+    for run in (tmp_path / "runs" / "train").glob("*/seed0"):
+        if (run / "pyramid_config.json").is_file():
+            assert json.loads((run / "pyramid_config.json").read_text())["positions"] == "keep", run
+    assert json.loads((tmp_path / "runs" / "eval" / "pdrop_0.5" / "seed0" / "summary.json").read_text())[
+        "pyramid"]["positions"] == "keep"
+    # The oracle: every path of each seed's fitted DPN; its frontier reaches the routers' accuracy at no more FLOPs.
+    oracle = report["oracle"]
+    assert oracle["regret"][0] >= 0 and len(oracle["frontier"]) >= 1
+    assert (tmp_path / "runs" / "paths" / "seed1" / "PATHS.md").is_file()
     assert rows["fastv:0.5"]["kept_tokens"][0] == 72.0 and rows["dart:0.5"]["kept_tokens"][0] == 72.0
     assert rows["dpn @ 0.9 FLOPs"]["flops_ratio"][0] <= 0.9 + 1e-6
     page = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "```bash\ndpn compare --test\n```" in page and "| fastv:0.5 |" in page and "## Ablations" in page
+    assert "## Is dpn (fitted) on the Pareto frontier?" in page and "Oracle on the fitted models' own paths" in page
     assert "![pareto_hard](img/pareto_hard.png)" in page and "Not evaluated: dpn @ 0.05 FLOPs" in page
     # The routers' learning, from each DPN variant's training logs: one row per logged step (2 steps).
     learning = page.split("## Do the routers learn?")[1]
@@ -64,6 +82,23 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
     assert again["skipped"] == report["skipped"]
     assert json.loads((tmp_path / "runs" / "compare.json").read_text())["rows"] == again["rows"]
+
+
+def test_cause_ablations_change_one_thing_each(tmp_path):
+    model_config = zoo.build_tiny()[0].config
+    options = CompareOptions(base="b", train_data="t", test_data="t", positions="keep")
+    configs = cause_ablation_configs(model_config, options)
+    assert configs["dpn, renumber positions"] == dpn.presets.paper(model_config, positions="renumber")
+    scaled = configs["dpn, unscaled tokens (straight-through)"]
+    assert scaled.positions == "keep" and scaled.strategy.probability_scale == "straight_through"
+    assert configs["dpn, temperature 1"].strategy.router_temperature == 1.0
+    assert configs["dpn (fitted), renumber positions"] == dpn.presets.fitted(model_config, positions="renumber")
+    assert configs["static:2x2, renumber positions"].positions == "renumber"
+    annealed = configs["dpn, temperature 10 to 1"].strategy
+    assert (annealed.router_temperature_start, annealed.router_temperature) == (10.0, 1.0)
+    variants = trained_variants(options, model_config, tmp_path)
+    assert variants["dpn"] == Variant("paper", "keep") and variants["vanilla"] == Variant("none", None)
+    assert variants["dpn (fitted), distilled from vanilla"] == Variant("fitted:0.5", "keep", distill_weight=1.0)
 
 
 def test_ablations_change_one_thing_each():

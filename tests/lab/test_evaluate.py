@@ -86,6 +86,22 @@ def test_evaluate_can_override_the_probability_scale(setup, tmp_path):
                              probability_scale="train_only"))
 
 
+def test_forced_experts_route_every_sample_and_are_checked(setup, tmp_path, capsys):
+    root, _, _ = setup
+    options = dict(model=str(root / "model"), data=str(root / "test.json"), limit=4, max_new_tokens=2,
+                   measure_latency=False, plot=False, progress=False)
+    forced = evaluate(EvalOptions(**options, output_dir=str(tmp_path / "forced"), force_experts=[2, 1]))
+    predictions = [json.loads(line) for line in (tmp_path / "forced" / "predictions.jsonl").read_text().splitlines()]
+    assert all(p["experts"] == [2, 1] and p["visual_tokens"] == [144, 36, 18] for p in predictions)
+    kept = evaluate(EvalOptions(**options, output_dir=str(tmp_path / "kept"), force_experts=[0, 0]))
+    assert kept["overall"]["flops_ratio"] == pytest.approx(1.0) and forced["overall"]["flops_ratio"] < 0.9
+    for flags, message in ((["0"], "one expert per stage"), (["0", "3"], "experts 0..2"),
+                           (["0", "0", "--pyramid", "none"], "needs a model with a pooling pyramid")):
+        assert main(["eval", "--model", str(root / "model"), "--data", str(root / "test.json"), "--output",
+                     str(tmp_path / "bad"), "--force-experts", *flags]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_summarize_counts_per_difficulty():
     results = [
         {"difficulty": "easy", "family": "a", "correct": True, "visual_tokens": [144, 36], "flops_ratio": 0.5},

@@ -55,6 +55,17 @@ def test_training_writes_routers_and_logs_routing(data, tmp_path):
     assert not torch.equal(model.pyramid.routers[0].up.weight, fresh.pyramid.routers[0].up.weight)
 
 
+def test_fitted_routers_are_fitted_after_training_and_nothing_else_moves(data, tmp_path):
+    out = train(*_options(data, tmp_path / "run", pyramid="fitted:0.3", router_fit_samples=6))
+    record = json.loads((out / "router_fit.json").read_text())
+    assert record["samples"] == 6 and len(record["target_shares"]) == 2
+    trained, checkpoint = load_file(out / "model.safetensors"), load_file(out / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(tensor, checkpoint[name]) for name, tensor in trained.items())  # fitting leaves the LLM
+    routers = [load_file(path / "pyramid_model.safetensors") for path in (out / "checkpoint-2", out / "checkpoint-4", out)]
+    assert all(torch.equal(routers[0][name], routers[1][name]) for name in routers[0])  # training left them alone
+    assert any(not torch.equal(routers[1][name], routers[2][name]) for name in routers[1])  # the fit moved them
+
+
 class _Crash(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == 3:
@@ -509,3 +520,40 @@ def test_bad_lora_flags_are_errors_naming_the_flag(data, tmp_path, capsys, flags
     assert main(["train", "--data", str(data), "--output", str(tmp_path / "out"), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_router_temperature_follows_its_schedule_through_training(data, tmp_path):
+    config = dpn.presets.paper(zoo.build_tiny()[0].config, router_temperature=1.0, router_temperature_start=10.0)
+    config_dir = tmp_path / "config"
+    config.save(config_dir)
+
+    class Temperatures(TrainerCallback):
+        seen: list[float] = []
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            self.seen.append(dpn.get_pyramid(model).temperature)
+
+    train(*_options(data, tmp_path / "run", pyramid=str(config_dir)), callbacks=[Temperatures()])
+    assert Temperatures.seen == pytest.approx([10.0, 7.0, 4.0, 1.0])  # 4 steps, from the start to the end
+    model = dpn.load_pyramid(zoo.load(tmp_path / "run")[0], tmp_path / "run")
+    assert dpn.get_pyramid(model.eval()).temperature == 1.0  # inference: the configured temperature
+    with pytest.raises(ValueError, match="router_temperature_start must be a finite number > 0"):
+        dpn.presets.paper(model.config, router_temperature_start=0.0)
+
+
+def test_distillation_is_zero_for_an_identity_pyramid_and_trains_toward_vanilla(data, tmp_path):
+    from dpn.lab.train import distillation_loss
+
+    model, processor = zoo.build_tiny(seed=0)
+    images = family_images(model.config, processor)
+    batch = LlavaCollator(processor.tokenizer.pad_token_id, images)(
+        [LlavaDataset(data, None, images)[i] for i in range(4)])
+    batch = {k: v for k, v in batch.items() if k != "difficulty"}
+    dpn.apply_pyramid(model, dpn.PyramidConfig(stages=[{"layer": 1, "experts": [(1, 1), (2, 2)]}],
+                                               strategy=dpn.RandomConfig()))
+    with torch.no_grad():
+        kept = distillation_loss(model, batch, model(**batch, force_experts=0))
+        pooled = distillation_loss(model, batch, model(**batch, force_experts=1))
+    assert kept == pytest.approx(0.0, abs=1e-6) and pooled > 1e-4
+    out = train(*_options(data, tmp_path / "run", distill_weight=0.5))
+    assert json.loads((out / "train_options.json").read_text())["options"]["distill_weight"] == 0.5
