@@ -10,8 +10,9 @@ from dpn.strategies.base import (
     Stage, StageInput, StagePlan, Strategy, StrategyConfig, TokenCounts, TokenPath, register_spec, register_strategy,
     registered_strategies, strategy_entry,
 )
-from dpn.strategies import dart, dpn, fastv, pdrop, projector, random_experts, static  # noqa: F401  (registration)
+from dpn.strategies import dart, divprune, dpn, fastv, pdrop, projector, random_experts, static  # noqa: F401
 from dpn.strategies.dart import DARTConfig
+from dpn.strategies.divprune import DivPruneConfig
 from dpn.strategies.dpn import DPNConfig, DynamicPyramid, Router
 from dpn.strategies.fastv import FastVConfig
 from dpn.strategies.pdrop import PDropConfig
@@ -22,7 +23,7 @@ from dpn.strategies.selection import AttentionSelection, SelectionConfig, Select
 from dpn.strategies.static import StaticConfig, StaticPooling
 
 __all__ = [
-    "AttentionSelection", "DARTConfig", "DPNConfig", "DynamicPyramid", "FastVConfig", "GridPooling", "PDropConfig",
+    "AttentionSelection", "DARTConfig", "DPNConfig", "DivPruneConfig", "DynamicPyramid", "FastVConfig", "GridPooling", "PDropConfig",
     "PoolingConfig", "PoolingStage", "ProjectorConfig", "RandomConfig", "RandomPooling", "Router", "SelectionConfig",
     "SelectionStage", "Stage", "StageInput", "StagePlan", "StaticConfig", "StaticPooling", "Strategy",
     "StrategyConfig", "TokenCounts", "TokenPath", "register_spec", "register_strategy", "registered_strategies",

@@ -1,0 +1,105 @@
+"""DivPrune: diversity-based visual token pruning (Alvar et al., "DivPrune: Diversity-based Visual
+Token Pruning for Large Multimodal Models", CVPR 2025). Training-free.
+
+Before the first decoder layer, each image keeps the subset of its visual tokens (as the LLM
+receives them: after the projector) that is most *diverse*: a greedy solution of the max-min
+diversity problem on cosine distances. The first kept token is the one farthest from its nearest
+neighbour; each next one is the token whose distance to the nearest kept token is largest. Kept
+tokens stay in their order and, as in the reference, get renumbered positions.
+
+Differences from the reference code (vbdi/divprune, ``LlavaMetaForCausalLM.DivPrune``; batch size
+1, the image found at a fixed offset of 35 tokens, distances in the model's dtype): every image of
+every sample is pruned on its own, in one batch; distances are computed in float32; LLaVA-NeXT's
+row newlines are layout, not candidates (the reference ranks them with the visual tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dpn.geometry import ModelGeometry
+from dpn.strategies.base import (
+    BEFORE_FIRST_LAYER, StageInput, StagePlan, Strategy, fraction_spec, register_spec, register_strategy,
+)
+from dpn.strategies.selection import SelectionConfig, SelectionStage, kept_count
+
+# The reference's default subset ratio (run_Divprune.sh): 56 of LLaVA-1.5's 576 visual tokens.
+DIVPRUNE_KEEP_RATIO = 0.098
+
+
+@dataclass
+class DivPruneConfig(SelectionConfig):
+    """One stage at layer -1 (before the LLM) keeping ``keep_ratio`` of each image."""
+
+    name = "divprune"
+
+    def allows_layer_before_first(self) -> bool:
+        return True
+
+    def check_stages(self, stages: list[SelectionStage]) -> None:
+        super().check_stages(stages)
+        if len(stages) != 1 or stages[0].layer != BEFORE_FIRST_LAYER:
+            raise ValueError(f"divprune prunes once, before the LLM: one stage at layer {BEFORE_FIRST_LAYER}")
+
+
+class DiversitySelection(Strategy):
+    """Keeps each image's most diverse tokens (see the module docstring)."""
+
+    options: DivPruneConfig
+
+    def plan(self, stage: int, inputs: StageInput) -> StagePlan:
+        hidden, spans = inputs.hidden, inputs.spans
+        batch, seq_len, width = hidden.shape
+        plan = StagePlan.unrouted(batch, 0, hidden.device)
+        keep_ratio = self.config.stages[stage].keep_ratio
+        flat = hidden.reshape(batch * seq_len, width)
+        chosen = []
+        for k in range(len(spans)):
+            image = spans.token_index([k], seq_len, hidden.device)
+            kept = max_min_diverse(flat[image], kept_count(image.shape[0], keep_ratio))
+            chosen.append(image[kept])
+            plan.spans.append(k)
+            plan.grids.append((1, kept.shape[0]))
+        if chosen:
+            plan.representatives = torch.cat(chosen)
+            plan.rows = flat[plan.representatives]
+        return plan
+
+
+def max_min_diverse(tokens: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices (sorted) of ``keep`` rows of ``tokens`` (n, d) chosen greedily for the largest
+    smallest cosine distance between chosen rows: first the row farthest from its nearest other
+    row, then each time the row farthest from every row chosen so far."""
+    count = tokens.shape[0]
+    keep = min(keep, count)
+    unit = F.normalize(tokens.float(), dim=-1)
+    distance = 1 - unit @ unit.T
+    if count == 1:
+        return torch.zeros(1, dtype=torch.long, device=tokens.device)
+    itself = torch.eye(count, dtype=torch.bool, device=distance.device)
+    others = distance.masked_fill(itself, float("inf"))  # a row is not its own neighbour
+    first = others.min(0).values.argmax()
+    chosen = [first]
+    nearest = distance[first].clone()  # each row's distance to its nearest chosen row
+    nearest[first] = -float("inf")
+    for _ in range(keep - 1):
+        pick = nearest.argmax()
+        chosen.append(pick)
+        nearest = torch.minimum(nearest, distance[pick])
+        nearest[torch.stack(chosen)] = -float("inf")
+    return torch.stack(chosen).sort().values
+
+
+def preset(geometry: ModelGeometry, keep_ratio: float = DIVPRUNE_KEEP_RATIO, **options) -> dict:
+    """DivPrune before the LLM keeping ``keep_ratio`` of each image, positions renumbered (as the
+    reference, whose LLM assigns consecutive positions to what it keeps)."""
+    positions = "renumber" if "renumber" in geometry.position_modes else geometry.position_modes[0]  # M-RoPE: keep
+    return {"stages": [SelectionStage(BEFORE_FIRST_LAYER, keep_ratio=keep_ratio)],
+            "strategy": DivPruneConfig(**options), "positions": positions}
+
+
+register_strategy("divprune", DivPruneConfig, DiversitySelection)
+register_spec("divprune", fraction_spec("divprune", preset), "divprune[:KEEP]")

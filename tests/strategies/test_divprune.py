@@ -1,0 +1,102 @@
+"""DivPrune (max-min diversity before the LLM): its rule on a hand-worked example, its defaults, its
+FLOPs and cached generation with both position modes. The contract every peer meets (kept counts,
+batched == alone, cached == recomputed, a training step) runs for it in test_peers.py."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import dpn
+from dpn.strategies.divprune import DIVPRUNE_KEEP_RATIO, max_min_diverse
+from dpn.strategies.selection import kept_count
+from helpers import GRID, IMAGE_TOKEN_ID, batch_of, check_cached_generation_matches_recompute, make_prompt, pixels, \
+    tiny_llava, tiny_qwen_vl, qwen_pixels, qwen_prompt
+
+VISUAL = GRID[0] * GRID[1]
+KEEP = 0.3
+
+
+def test_the_most_isolated_token_comes_first_then_the_farthest_from_those_kept():
+    # Unit directions at angles (degrees): 0, 10, 20 form a cluster; 90 and 100 another; 180 stands alone.
+    angles = torch.tensor([0.0, 10.0, 20.0, 90.0, 100.0, 180.0]) * torch.pi / 180
+    tokens = torch.stack([angles.cos(), angles.sin()], 1) * torch.tensor([[1.0], [2], [3], [4], [5], [6]])  # scale
+    # 180 is farthest from its nearest neighbour (80 degrees to 100); then 0 (180 degrees from it);
+    # then 90 (90 from 0, 90 from 180); then 20 (70 from 90) vs 10 (80 from 90, 10 from 0): 20 (20 from 0).
+    assert max_min_diverse(tokens, 1).tolist() == [5]
+    assert max_min_diverse(tokens, 2).tolist() == [0, 5]
+    assert max_min_diverse(tokens, 3).tolist() == [0, 3, 5]
+    assert max_min_diverse(tokens, 4).tolist() == [0, 2, 3, 5]
+    assert max_min_diverse(tokens, 9).tolist() == [0, 1, 2, 3, 4, 5]  # never more than there are
+
+
+def test_spec_preset_and_the_kept_rows_follow_the_rule():
+    model = tiny_llava(seed=1)
+    config = dpn.presets.from_spec("divprune", model.config)
+    assert (config.stages[0].layer, config.stages[0].keep_ratio, config.positions) == (-1, DIVPRUNE_KEEP_RATIO,
+                                                                                       "renumber")
+    dpn.apply_pyramid(model, dpn.presets.from_spec(f"divprune:{KEEP}", model.config))
+    batch = batch_of([make_prompt(3, 4, seed=1)])
+    received = []
+    layer = model.model.language_model.layers[0]
+    hook = layer.register_forward_pre_hook(lambda module, args, kwargs: received.append(args[0] if args else
+                                                                                      kwargs["hidden_states"]),
+                                           with_kwargs=True)
+    with torch.no_grad():
+        features = model.model.get_image_features(pixels(1))
+        out = model(**batch, pixel_values=pixels(1))
+    hook.remove()
+    features = getattr(features, "pooler_output", features)  # the image's projected rows, as the LLM receives them
+    image = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features.reshape(VISUAL, -1)
+    kept = max_min_diverse(image, kept_count(VISUAL, KEEP))
+    start = int((batch["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0])
+    layer_input = received[0][0]  # what layer 0 received: the text, then the kept image rows
+    torch.testing.assert_close(layer_input[start:start + kept.shape[0]], image[kept])
+    assert out.routing.visual_tokens[0].tolist() == [VISUAL, kept_count(VISUAL, KEEP)]
+
+
+def test_flops_match_the_flop_counter():
+    model = tiny_llava(attn="eager")  # the CPU sdpa kernel is not in the FLOP counter's registry
+    dpn.apply_pyramid(model, dpn.presets.from_spec(f"divprune:{KEEP}", model.config))
+    batch = batch_of([make_prompt(3, 5, seed=1)])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model(**batch, pixel_values=pixels(1))
+    layers = re.compile(r"language_model\.layers\.\d+$")
+    measured = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if layers.search(name))
+    assert out.routing.flops[0].item() == pytest.approx(measured, rel=0.02)
+    (row,) = dpn.flops.path_flops(model, dpn.get_pyramid_config(model), text_tokens=batch["input_ids"].shape[1] - VISUAL)
+    assert row["visual_tokens"] == [VISUAL, kept_count(VISUAL, KEEP)]
+    assert row["ratio"] == pytest.approx(out.routing.flops_ratio[0].item())
+
+
+@pytest.mark.parametrize("positions", ["renumber", "keep"])
+def test_cached_generation_matches_full_recompute(positions):
+    model = tiny_llava(seed=2)
+    dpn.apply_pyramid(model, dpn.presets.from_spec(f"divprune:{KEEP}", model.config, positions=positions))
+    batch = {**batch_of([make_prompt(3, 4, seed=1), make_prompt(1, 6, images=2, seed=2)]), "pixel_values": pixels(3)}
+    check_cached_generation_matches_recompute(model, batch, None, [IMAGE_TOKEN_ID], new_tokens=3)
+
+
+def test_images_of_every_size_on_qwen2_5_vl_keep_their_share():
+    model = tiny_qwen_vl(seed=0)
+    config = dpn.presets.from_spec(f"divprune:{KEEP}", model.config)
+    assert config.positions == "keep"  # M-RoPE keeps coordinates
+    dpn.apply_pyramid(model, config)
+    grids = [(4, 6), (8, 8)]
+    batch = batch_of([qwen_prompt(grids[:1], 2, 3), qwen_prompt(grids[1:], 3, 2, seed=1)])
+    batch.update(qwen_pixels(grids))
+    batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
+    with torch.no_grad():
+        out = model(**batch)
+    tokens = [rows * cols // 4 for rows, cols in grids]  # the 2x2 merger
+    assert out.routing.visual_tokens.tolist() == [[t, kept_count(t, KEEP)] for t in tokens]
+
+
+def test_a_stage_elsewhere_than_before_the_llm_is_a_clear_error():
+    with pytest.raises(ValueError, match="divprune prunes once, before the LLM"):
+        dpn.PyramidConfig(stages=[dpn.SelectionStage(1, keep_ratio=0.5)], strategy=dpn.DivPruneConfig())
+    with pytest.raises(ValueError, match="pyramid spec 'divprune:2'"):
+        dpn.presets.from_spec("divprune:2", tiny_llava().config)
