@@ -219,3 +219,29 @@ def save_tiny_dpn(directory):
     zoo.save_tiny(model, processor, directory)
     dpn.save_pyramid(model, directory)
     return model.eval(), processor
+
+
+def check_selection_flops_match_counter(config_of, keep: float) -> None:
+    """One forward of a one-stage selection pyramid (``config_of(model)``) on the eager test model:
+    its counted FLOPs within 2% of ``FlopCounterMode``'s over the decoder layers, and ``dpn flops``'
+    path from the config alone the same (the CPU sdpa kernel is not in the counter's registry)."""
+    import re
+
+    import pytest
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import dpn
+    from dpn.strategies.selection import kept_count
+
+    visual = GRID[0] * GRID[1]
+    model = tiny_llava(attn="eager")
+    dpn.apply_pyramid(model, config_of(model))
+    batch = batch_of([make_prompt(3, 5, seed=1)])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model(**batch, pixel_values=pixels(1))
+    layers = re.compile(r"language_model\.layers\.\d+$")
+    measured = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if layers.search(name))
+    assert out.routing.flops[0].item() == pytest.approx(measured, rel=0.02)
+    (row,) = dpn.flops.path_flops(model, dpn.get_pyramid_config(model), text_tokens=batch["input_ids"].shape[1] - visual)
+    assert row["visual_tokens"] == [visual, kept_count(visual, keep)]
+    assert row["ratio"] == pytest.approx(out.routing.flops_ratio[0].item())

@@ -4,19 +4,16 @@ batched == alone, cached == recomputed, a training step) runs for it in test_pee
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import dpn
 from dpn.spans import find_visual_spans
 from dpn.strategies import DARTConfig, StageInput
 from dpn.strategies.dart import DuplicationAwareSelection
-from dpn.strategies.selection import kept_count
-from helpers import GRID, batch_of, make_prompt, pixels, tiny_llava
+from helpers import check_selection_flops_match_counter, GRID, batch_of, make_prompt, pixels, tiny_llava
 
 VISUAL = GRID[0] * GRID[1]
 KEEP = 0.3
@@ -60,18 +57,7 @@ def test_cached_generation_with_renumbered_positions_matches_full_recompute(attn
 
 
 def test_flops_match_the_flop_counter():
-    model = tiny_llava(attn="eager")  # the CPU sdpa kernel is not in the FLOP counter's registry
-    dpn.apply_pyramid(model, dart(model))
-    batch = batch_of([make_prompt(3, 5, seed=1)])
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = model(**batch, pixel_values=pixels(1))
-    layers = re.compile(r"language_model\.layers\.\d+$")
-    measured = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if layers.search(name))
-    assert out.routing.flops[0].item() == pytest.approx(measured, rel=0.02)
-    # dpn flops counts the same path from the config alone.
-    (row,) = dpn.flops.path_flops(model, dpn.get_pyramid_config(model), text_tokens=batch["input_ids"].shape[1] - VISUAL)
-    assert row["visual_tokens"] == [VISUAL, kept_count(VISUAL, KEEP)]
-    assert row["ratio"] == pytest.approx(out.routing.flops_ratio[0].item())
+    check_selection_flops_match_counter(lambda model: dart(model), KEEP)
 
 
 class _KeysAreInputs(nn.Module):

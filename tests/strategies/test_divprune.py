@@ -4,16 +4,14 @@ batched == alone, cached == recomputed, a training step) runs for it in test_pee
 
 from __future__ import annotations
 
-import re
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 import dpn
 from dpn.strategies.divprune import DIVPRUNE_KEEP_RATIO, max_min_diverse
 from dpn.strategies.selection import kept_count
-from helpers import GRID, IMAGE_TOKEN_ID, batch_of, check_cached_generation_matches_recompute, make_prompt, pixels, \
+from helpers import check_selection_flops_match_counter, GRID, IMAGE_TOKEN_ID, batch_of, check_cached_generation_matches_recompute, make_prompt, pixels, \
     tiny_llava, tiny_qwen_vl, qwen_pixels, qwen_prompt
 
 VISUAL = GRID[0] * GRID[1]
@@ -59,17 +57,7 @@ def test_spec_preset_and_the_kept_rows_follow_the_rule():
 
 
 def test_flops_match_the_flop_counter():
-    model = tiny_llava(attn="eager")  # the CPU sdpa kernel is not in the FLOP counter's registry
-    dpn.apply_pyramid(model, dpn.presets.from_spec(f"divprune:{KEEP}", model.config))
-    batch = batch_of([make_prompt(3, 5, seed=1)])
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = model(**batch, pixel_values=pixels(1))
-    layers = re.compile(r"language_model\.layers\.\d+$")
-    measured = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if layers.search(name))
-    assert out.routing.flops[0].item() == pytest.approx(measured, rel=0.02)
-    (row,) = dpn.flops.path_flops(model, dpn.get_pyramid_config(model), text_tokens=batch["input_ids"].shape[1] - VISUAL)
-    assert row["visual_tokens"] == [VISUAL, kept_count(VISUAL, KEEP)]
-    assert row["ratio"] == pytest.approx(out.routing.flops_ratio[0].item())
+    check_selection_flops_match_counter(lambda model: dpn.presets.from_spec(f"divprune:{KEEP}", model.config), KEEP)
 
 
 @pytest.mark.parametrize("positions", ["renumber", "keep"])
