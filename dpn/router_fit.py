@@ -42,7 +42,8 @@ class PathSweep:
         flops: (paths, batch) LLM prefill FLOPs ratio of each sample.
         router_inputs: per path, per stage, (batch, d) what the stage's router read (zeros where the
             sample was not routed at that stage).
-        routed: (batch, stages) whether the routers decide for the sample at each stage.
+        routed: (paths, batch, stages) whether the routers decide for the sample at each stage on each
+            path (a grid that an earlier stage pooled below ``min_tokens_to_pool`` is not routed).
     """
 
     paths: list[tuple[int, ...]]
@@ -110,7 +111,7 @@ def sweep_paths(model, batch: dict[str, torch.Tensor]) -> PathSweep:
     if batch.get("labels") is None:
         raise ValueError("sweeping paths needs labels (the LM loss of each path)")
     paths = all_paths(model)
-    losses, flops, inputs, routed = [], [], [], None
+    losses, flops, inputs, routed = [], [], [], []
     was_training = model.training
     model.eval()
     try:
@@ -120,12 +121,12 @@ def sweep_paths(model, batch: dict[str, torch.Tensor]) -> PathSweep:
                     out = model(**batch, force_experts=list(path), use_cache=False)
                 losses.append(per_sample_loss(out.logits, out.labels))
                 flops.append(out.routing.flops_ratio.float())
-                routed = out.routing.experts >= 0
-                inputs.append([_placed(recorded[stage], routed[:, stage], strategy.geometry.hidden_size)
+                routed.append(out.routing.experts >= 0)
+                inputs.append([_placed(recorded[stage], routed[-1][:, stage], strategy.geometry.hidden_size)
                                for stage in range(len(recorded))])
     finally:
         model.train(was_training)
-    return PathSweep(paths, torch.stack(losses), torch.stack(flops), inputs, routed)
+    return PathSweep(paths, torch.stack(losses), torch.stack(flops), inputs, torch.stack(routed))
 
 
 def _placed(rows: torch.Tensor | None, routed: torch.Tensor, width: int) -> torch.Tensor:
@@ -183,9 +184,11 @@ def fit_routers(model, batches: Iterable[dict[str, torch.Tensor]], flops_weight:
         sweep = sweep_paths(model, batch)
         targets = target_paths(sweep, flops_weight)
         has_target = targets >= 0
-        samples += int((has_target & sweep.routed.any(1)).sum())
+        # Whether each stage routes a sample on its own target path.
+        routed = sweep.routed[targets.clamp(min=0), torch.arange(targets.shape[0], device=targets.device)]
+        samples += int((has_target & routed.any(1)).sum())
         for stage in range(stages):
-            rows = has_target & sweep.routed[:, stage]
+            rows = has_target & routed[:, stage]
             if not bool(rows.any()):
                 continue
             read = torch.stack([sweep.router_inputs[int(t)][stage][b] for b, t in enumerate(targets.tolist())])
@@ -229,17 +232,19 @@ def _train_router(router, x: torch.Tensor, cost: torch.Tensor, temperature: floa
     optimizer = torch.optim.Adam(router.parameters(), lr=learning_rate)
     was_training = router.training
     router.train()
-    with torch.enable_grad():
-        for _ in range(epochs):
-            order = torch.randperm(x.shape[0], generator=generator).to(x.device)
-            for start in range(0, x.shape[0], FIT_BATCH_SIZE):
-                rows = order[start:start + FIT_BATCH_SIZE]
-                predicted = -router(x[rows]).float() / temperature
-                loss = F.mse_loss(predicted, cost[rows])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-    router.train(was_training)
+    try:
+        with torch.enable_grad():
+            for _ in range(epochs):
+                order = torch.randperm(x.shape[0], generator=generator).to(x.device)
+                for start in range(0, x.shape[0], FIT_BATCH_SIZE):
+                    rows = order[start:start + FIT_BATCH_SIZE]
+                    predicted = -router(x[rows]).float() / temperature
+                    loss = F.mse_loss(predicted, cost[rows])
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+    finally:
+        router.train(was_training)
 
 
 def _regret(router, x: torch.Tensor, cost: torch.Tensor) -> float:

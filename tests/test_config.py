@@ -169,7 +169,8 @@ def test_full_feature_strategy_with_class_token_is_rejected():
 
 @pytest.mark.parametrize("forced, message", [([0, 1], "has 2 entries"), (3, "expert index in 0..2"), (-2, "-1"),
                                              (1.5, "expert indices"), ([1.0, 0.0, 2.0], "expert indices"),
-                                             (True, "expert indices")])
+                                             (True, "expert indices"), ("2", "expert indices"),
+                                             ([0, None, 1], "expert indices")])
 def test_bad_force_experts_is_a_clear_error(forced, message):
     model = tiny_llava()
     dpn.apply_pyramid(model, dpn.presets.paper(model.config))

@@ -277,7 +277,8 @@ def _eval_command(args: argparse.Namespace) -> int:
         pyramid=args.pyramid, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, limit=args.limit,
         router_bias=args.router_bias, budget=args.budget, calibration_data=args.calibration_data,
         calibration_samples=args.calibration_samples, probability_scale=args.probability_scale,
-        force_experts=args.force_experts, measure_latency=not args.no_latency, overwrite=args.overwrite,
+        force_experts=args.force_experts, positions=args.positions, measure_latency=not args.no_latency,
+        overwrite=args.overwrite,
     ))
     console = lab_console()
     table = Table(title=f"{args.model} on {args.data}")
@@ -463,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluator.add_argument("--force-experts", type=int, nargs="+", metavar="E",
                            help="pooling pyramids: every sample takes expert E at each stage (one per stage; "
                                 "-1: the router decides), e.g. --force-experts 0 2")
+    evaluator.add_argument("--positions", choices=["renumber", "keep"],
+                           help="re-apply the pyramid with this position mode (its weights and settings kept)")
     evaluator.add_argument("--calibration-data", help="LLaVA-format JSON for --budget (default: --data)")
     evaluator.add_argument("--calibration-samples", type=int, default=128)
     evaluator.add_argument("--no-latency", action="store_true", help="skip the prefill latency measurement")
@@ -560,7 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--positions", choices=["keep", "renumber", "own"], default="keep",
                          help="position mode of every row but the ablations (own: each strategy's default)")
     compare.add_argument("--no-ablations", action="store_true",
-                         help="skip the ablations (the other position mode, unscaled tokens, temperature 1)")
+                         help="skip the ablations (the other position mode, unscaled tokens, temperature 1 or 10 to "
+                              "1, distillation from the vanilla model)")
     compare.add_argument("--paper-ablations", action="store_true",
                          help="also the paper's ablations: no routing loss, avg pooling, early / late stages")
     compare.add_argument("--oracle", action="store_true",

@@ -284,7 +284,7 @@ def _eval_dir(out: Path, point: Point, seed: int) -> Path:
     return out / "eval" / _slug(point.name) / f"seed{seed}"
 
 
-def _all_done(out: Path, trained: dict[str, str], points: list[Point], seeds: list[int]) -> bool:
+def _all_done(out: Path, trained: dict[str, Variant], points: list[Point], seeds: list[int]) -> bool:
     return all((_train_dir(out, name, seed) / "train_options.json").is_file() for name in trained for seed in seeds) \
         and all((_eval_dir(out, point, seed) / SUMMARY).is_file() or (_eval_dir(out, point, seed) / SKIPPED).is_file()
                 for point in points for seed in seeds)
@@ -302,6 +302,7 @@ def _previous_seconds(out: Path, work_done: bool) -> float:
 def _finetune(options: CompareOptions, name: str, variant: Variant, seed: int, out: Path, console: Console) -> Path:
     run_dir = _train_dir(out, name, seed)
     if (run_dir / "train_options.json").is_file():
+        _check_reused(run_dir, name, variant)
         return run_dir
     console.print(f"fine-tuning {name} (seed {seed})")
     return train(TrainOptions(
@@ -313,6 +314,16 @@ def _finetune(options: CompareOptions, name: str, variant: Variant, seed: int, o
         learning_rate=options.learning_rate, warmup_steps=max(1, options.steps // 10),
         save_steps=max(1, options.steps // 2), logging_steps=max(1, options.steps // 10), seed=seed,
     ))
+
+
+def _check_reused(run_dir: Path, name: str, variant: Variant) -> None:
+    """Refuse a finished fine-tune of another recipe under this variant's name (an older compare in
+    the same --out, say), rather than report it as this one."""
+    recorded = json.loads((run_dir / "train_options.json").read_text())["options"]
+    found = Variant(recorded["pyramid"], recorded.get("positions"), recorded.get("distill_weight", 0.0))
+    if found != variant:
+        raise ValueError(f"{run_dir} holds a fine-tune of {name!r} with {found}, not {variant}: use another --out "
+                         "(or delete that folder to redo it)")
 
 
 def _evaluate(options: CompareOptions, point: Point, model: Path, seed: int, out: Path) -> dict[str, Any]:
@@ -384,7 +395,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def router_learning(out: Path, trained: dict[str, str], seeds: list[int]) -> list[str]:
+def router_learning(out: Path, trained: dict[str, Variant], seeds: list[int]) -> list[str]:
     """A table per DPN variant from its training logs (mean over seeds at each logged step): each
     stage's router entropy (1 = uniform) and, per difficulty, the mean index of the expert its
     router ranks first (0 = keep every token; higher = stronger pooling)."""

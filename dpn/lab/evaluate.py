@@ -28,6 +28,7 @@ from dpn.lab.pyramids import prompt_router_token, pyramid_from_spec
 from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid, pyramid_disabled, remove_pyramid
 from dpn.budget import calibrate_router_bias, set_probability_scale, set_router_bias
 from dpn.config import CONFIG_NAME
+from dpn.models import geometry_of
 from dpn.lab.data.images import FamilyImages, family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.decoding import greedy_answer
@@ -112,7 +113,8 @@ def with_positions(model, positions: str) -> None:
         raise ValueError("--positions needs a model with a pyramid (saved or --pyramid)")
     pyramid = get_pyramid(model)
     state, inference = pyramid.state_dict(), pyramid.inference_state()
-    config = replace(pyramid.config, positions=positions)  # checked by PyramidConfig, and for the family below
+    config = replace(pyramid.config, positions=positions)  # checked by PyramidConfig
+    config.validate_for(geometry_of(model))  # and for the family, before the model loses its pyramid
     remove_pyramid(model)
     apply_pyramid(model, config)
     get_pyramid(model).load_state_dict(state)

@@ -32,6 +32,8 @@ DIFFICULTIES = ("easy", "medium", "hard")
 # Prices of FLOPs (accuracy points per unit of FLOPs ratio) at which the oracle chooses its paths.
 ORACLE_PRICES = tuple(round(0.02 * k, 2) for k in range(51)) + (1.5, 2.0, 3.0, 5.0, 100.0)
 ROUTED = "routed"
+# FLOPs ratios are float32 means on one side and Python means of them on the other: equal within this.
+FLOPS_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -114,8 +116,8 @@ def summarise_mode(mode: str, folder: Path, paths: list[tuple[int, ...]], runs: 
                      "accuracy": summary["overall"]["accuracy"],
                      **{d: summary["difficulty"][d]["accuracy"] for d in DIFFICULTIES if d in summary["difficulty"]}})
     predictions = [_predictions(folder / _label(path)) for path in paths]
-    correct = torch.tensor([[float(p["correct"]) for p in run] for run in predictions])  # (paths, samples)
-    flops = torch.tensor([[p["flops_ratio"] for p in run] for run in predictions])
+    correct = torch.tensor([[float(p["correct"]) for p in run] for run in predictions], dtype=torch.float64)
+    flops = torch.tensor([[p["flops_ratio"] for p in run] for run in predictions], dtype=torch.float64)  # (paths, samples)
     difficulty = [p["difficulty"] for p in predictions[0]]
     by_price = oracle_points(correct, flops)
     frontier = efficient(by_price)
@@ -166,7 +168,7 @@ def oracle_frontier(correct: torch.Tensor, flops: torch.Tensor) -> list[dict[str
 
 def oracle_accuracy_at(frontier: list[dict[str, float]], flops_ratio: float) -> float:
     """The oracle's best accuracy at no more than ``flops_ratio`` (0 if it cannot go that low)."""
-    reachable = [p["accuracy"] for p in frontier if p["flops_ratio"] <= flops_ratio + 1e-9]
+    reachable = [p["accuracy"] for p in frontier if p["flops_ratio"] <= flops_ratio + FLOPS_TOLERANCE]
     return max(reachable, default=0.0)
 
 

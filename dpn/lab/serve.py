@@ -203,6 +203,11 @@ class Batcher:
 
 # ---- requests ----------------------------------------------------------------------------------
 
+def _empty(value: Any) -> bool:
+    """Absent or empty: null, false, [], {}, "" (not 0, which is a value: ``seed: 0`` is a seed)."""
+    return value is None or value is False or (isinstance(value, (list, dict, str)) and not value)
+
+
 def _field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
     value = body.get(name, default)
     if value is None:
@@ -246,7 +251,7 @@ class RequestReader:
             if body.get(name) not in (None, neutral):
                 raise RequestError(400, f"'{name}' other than {neutral} is not supported by dpn serve", param=name)
         for name in UNSUPPORTED:
-            if body.get(name) not in (None, False, [], {}, ""):
+            if not _empty(body.get(name)):
                 raise RequestError(400, f"'{name}' is not supported by dpn serve", param=name)
         max_tokens = _field(body, "max_completion_tokens", int)
         if max_tokens is None:

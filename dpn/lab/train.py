@@ -189,13 +189,16 @@ def load_checkpoint_weights(model: PreTrainedModel, checkpoint: str | Path) -> N
 
 def distillation_loss(model, inputs: dict[str, Any], outputs) -> torch.Tensor:
     """KL(vanilla || pyramid) of the next-token distributions at the supervised positions, the
-    teacher being the same model with its pyramid taken off (no gradients). Answers are text, never
-    pooled, so the pyramid's shortened layout lists them in the same order."""
+    teacher being the same model with its pyramid taken off (no gradients; in the model's mode, so
+    training-time dropout applies to both). Answers are text, never pooled, so the pyramid's
+    shortened layout lists them in the same order."""
     teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
     with torch.no_grad(), pyramid_disabled(model):
         teacher = model(**teacher_inputs, use_cache=False).logits
     teacher = teacher[:, :-1][inputs["labels"][:, 1:] != IGNORE_INDEX]
     student = outputs["logits"][:, :-1][outputs["labels"][:, 1:] != IGNORE_INDEX]
+    if student.shape[0] == 0:  # no answer token in the batch (cut by max_length): nothing to match
+        return outputs["logits"].sum() * 0
     if student.shape != teacher.shape:
         raise ValueError(f"distillation: {student.shape[0]} supervised tokens with the pyramid, {teacher.shape[0]} without")
     return F.kl_div(F.log_softmax(student.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,

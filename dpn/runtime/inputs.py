@@ -134,7 +134,11 @@ def forced_experts(force_experts: Any, batch: int, strategy, device) -> list[tor
     stages = len(strategy.config.stages)
     if not any(strategy.num_choices(stage) for stage in range(stages)):
         raise ValueError(f"force_experts applies to pooling strategies; {strategy.options.name} has no experts to force")
-    forced = torch.as_tensor(force_experts).cpu()  # checked on the host
+    try:
+        forced = torch.as_tensor(force_experts).cpu()  # checked on the host
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"force_experts are expert indices (ints; -1 lets the router decide), got {force_experts!r}") \
+            from None
     if forced.is_floating_point() or forced.is_complex() or forced.dtype == torch.bool:
         raise ValueError(f"force_experts are expert indices (ints; -1 lets the router decide), got {force_experts!r}")
     forced = forced.long()

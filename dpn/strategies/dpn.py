@@ -65,7 +65,9 @@ class DPNConfig(PoolingConfig):
         router_temperature: probabilities are ``softmax(logits / router_temperature)``.
         router_temperature_start: in training, the temperature moves linearly from this (at the
             first step) to ``router_temperature`` (at the last), as the trainer reports progress
-            (``DynamicPyramid.set_training_progress``); None (the paper): constant.
+            (``DynamicPyramid.set_training_progress``: ``dpn train``'s trainer calls it every step; a
+            training loop of your own must too, else the temperature is ``router_temperature``
+            throughout); None (the paper): constant.
         sample_in_training: in training mode, sample the expert from the router's probabilities;
             otherwise (and always at inference) take the argmax.
         probability_scale: see ``PROBABILITY_SCALES``.
@@ -267,7 +269,8 @@ class DynamicPyramid(GridPooling):
             # Rows where no expert keeps enough take the one that keeps the most.
             most = F.one_hot(kept.argmax(1), kept.shape[1]).to(probs.device, torch.bool)
             allowed = torch.where(allowed.any(1, keepdim=True), allowed, most)
-            choice = torch.multinomial(probs.detach() * allowed, 1).squeeze(-1)
+            weights = allowed.float() if self.options.router_training == "fit" else probs.detach() * allowed
+            choice = torch.multinomial(weights, 1).squeeze(-1)
         return probs, choice
 
     def kept_tokens(self, stage: int, spans, samples: list[int]) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from rich.console import Console
@@ -82,6 +83,9 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
     assert [r["accuracy"] for r in again["rows"]] == [r["accuracy"] for r in report["rows"]]
     assert again["skipped"] == report["skipped"]
     assert json.loads((tmp_path / "runs" / "compare.json").read_text())["rows"] == again["rows"]
+    # A fine-tune of another recipe under a variant's name is refused, not reused.
+    with pytest.raises(ValueError, match="holds a fine-tune of 'dpn'"):
+        run_compare(replace(options, positions="renumber"), console=Console(file=open(tmp_path / "c3.txt", "w")))
 
 
 def test_cause_ablations_change_one_thing_each(tmp_path):

@@ -94,6 +94,10 @@ def test_forced_experts_route_every_sample_and_are_checked(setup, tmp_path, caps
     predictions = [json.loads(line) for line in (tmp_path / "forced" / "predictions.jsonl").read_text().splitlines()]
     assert all(p["experts"] == [2, 1] and p["visual_tokens"] == [144, 36, 18] for p in predictions)
     kept = evaluate(EvalOptions(**options, output_dir=str(tmp_path / "kept"), force_experts=[0, 0]))
+    assert main(["eval", "--model", str(root / "model"), "--data", str(root / "test.json"), "--output",
+                 str(tmp_path / "kept-positions"), "--limit", "2", "--no-latency", "--positions", "keep"]) == 0
+    summary = json.loads((tmp_path / "kept-positions" / "summary.json").read_text())
+    assert summary["pyramid"]["positions"] == "keep" and kept["pyramid"]["positions"] == "renumber"
     assert kept["overall"]["flops_ratio"] == pytest.approx(1.0) and forced["overall"]["flops_ratio"] < 0.9
     for flags, message in ((["0"], "one expert per stage"), (["0", "3"], "experts 0..2"),
                            (["0", "0", "--pyramid", "none"], "needs a model with a pooling pyramid")):

@@ -183,6 +183,7 @@ def test_malformed_requests_get_4xx_errors_and_the_server_stays_healthy(root, se
         "top_p": ({**good, "top_p": 0.9}, 400, "'top_p' other than 1"),
         "logit bias": ({**good, "logit_bias": {"5": 10}}, 400, "'logit_bias' is not supported"),
         "seed": ({**good, "seed": 3}, 400, "'seed' is not supported"),
+        "seed 0": ({**good, "seed": 0}, 400, "'seed' is not supported"),
         "usage without stream": ({**good, "stream_options": {"include_usage": True}}, 400, "only allowed with stream"),
         "bad stream options": ({**good, "stream": True, "stream_options": {"usage": True}}, 400, "'stream_options'"),
         "NaN bias": ('{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "dpn": {"router_bias": NaN}}',
