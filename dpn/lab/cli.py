@@ -350,8 +350,8 @@ def _compare_command(args: argparse.Namespace) -> int:
         static_strides=args.static, projector_strides=args.projector, dpn_budgets=args.dpn_budget,
         fine_tuned=args.fine_tuned, fit_flops_weight=args.fit_flops_weight, router_fit_samples=args.router_fit_samples,
         positions=None if args.positions == "own" else args.positions, ablations=not args.no_ablations,
-        paper_ablations=args.paper_ablations, oracle=args.oracle, markdown=args.markdown, image_dir=args.image_dir,
-        command=command,
+        paper_ablations=args.paper_ablations, oracle=args.oracle, measure_latency=not args.no_latency,
+        markdown=args.markdown, image_dir=args.image_dir, command=command,
     ))
     return 0
 
@@ -567,6 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "1, distillation from the vanilla model)")
     compare.add_argument("--paper-ablations", action="store_true",
                          help="also the paper's ablations: no routing loss, avg pooling, early / late stages")
+    compare.add_argument("--no-latency", action="store_true",
+                         help="skip the prefill latency measurement (its column then reads -)")
     compare.add_argument("--oracle", action="store_true",
                          help="evaluate every routing path of the fitted DPN: the oracle frontier and the routers' regret")
     compare.add_argument("--markdown", help="write the results page here (default: OUT/RESULTS.md)")
