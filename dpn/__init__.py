@@ -39,6 +39,7 @@ from dpn.strategies import (
     RandomConfig,
     SelectionStage,
     StaticConfig,
+    VisPrunerConfig,
     register_spec,
     register_strategy,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "RandomConfig",
     "SelectionStage",
     "StaticConfig",
+    "VisPrunerConfig",
     "apply_pyramid",
     "calibrate_router_bias",
     "flops",

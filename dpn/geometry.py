@@ -24,6 +24,8 @@ class ModelGeometry:
             known per call (Qwen2-VL).
         position_modes: the ``PyramidConfig.positions`` modes the family's position policy supports,
             its default first.
+        vision_cues: whether the adapter can give ``dpn.vision_cues.VisionCues`` (a vision tower
+            with a class token, one feature layer) to strategies that read them.
     """
 
     model_type: str
@@ -33,6 +35,7 @@ class ModelGeometry:
     image_token_id: int
     image_grids: tuple[tuple[int, int], ...] | None
     position_modes: tuple[str, ...] = ("renumber", "keep")
+    vision_cues: bool = False
 
     @property
     def image_tokens(self) -> int:

@@ -21,6 +21,7 @@ from torch import nn
 from dpn.geometry import ModelGeometry
 from dpn.models.positions import LinearPositions
 from dpn.spans import VisualSpans
+from dpn.vision_cues import VisionCues
 
 
 @dataclass
@@ -36,6 +37,7 @@ class CallInputs:
     family: dict[str, Any]  # the adapter's own ``input_names`` that the call gave
     geometry: ModelGeometry  # the model's, resolved once when the pyramid was applied
     cache: Any = None  # the call's PyramidCache (None without one): ``family_state`` carries state to decoding
+    vision_cues: bool = False  # the strategy reads ``VisionCues`` (only asked of families whose geometry has them)
 
 
 @dataclass
@@ -44,6 +46,7 @@ class PreparedBatch:
     spans: VisualSpans  # every grid of visual tokens (none when the call brings no images)
     positions: torch.Tensor  # the input positions, in the adapter's policy's shape
     layer_arguments: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of every decoder layer
+    vision_cues: VisionCues | None = None  # when the call asked for them and brought images
 
 
 class ModelAdapter(ABC):
@@ -66,13 +69,14 @@ class ModelAdapter(ABC):
         """The output projection to the vocabulary."""
         return model.lm_head
 
-    def text_geometry(self, config: Any, image_grids: tuple[tuple[int, int], ...] | None) -> ModelGeometry:
+    def text_geometry(self, config: Any, image_grids: tuple[tuple[int, int], ...] | None,
+                      vision_cues: bool = False) -> ModelGeometry:
         """A ``ModelGeometry`` from the ``text_config`` of a family that keeps one."""
         text = config.text_config
         return ModelGeometry(
             model_type=config.model_type, text_config=text, num_layers=int(text.num_hidden_layers),
             hidden_size=int(text.hidden_size), image_token_id=int(config.image_token_id), image_grids=image_grids,
-            position_modes=self.positions.modes,
+            position_modes=self.positions.modes, vision_cues=vision_cues,
         )
 
     @abstractmethod

@@ -14,6 +14,7 @@ from torch import nn
 from dpn.geometry import ModelGeometry
 from dpn.models.base import CallInputs, ModelAdapter, PreparedBatch
 from dpn.spans import VisualSpans, find_visual_spans
+from dpn.vision_cues import VisionCues, class_token_attention, feature_layer_index
 
 # Vision towers whose sequence starts with a class token (dropped by the "default" feature strategy).
 _CLASS_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
@@ -53,7 +54,7 @@ class LlavaAdapter(ModelAdapter):
         check_text_backbone(config.text_config)
         check_vision_layout(config)
         side = config.vision_config.image_size // config.vision_config.patch_size
-        return self.text_geometry(config, ((side, side),))
+        return self.text_geometry(config, ((side, side),), vision_cues=has_vision_cues(config))
 
     def prepare(self, model: nn.Module, call: CallInputs) -> PreparedBatch:
         input_ids, inputs_embeds = call.input_ids, call.inputs_embeds
@@ -77,8 +78,16 @@ class LlavaAdapter(ModelAdapter):
         else:
             image_token = llava.get_input_embeddings()(torch.tensor(image_token_id, device=inputs_embeds.device))
             image_mask = (inputs_embeds == image_token).all(-1)
+        vision = {k: v for k, v in family.items() if v is not None}
+        cue_layer = None
+        if call.vision_cues:
+            if encoded is not None:
+                raise ValueError("a strategy that reads the vision tower's attention needs pixel_values, not "
+                                 "mm_encoder_outputs (the feature layer's input is not in them)")
+            feature_layer = vision.get("vision_feature_layer", model.config.vision_feature_layer)
+            cue_layer = feature_layer_index(feature_layer, len(_vision_layers(llava.vision_tower)))
+            vision["output_hidden_states"] = [cue_layer, cue_layer + 1]  # the layer's input and output
         if encoded is None:
-            vision = {k: v for k, v in family.items() if v is not None}
             encoded = llava.get_image_features(pixel_values=pixel_values, return_dict=True, **vision)
         features = encoded.pooler_output
         features = torch.cat(list(features), dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
@@ -89,4 +98,34 @@ class LlavaAdapter(ModelAdapter):
             )
         inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)
         spans = find_visual_spans(image_mask & call.valid, call.geometry.image_grids)
-        return PreparedBatch(inputs_embeds, spans, positions)
+        cues = None if cue_layer is None else _class_token_cues(llava, encoded, cue_layer, image_mask)
+        return PreparedBatch(inputs_embeds, spans, positions, vision_cues=cues)
+
+
+def has_vision_cues(config: Any) -> bool:
+    """A CLIP-style tower with a class token that LLaVA drops, and one feature layer."""
+    return (bool(_CLASS_TOKENS.get(config.vision_config.model_type)) and isinstance(config.vision_feature_layer, int)
+            and config.vision_feature_select_strategy == "default")
+
+
+def _vision_layers(tower: nn.Module) -> nn.ModuleList:
+    """The tower's encoder layers (CLIPVisionModel keeps its encoder on itself, or on ``vision_model``
+    in other releases)."""
+    holder = getattr(tower, "vision_model", tower)
+    return holder.encoder.layers
+
+
+def _class_token_cues(llava: nn.Module, encoded: Any, layer_index: int, image_mask: torch.Tensor) -> VisionCues:
+    """The class token's attention to each patch in the feature layer and the patches' features,
+    scattered onto the image tokens of the batch (images in the order their features were merged)."""
+    states = encoded.hidden_states
+    if states is None or states[layer_index] is None or states[layer_index + 1] is None:
+        raise ValueError("the vision tower did not return the feature layer's input and output hidden states")
+    layer = _vision_layers(llava.vision_tower)[layer_index]
+    importance = class_token_attention(layer, states[layer_index])  # (images, patches)
+    patches = states[layer_index + 1][:, 1:]
+    batch, length = image_mask.shape
+    scattered_importance = importance.new_zeros(batch, length).masked_scatter(image_mask, importance.flatten())
+    scattered = patches.new_zeros(batch, length, patches.shape[-1])
+    scattered = scattered.masked_scatter(image_mask.unsqueeze(-1), patches.reshape(-1, patches.shape[-1]))
+    return VisionCues(scattered_importance, scattered)

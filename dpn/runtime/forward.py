@@ -25,8 +25,11 @@ from dpn.runtime.inputs import (
 from dpn.runtime.layout import Chunk, shrink
 from dpn.runtime.record import routing_record
 from dpn.runtime.segments import SegmentRunner, layer_types_of, prepare_cache, segment_bounds
-from dpn.strategies.base import StageInput, TokenCounts
+from dpn.strategies.base import BEFORE_FIRST_LAYER, StageInput, TokenCounts
 from dpn.transfer import host_tensor
+
+# The keyword under which generate() hands over images it encoded before the prefill.
+PRE_ENCODED_IMAGES = "mm_encoder_outputs"
 
 
 class PyramidForward:
@@ -38,6 +41,8 @@ class PyramidForward:
         self.model = model
         stock = inspect.signature(type(model).forward.__get__(model))
         known = CallArguments.names() | set(get_adapter(model).input_names) | set(LOSS_ARGUMENTS)
+        if model.pyramid.reads_vision_cues:  # generate() then passes the pixels, so the adapter encodes them
+            known = known - {PRE_ENCODED_IMAGES}
         parameters = [p for p in stock.parameters.values() if p.kind is not p.VAR_KEYWORD and p.name in known]
         extra = [p for p in stock.parameters.values() if p.kind is p.VAR_KEYWORD]
         force = inspect.Parameter("force_experts", inspect.Parameter.KEYWORD_ONLY, default=None)
@@ -73,7 +78,7 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     valid = chunk_validity(call.attention_mask, batch, length, past_length, device)
     prepared = adapter.prepare(model, CallInputs(call.input_ids, call.inputs_embeds, call.position_ids,
                                                  call.attention_mask, valid, past_length, call.family, geometry,
-                                                 cache))
+                                                 cache, vision_cues=strategy.reads_vision_cues))
     if call.labels is not None and call.labels.shape != (batch, length):
         raise ValueError(f"labels have shape {tuple(call.labels.shape)} but the inputs are {(batch, length)}")
     spans = prepared.spans
@@ -100,8 +105,10 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     for segment, segment_layers in enumerate(bounds):
         if segment > 0 and len(chunk.spans):
             stage = segment - 1
+            # The cues describe the input layout: only a stage before the first layer sees it.
+            cues = prepared.vision_cues if config.stages[stage].layer == BEFORE_FIRST_LAYER else None
             plan = strategy.plan(stage, _stage_input(chunk, previous, None if forced is None else forced[stage],
-                                                     decoder, layers, config.stages[stage].layer))
+                                                     decoder, layers, config.stages[stage].layer, cues))
             plans.append(plan)
             chunk, changed = shrink(chunk, plan, config.positions, adapter.positions)
             reshaped = reshaped or changed
@@ -131,9 +138,9 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     return output if call.return_dict is not False else output.to_tuple()
 
 
-def _stage_input(chunk: Chunk, previous, forced, decoder, layers, stage_layer: int) -> StageInput:
+def _stage_input(chunk: Chunk, previous, forced, decoder, layers, stage_layer: int, vision_cues) -> StageInput:
     """What a strategy sees at a stage: the current layout and the stage layer's input and rotary."""
-    return StageInput(
+    return StageInput(vision_cues=vision_cues,
         hidden=chunk.hidden, spans=chunk.spans, query_index=chunk.router_index, valid=chunk.valid, forced=forced,
         router_tokens=chunk.router_tokens,
         layer=layers[stage_layer] if stage_layer >= 0 else None, layer_input=previous.last_layer_input,

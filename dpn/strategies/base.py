@@ -28,6 +28,7 @@ from torch import nn
 
 from dpn.geometry import ModelGeometry
 from dpn.spans import VisualSpans
+from dpn.vision_cues import VisionCues
 
 if TYPE_CHECKING:
     from dpn.config import PyramidConfig
@@ -211,6 +212,8 @@ class StageInput:
         labels: (batch, length) the call's labels in the current layout (None without labels).
         router_tokens: (batch, length) bool, the router tokens whose mean hidden state the routers
             read (``router_input="router_tokens_mean"``); None: they read ``query_index``.
+        vision_cues: the vision tower's cues per input token (``dpn.vision_cues.VisionCues``), at a
+            stage before the first layer of a strategy that ``reads_vision_cues``; else None.
     """
 
     hidden: torch.Tensor
@@ -224,6 +227,7 @@ class StageInput:
     decoder: nn.Module | None = None
     labels: torch.Tensor | None = None
     router_tokens: torch.Tensor | None = None
+    vision_cues: VisionCues | None = None
 
     def router_hidden(self, samples: torch.Tensor) -> torch.Tensor:
         """(n, d) what the routers read for ``samples``: the hidden state at each one's query
@@ -249,10 +253,12 @@ class Strategy(nn.Module, metaclass=ABCMeta):
     ``config`` is the whole (copied) ``PyramidConfig``; ``options`` its strategy part. Subclasses
     hold no per-call state: everything about a call lives in ``StageInput`` and the returned
     ``StagePlan``. ``reads_query``: whether plans read each sample's ``query_index`` (then a
-    sample with an image must have one).
+    sample with an image must have one). ``reads_vision_cues``: whether plans read the vision
+    tower's ``VisionCues`` (the family's geometry must have them).
     """
 
     reads_query: ClassVar[bool] = False
+    reads_vision_cues: ClassVar[bool] = False
 
     def __init__(self, config: PyramidConfig, geometry: ModelGeometry) -> None:
         super().__init__()

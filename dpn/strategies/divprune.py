@@ -24,25 +24,17 @@ from dpn.geometry import ModelGeometry
 from dpn.strategies.base import (
     BEFORE_FIRST_LAYER, StageInput, StagePlan, Strategy, fraction_spec, register_spec, register_strategy,
 )
-from dpn.strategies.selection import SelectionConfig, SelectionStage, kept_count
+from dpn.strategies.selection import BeforeLLMSelectionConfig, SelectionStage, kept_count
 
 # The reference's default subset ratio (run_Divprune.sh): 56 of LLaVA-1.5's 576 visual tokens.
 DIVPRUNE_KEEP_RATIO = 0.098
 
 
 @dataclass
-class DivPruneConfig(SelectionConfig):
+class DivPruneConfig(BeforeLLMSelectionConfig):
     """One stage at layer -1 (before the LLM) keeping ``keep_ratio`` of each image."""
 
     name = "divprune"
-
-    def allows_layer_before_first(self) -> bool:
-        return True
-
-    def check_stages(self, stages: list[SelectionStage]) -> None:
-        super().check_stages(stages)
-        if len(stages) != 1 or stages[0].layer != BEFORE_FIRST_LAYER:
-            raise ValueError(f"divprune prunes once, before the LLM: one stage at layer {BEFORE_FIRST_LAYER}")
 
 
 class DiversitySelection(Strategy):

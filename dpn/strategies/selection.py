@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dpn.attention import query_attention
-from dpn.strategies.base import Stage, StageInput, StagePlan, Strategy, StrategyConfig, TokenPath, check_fraction
+from dpn.strategies.base import BEFORE_FIRST_LAYER, Stage, StageInput, StagePlan, Strategy, StrategyConfig, TokenPath, check_fraction
 
 
 def kept_count(tokens: int, keep_ratio: float) -> int:
@@ -50,6 +50,19 @@ class SelectionConfig(StrategyConfig):
         for stage in stages:  # kept tokens form one row
             shapes.append([(1, kept_count(rows * cols, stage.keep_ratio)) for rows, cols in shapes[-1]])
         return [TokenPath([f"keep {s.keep_ratio:g}" for s in stages], shapes)]
+
+
+@dataclass
+class BeforeLLMSelectionConfig(SelectionConfig):
+    """A selection made once, before the first decoder layer (one stage at layer -1)."""
+
+    def allows_layer_before_first(self) -> bool:
+        return True
+
+    def check_stages(self, stages: list[SelectionStage]) -> None:
+        super().check_stages(stages)
+        if len(stages) != 1 or stages[0].layer != BEFORE_FIRST_LAYER:
+            raise ValueError(f"{self.name} prunes once, before the LLM: one stage at layer {BEFORE_FIRST_LAYER}")
 
 
 class AttentionSelection(Strategy):

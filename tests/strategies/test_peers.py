@@ -1,4 +1,4 @@
-"""The peer strategies (static, random, projector, fastv, pdrop, dart, divprune) in the pyramid runtime."""
+"""The peer strategies (static, random, projector, fastv, pdrop, dart, divprune, vispruner) in the pyramid runtime."""
 
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ def peer_configs(model) -> dict[str, dpn.PyramidConfig]:
             dpn.SelectionStage(1, keep_ratio=0.5), dpn.SelectionStage(3, keep_ratio=0.5)]),
         "dart": dpn.presets.from_spec("dart:0.3", model),
         "divprune": dpn.presets.from_spec("divprune:0.3", model),
+        "vispruner": dpn.presets.from_spec("vispruner:0.3", model),
     }
 
 
-PEERS = ["static", "random", "projector", "fastv", "pdrop", "dart", "divprune"]
+PEERS = ["static", "random", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner"]
 
 
 def expected_visual_tokens(name: str) -> list[int]:
@@ -38,14 +39,14 @@ def expected_visual_tokens(name: str) -> list[int]:
         return [VISUAL, 16, 4, 4]
     if name == "projector":
         return [VISUAL, 16]
-    if name in ("fastv", "dart", "divprune"):
+    if name in ("fastv", "dart", "divprune", "vispruner"):
         return [VISUAL, kept_count(VISUAL, 0.3)]
     if name == "pdrop":
         return [VISUAL, 32, 16]
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", ["static", "projector", "fastv", "pdrop", "dart", "divprune"])
+@pytest.mark.parametrize("name", ["static", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner"])
 def test_kept_tokens_follow_the_definition(name):
     model = tiny_llava(seed=1)
     config = peer_configs(model)[name]
