@@ -208,6 +208,19 @@ def check_cached_generation_matches_recompute(model, batch: dict, forced, banned
     assert torch.equal(ids, generated.sequences)
 
 
+def first_layer_input(model, batch: dict):
+    """(what the LLM's first decoder layer received, the output) of one no-grad forward of ``batch``."""
+    received = []
+    hook = model.model.language_model.layers[0].register_forward_pre_hook(
+        lambda module, args, kwargs: received.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            out = model(**batch)
+    finally:
+        hook.remove()
+    return received[0], out
+
+
 def save_tiny_dpn(directory):
     """The lab's tiny LLaVA with the paper's pyramid, saved with its processor and routers at ``directory``;
     returns the model (eval mode) and processor."""

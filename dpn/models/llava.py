@@ -14,7 +14,7 @@ from torch import nn
 from dpn.geometry import ModelGeometry
 from dpn.models.base import CallInputs, ModelAdapter, PreparedBatch
 from dpn.spans import VisualSpans, find_visual_spans
-from dpn.vision_cues import VisionCues, class_token_attention, feature_layer_index
+from dpn.vision_cues import VisionCues, class_token_cues, feature_layer_index
 
 # Vision towers whose sequence starts with a class token (dropped by the "default" feature strategy).
 _CLASS_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
@@ -98,7 +98,7 @@ class LlavaAdapter(ModelAdapter):
             )
         inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), features)
         spans = find_visual_spans(image_mask & call.valid, call.geometry.image_grids)
-        cues = None if cue_layer is None else _class_token_cues(llava, encoded, cue_layer, image_mask)
+        cues = None if cue_layer is None else _class_token_cues(llava, encoded, cue_layer)
         return PreparedBatch(inputs_embeds, spans, positions, vision_cues=cues)
 
 
@@ -115,17 +115,10 @@ def _vision_layers(tower: nn.Module) -> nn.ModuleList:
     return holder.encoder.layers
 
 
-def _class_token_cues(llava: nn.Module, encoded: Any, layer_index: int, image_mask: torch.Tensor) -> VisionCues:
-    """The class token's attention to each patch in the feature layer and the patches' features,
-    scattered onto the image tokens of the batch (images in the order their features were merged)."""
+def _class_token_cues(llava: nn.Module, encoded: Any, layer_index: int) -> VisionCues:
+    """The feature layer's cues of every image (in the order their features were merged)."""
     states = encoded.hidden_states
     if states is None or states[layer_index] is None or states[layer_index + 1] is None:
         raise ValueError("the vision tower did not return the feature layer's input and output hidden states")
     layer = _vision_layers(llava.vision_tower)[layer_index]
-    importance = class_token_attention(layer, states[layer_index])  # (images, patches)
-    patches = states[layer_index + 1][:, 1:]
-    batch, length = image_mask.shape
-    scattered_importance = importance.new_zeros(batch, length).masked_scatter(image_mask, importance.flatten())
-    scattered = patches.new_zeros(batch, length, patches.shape[-1])
-    scattered = scattered.masked_scatter(image_mask.unsqueeze(-1), patches.reshape(-1, patches.shape[-1]))
-    return VisionCues(scattered_importance, scattered)
+    return class_token_cues(layer, states[layer_index], states[layer_index + 1], llava.multi_modal_projector)

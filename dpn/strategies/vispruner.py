@@ -31,6 +31,7 @@ from dpn.strategies.base import (
     BEFORE_FIRST_LAYER, StageInput, StagePlan, Strategy, fraction_spec, register_spec, register_strategy,
 )
 from dpn.strategies.selection import BeforeLLMSelectionConfig, SelectionStage, kept_count
+from dpn.vision_cues import cues_of_spans
 
 # The reference's README budget (128 of 576 tokens) and its default share of important tokens.
 VISPRUNER_KEEP_RATIO = 128 / 576
@@ -55,12 +56,17 @@ class VisPrunerConfig(BeforeLLMSelectionConfig):
 
     def check_geometry(self, stages: list[SelectionStage], geometry: ModelGeometry) -> None:
         super().check_geometry(stages, geometry)
-        if not geometry.vision_cues:
-            raise ValueError(
-                f"vispruner ranks patches by the vision tower's class-token attention, which dpn reads on LLaVA-1.5 "
-                f"with a CLIP tower (one feature layer, 'default' feature selection); {geometry.model_type!r} "
-                "with this config has none"
-            )
+        check_class_token_geometry(self.name, geometry)
+
+
+def check_class_token_geometry(name: str, geometry: ModelGeometry) -> None:
+    """A ``ValueError`` unless the family gives vision cues (a tower with a class token)."""
+    if not geometry.vision_cues:
+        raise ValueError(
+            f"{name} ranks patches by the vision tower's class-token attention, which dpn reads on LLaVA-1.5 with a "
+            f"CLIP tower (one feature layer, 'default' feature selection); {geometry.model_type!r} with this config "
+            "has none"
+        )
 
 
 class VisualCueSelection(Strategy):
@@ -70,21 +76,18 @@ class VisualCueSelection(Strategy):
     reads_vision_cues = True
 
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
-        hidden, spans, cues = inputs.hidden, inputs.spans, inputs.vision_cues
+        hidden, spans = inputs.hidden, inputs.spans
         batch, seq_len, width = hidden.shape
         plan = StagePlan.unrouted(batch, 0, hidden.device)
         if not len(spans):
             return plan
-        if cues is None:
-            raise ValueError("vispruner needs the vision tower's cues; the model's adapter gave none")
+        cues = cues_of_spans(inputs.vision_cues, spans, "vispruner")
         keep_ratio = self.config.stages[stage].keep_ratio
-        importance = cues.importance.reshape(batch * seq_len)
-        features = cues.features.reshape(batch * seq_len, -1)
         flat = hidden.reshape(batch * seq_len, width)
         chosen = []
         for k in range(len(spans)):
             image = spans.token_index([k], seq_len, hidden.device)
-            kept = important_and_diverse(importance[image], features[image], kept_count(image.shape[0], keep_ratio),
+            kept = important_and_diverse(cues.attention[k], cues.features[k], kept_count(image.shape[0], keep_ratio),
                                          self.options.important_ratio)
             chosen.append(image[kept])
             plan.spans.append(k)

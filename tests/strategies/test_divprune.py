@@ -11,7 +11,7 @@ import torch
 import dpn
 from dpn.strategies.divprune import DIVPRUNE_KEEP_RATIO, max_min_diverse
 from dpn.strategies.selection import kept_count
-from helpers import check_selection_flops_match_counter, GRID, IMAGE_TOKEN_ID, batch_of, check_cached_generation_matches_recompute, make_prompt, pixels, \
+from helpers import check_selection_flops_match_counter, first_layer_input, GRID, IMAGE_TOKEN_ID, batch_of, make_prompt, pixels, \
     tiny_llava, tiny_qwen_vl, qwen_pixels, qwen_prompt
 
 VISUAL = GRID[0] * GRID[1]
@@ -38,20 +38,14 @@ def test_spec_preset_and_the_kept_rows_follow_the_rule():
                                                                                        "renumber")
     dpn.apply_pyramid(model, dpn.presets.from_spec(f"divprune:{KEEP}", model.config))
     batch = batch_of([make_prompt(3, 4, seed=1)])
-    received = []
-    layer = model.model.language_model.layers[0]
-    hook = layer.register_forward_pre_hook(lambda module, args, kwargs: received.append(args[0] if args else
-                                                                                      kwargs["hidden_states"]),
-                                           with_kwargs=True)
     with torch.no_grad():
         features = model.model.get_image_features(pixels(1))
-        out = model(**batch, pixel_values=pixels(1))
-    hook.remove()
+    received, out = first_layer_input(model, {**batch, "pixel_values": pixels(1)})
     features = getattr(features, "pooler_output", features)  # the image's projected rows, as the LLM receives them
     image = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features.reshape(VISUAL, -1)
     kept = max_min_diverse(image, kept_count(VISUAL, KEEP))
     start = int((batch["input_ids"][0] == IMAGE_TOKEN_ID).nonzero()[0])
-    layer_input = received[0][0]  # what layer 0 received: the text, then the kept image rows
+    layer_input = received[0]  # what layer 0 received: the text, then the kept image rows
     torch.testing.assert_close(layer_input[start:start + kept.shape[0]], image[kept])
     assert out.routing.visual_tokens[0].tolist() == [VISUAL, kept_count(VISUAL, KEEP)]
 
@@ -60,12 +54,6 @@ def test_flops_match_the_flop_counter():
     check_selection_flops_match_counter(lambda model: dpn.presets.from_spec(f"divprune:{KEEP}", model.config), KEEP)
 
 
-@pytest.mark.parametrize("positions", ["renumber", "keep"])
-def test_cached_generation_matches_full_recompute(positions):
-    model = tiny_llava(seed=2)
-    dpn.apply_pyramid(model, dpn.presets.from_spec(f"divprune:{KEEP}", model.config, positions=positions))
-    batch = {**batch_of([make_prompt(3, 4, seed=1), make_prompt(1, 6, images=2, seed=2)]), "pixel_values": pixels(3)}
-    check_cached_generation_matches_recompute(model, batch, None, [IMAGE_TOKEN_ID], new_tokens=3)
 
 
 def test_images_of_every_size_on_qwen2_5_vl_keep_their_share():

@@ -1,4 +1,4 @@
-"""The peer strategies (static, random, projector, fastv, pdrop, dart, divprune, vispruner) in the pyramid runtime."""
+"""The peer strategies (static, random, projector, fastv, pdrop, dart, divprune, vispruner, visionzip) in the pyramid runtime."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from dpn.attention import query_attention
 from dpn.spans import find_visual_spans
 from dpn.strategies import AttentionSelection, StageInput
 from dpn.strategies.selection import kept_count
-from helpers import GRID, batch_of, make_prompt, pixels, tiny_llava
+from helpers import GRID, IMAGE_TOKEN_ID, batch_of, check_cached_generation_matches_recompute, make_prompt, pixels, \
+    tiny_llava
 
 VISUAL = GRID[0] * GRID[1]  # 64 tokens per image in the test model
 
@@ -27,10 +28,11 @@ def peer_configs(model) -> dict[str, dpn.PyramidConfig]:
         "dart": dpn.presets.from_spec("dart:0.3", model),
         "divprune": dpn.presets.from_spec("divprune:0.3", model),
         "vispruner": dpn.presets.from_spec("vispruner:0.3", model),
+        "visionzip": dpn.presets.from_spec("visionzip:0.3", model),
     }
 
 
-PEERS = ["static", "random", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner"]
+PEERS = ["static", "random", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner", "visionzip"]
 
 
 def expected_visual_tokens(name: str) -> list[int]:
@@ -39,14 +41,14 @@ def expected_visual_tokens(name: str) -> list[int]:
         return [VISUAL, 16, 4, 4]
     if name == "projector":
         return [VISUAL, 16]
-    if name in ("fastv", "dart", "divprune", "vispruner"):
+    if name in ("fastv", "dart", "divprune", "vispruner", "visionzip"):
         return [VISUAL, kept_count(VISUAL, 0.3)]
     if name == "pdrop":
         return [VISUAL, 32, 16]
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", ["static", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner"])
+@pytest.mark.parametrize("name", ["static", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner", "visionzip"])
 def test_kept_tokens_follow_the_definition(name):
     model = tiny_llava(seed=1)
     config = peer_configs(model)[name]
@@ -95,6 +97,14 @@ def test_batched_matches_each_sample_alone(name):
             valid = together.attention_mask[row].bool()
             torch.testing.assert_close(together.logits[row][valid], alone.logits[0], atol=1e-4, rtol=0)
             assert together.routing.visual_tokens[row].tolist() == alone.routing.visual_tokens[0].tolist()
+
+
+@pytest.mark.parametrize("name", ["divprune", "vispruner", "visionzip"])
+def test_selections_before_the_llm_cache_with_kept_positions_and_two_images(name):
+    model = tiny_llava(seed=2)
+    dpn.apply_pyramid(model, dpn.presets.from_spec(f"{name}:0.3", model.config, positions="keep"))
+    batch = {**batch_of([make_prompt(3, 4, seed=1), make_prompt(1, 6, images=2, seed=2)]), "pixel_values": pixels(3)}
+    check_cached_generation_matches_recompute(model, batch, None, [IMAGE_TOKEN_ID], new_tokens=3)
 
 
 @pytest.mark.parametrize("name", PEERS)
