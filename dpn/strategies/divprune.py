@@ -22,9 +22,9 @@ import torch.nn.functional as F
 
 from dpn.geometry import ModelGeometry
 from dpn.strategies.base import (
-    BEFORE_FIRST_LAYER, StageInput, StagePlan, Strategy, fraction_spec, register_spec, register_strategy,
+    BEFORE_FIRST_LAYER, StageInput, StagePlan, Strategy, register_spec, register_strategy,
 )
-from dpn.strategies.selection import BeforeLLMSelectionConfig, SelectionStage, kept_count
+from dpn.strategies.selection import BeforeLLMSelectionConfig, SelectionStage, kept_count, kept_tokens_spec
 
 # The reference's default subset ratio (run_Divprune.sh): 56 of LLaVA-1.5's 576 visual tokens.
 DIVPRUNE_KEEP_RATIO = 0.098
@@ -94,4 +94,4 @@ def preset(geometry: ModelGeometry, keep_ratio: float = DIVPRUNE_KEEP_RATIO, **o
 
 
 register_strategy("divprune", DivPruneConfig, DiversitySelection)
-register_spec("divprune", fraction_spec("divprune", preset), "divprune[:KEEP]")
+register_spec("divprune", kept_tokens_spec("divprune", preset), "divprune[:KEEP | :Nt]")

@@ -10,12 +10,15 @@ the selection in place).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from dpn.geometry import ModelGeometry
+
 from dpn.attention import query_attention
-from dpn.strategies.base import BEFORE_FIRST_LAYER, Stage, StageInput, StagePlan, Strategy, StrategyConfig, TokenPath, check_fraction
+from dpn.strategies.base import BEFORE_FIRST_LAYER, SpecBuilder, Stage, StageInput, fraction_spec, StagePlan, Strategy, StrategyConfig, TokenPath, check_fraction
 
 
 def kept_count(tokens: int, keep_ratio: float) -> int:
@@ -63,6 +66,29 @@ class BeforeLLMSelectionConfig(SelectionConfig):
         super().check_stages(stages)
         if len(stages) != 1 or stages[0].layer != BEFORE_FIRST_LAYER:
             raise ValueError(f"{self.name} prunes once, before the LLM: one stage at layer {BEFORE_FIRST_LAYER}")
+
+
+# Spec suffix of a budget given as visual tokens kept per image (``divprune:64t``), the papers' terms.
+TOKENS_SUFFIX = "t"
+
+
+def kept_tokens_spec(name: str, preset: Callable[..., dict]) -> SpecBuilder:
+    """The builder of spec ``name[:KEEP | :Nt]`` for a selection before the LLM: ``preset(geometry)``,
+    with ``keep_ratio=KEEP`` (a fraction), or keeping N visual tokens of each image (models whose
+    images all have the same number of tokens)."""
+    def build(geometry: ModelGeometry, value: str | None) -> dict:
+        if not value or not value.endswith(TOKENS_SUFFIX):
+            return fraction_spec(name, preset)(geometry, value)
+        spec, count = f"{name}:{value}", value[: -len(TOKENS_SUFFIX)]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"pyramid spec {spec!r}: give a whole number of tokens, e.g. '{name}:64t'")
+        if geometry.image_grids is None:
+            raise ValueError(f"pyramid spec {spec!r}: {geometry.model_type} images vary in size, so a token count "
+                             f"is not one share of every image; give a fraction, e.g. '{name}:0.25'")
+        if int(count) > geometry.image_tokens:
+            raise ValueError(f"pyramid spec {spec!r}: an image has only {geometry.image_tokens} visual tokens")
+        return preset(geometry, keep_ratio=int(count) / geometry.image_tokens)
+    return build
 
 
 class AttentionSelection(Strategy):

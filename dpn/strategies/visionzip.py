@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from dpn.geometry import ModelGeometry
-from dpn.strategies.base import BEFORE_FIRST_LAYER, StageInput, StagePlan, Strategy, fraction_spec, register_spec, \
+from dpn.strategies.base import BEFORE_FIRST_LAYER, StageInput, StagePlan, Strategy, register_spec, \
     register_strategy
-from dpn.strategies.selection import BeforeLLMSelectionConfig, SelectionStage, kept_count
+from dpn.strategies.selection import BeforeLLMSelectionConfig, SelectionStage, kept_count, kept_tokens_spec
 from dpn.strategies.vispruner import check_class_token_geometry
 from dpn.vision_cues import cues_of_spans
 
@@ -128,4 +128,4 @@ def preset(geometry: ModelGeometry, keep_ratio: float = VISIONZIP_KEEP_RATIO, **
 
 
 register_strategy("visionzip", VisionZipConfig, DominantContextual)
-register_spec("visionzip", fraction_spec("visionzip", preset), "visionzip[:KEEP]")
+register_spec("visionzip", kept_tokens_spec("visionzip", preset), "visionzip[:KEEP | :Nt]")

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 
 from dpn.geometry import ModelGeometry
 from dpn.strategies.base import (
-    BEFORE_FIRST_LAYER, StageInput, StagePlan, Strategy, fraction_spec, register_spec, register_strategy,
+    BEFORE_FIRST_LAYER, StageInput, StagePlan, Strategy, register_spec, register_strategy,
 )
-from dpn.strategies.selection import BeforeLLMSelectionConfig, SelectionStage, kept_count
+from dpn.strategies.selection import BeforeLLMSelectionConfig, SelectionStage, kept_count, kept_tokens_spec
 from dpn.vision_cues import cues_of_spans
 
 # The reference's README budget (128 of 576 tokens) and its default share of important tokens.
@@ -126,4 +126,4 @@ def preset(geometry: ModelGeometry, keep_ratio: float = VISPRUNER_KEEP_RATIO, **
 
 
 register_strategy("vispruner", VisPrunerConfig, VisualCueSelection)
-register_spec("vispruner", fraction_spec("vispruner", preset), "vispruner[:KEEP]")
+register_spec("vispruner", kept_tokens_spec("vispruner", preset), "vispruner[:KEEP | :Nt]")

@@ -11,7 +11,7 @@ from dpn.spans import find_visual_spans
 from dpn.strategies import AttentionSelection, StageInput
 from dpn.strategies.selection import kept_count
 from helpers import GRID, IMAGE_TOKEN_ID, batch_of, check_cached_generation_matches_recompute, make_prompt, pixels, \
-    tiny_llava
+    tiny_llava, tiny_qwen_vl
 
 VISUAL = GRID[0] * GRID[1]  # 64 tokens per image in the test model
 
@@ -345,3 +345,20 @@ def test_fastv_specs_take_the_papers_k_and_r(spec, layer, keep):
 def test_bad_fastv_specs_say_what_is_wrong(spec, message):
     with pytest.raises(ValueError, match=message):
         dpn.presets.from_spec(spec, tiny_llava().config)
+
+
+@pytest.mark.parametrize("name", ["divprune", "vispruner", "visionzip"])
+def test_selections_before_the_llm_take_a_budget_in_tokens(name):
+    model = tiny_llava(seed=1)
+    config = dpn.presets.from_spec(f"{name}:20t", model.config)
+    assert kept_count(VISUAL, config.stages[0].keep_ratio) == 20
+    dpn.apply_pyramid(model, config)
+    with torch.no_grad():
+        out = model(**batch_of([make_prompt(3, 4, seed=1)]), pixel_values=pixels(1))
+    assert out.routing.visual_tokens[0].tolist() == [VISUAL, 20]
+    for bad, message in ((f"{name}:65t", "an image has only 64 visual tokens"),
+                         (f"{name}:2.5t", "give a whole number of tokens"), (f"{name}:0t", "give a whole number")):
+        with pytest.raises(ValueError, match=message):
+            dpn.presets.from_spec(bad, model.config)
+    with pytest.raises(ValueError, match="images vary in size, so a token count"):
+        dpn.presets.from_spec(f"{name}:20t", tiny_qwen_vl().config)
