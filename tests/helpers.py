@@ -221,6 +221,15 @@ def first_layer_input(model, batch: dict):
     return received[0], out
 
 
+def qwen_forward(model, grids: list[tuple[int, int]]):
+    """A no-grad forward of two Qwen2.5-VL samples, one image each of ``grids`` (text around them)."""
+    batch = batch_of([qwen_prompt(grids[:1], 2, 3), qwen_prompt(grids[1:], 3, 2, seed=1)])
+    batch.update(qwen_pixels(grids))
+    batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
+    with torch.no_grad():
+        return model(**batch)
+
+
 def save_tiny_dpn(directory):
     """The lab's tiny LLaVA with the paper's pyramid, saved with its processor and routers at ``directory``;
     returns the model (eval mode) and processor."""
@@ -234,10 +243,11 @@ def save_tiny_dpn(directory):
     return model.eval(), processor
 
 
-def check_selection_flops_match_counter(config_of, keep: float) -> None:
-    """One forward of a one-stage selection pyramid (``config_of(model)``) on the eager test model:
-    its counted FLOPs within 2% of ``FlopCounterMode``'s over the decoder layers, and ``dpn flops``'
-    path from the config alone the same (the CPU sdpa kernel is not in the counter's registry)."""
+def check_selection_flops_match_counter(config_of, keep: float | None) -> None:
+    """One forward of a selection pyramid (``config_of(model)``) on the eager test model: its counted
+    FLOPs within 2% of ``FlopCounterMode``'s over the decoder layers, and ``dpn flops``' path from the
+    config alone the same (the CPU sdpa kernel is not in the counter's registry); a one-stage
+    selection (``keep``) keeps ``kept_count`` of the image, any other the forward's counts."""
     import re
 
     import pytest
@@ -256,5 +266,6 @@ def check_selection_flops_match_counter(config_of, keep: float) -> None:
     measured = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if layers.search(name))
     assert out.routing.flops[0].item() == pytest.approx(measured, rel=0.02)
     (row,) = dpn.flops.path_flops(model, dpn.get_pyramid_config(model), text_tokens=batch["input_ids"].shape[1] - visual)
-    assert row["visual_tokens"] == [visual, kept_count(visual, keep)]
+    expected = out.routing.visual_tokens[0].tolist() if keep is None else [visual, kept_count(visual, keep)]
+    assert row["visual_tokens"] == expected
     assert row["ratio"] == pytest.approx(out.routing.flops_ratio[0].item())

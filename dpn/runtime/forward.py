@@ -25,7 +25,7 @@ from dpn.runtime.inputs import (
 from dpn.runtime.layout import Chunk, shrink
 from dpn.runtime.record import routing_record
 from dpn.runtime.segments import SegmentRunner, layer_types_of, prepare_cache, segment_bounds
-from dpn.strategies.base import BEFORE_FIRST_LAYER, StageInput, TokenCounts
+from dpn.strategies.base import BEFORE_FIRST_LAYER, InputLayout, StageInput, TokenCounts
 from dpn.transfer import host_tensor
 
 # The keyword under which generate() hands over images it encoded before the prefill.
@@ -98,6 +98,7 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
         adapter.positions.at(chunk.positions, last_valid(valid)) if track_shift else None, record=prefill,
     )
 
+    first_input = InputLayout(chunk.hidden, chunk.spans, chunk.router_index)
     bounds = segment_bounds(config, len(layers))
     plans, visual_counts, queries, keys = [], [spans.tokens_per_sample(batch)], [], []
     all_hidden = (chunk.hidden,) if call.output_hidden_states else None
@@ -108,7 +109,8 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
             # The cues describe the input layout: only a stage before the first layer sees it.
             cues = prepared.vision_cues if config.stages[stage].layer == BEFORE_FIRST_LAYER else None
             plan = strategy.plan(stage, _stage_input(chunk, previous, None if forced is None else forced[stage],
-                                                     decoder, layers, config.stages[stage].layer, cues))
+                                                     decoder, layers, config.stages[stage].layer, cues,
+                                                     first_input))
             plans.append(plan)
             chunk, changed = shrink(chunk, plan, config.positions, adapter.positions)
             reshaped = reshaped or changed
@@ -138,9 +140,10 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     return output if call.return_dict is not False else output.to_tuple()
 
 
-def _stage_input(chunk: Chunk, previous, forced, decoder, layers, stage_layer: int, vision_cues) -> StageInput:
+def _stage_input(chunk: Chunk, previous, forced, decoder, layers, stage_layer: int, vision_cues,
+                 first_input: InputLayout) -> StageInput:
     """What a strategy sees at a stage: the current layout and the stage layer's input and rotary."""
-    return StageInput(vision_cues=vision_cues,
+    return StageInput(vision_cues=vision_cues, first_input=first_input,
         hidden=chunk.hidden, spans=chunk.spans, query_index=chunk.router_index, valid=chunk.valid, forced=forced,
         router_tokens=chunk.router_tokens,
         layer=layers[stage_layer] if stage_layer >= 0 else None, layer_input=previous.last_layer_input,

@@ -194,6 +194,16 @@ class StagePlan:
 
 
 @dataclass
+class InputLayout:
+    """The first decoder layer's input, before any stage: its hidden states (the embeddings with the
+    visual features merged in), visual spans and query tokens (SparseVLM picks its text raters there)."""
+
+    hidden: torch.Tensor
+    spans: VisualSpans
+    query_index: torch.Tensor
+
+
+@dataclass
 class StageInput:
     """What the runtime knows at a stage, in the current (possibly already shortened) layout.
 
@@ -214,6 +224,7 @@ class StageInput:
             read (``router_input="router_tokens_mean"``); None: they read ``query_index``.
         vision_cues: the vision tower's cues per input token (``dpn.vision_cues.VisionCues``), at a
             stage before the first layer of a strategy that ``reads_vision_cues``; else None.
+        first_input: the call's input to the first decoder layer, before any stage (``InputLayout``).
     """
 
     hidden: torch.Tensor
@@ -228,6 +239,7 @@ class StageInput:
     labels: torch.Tensor | None = None
     router_tokens: torch.Tensor | None = None
     vision_cues: VisionCues | None = None
+    first_input: InputLayout | None = None
 
     def router_hidden(self, samples: torch.Tensor) -> torch.Tensor:
         """(n, d) what the routers read for ``samples``: the hidden state at each one's query

@@ -12,7 +12,7 @@ import dpn
 from dpn.strategies.divprune import DIVPRUNE_KEEP_RATIO, max_min_diverse
 from dpn.strategies.selection import kept_count
 from helpers import check_selection_flops_match_counter, first_layer_input, GRID, IMAGE_TOKEN_ID, batch_of, make_prompt, pixels, \
-    tiny_llava, tiny_qwen_vl, qwen_pixels, qwen_prompt
+    tiny_llava, tiny_qwen_vl, qwen_forward
 
 VISUAL = GRID[0] * GRID[1]
 KEEP = 0.3
@@ -62,11 +62,7 @@ def test_images_of_every_size_on_qwen2_5_vl_keep_their_share():
     assert config.positions == "keep"  # M-RoPE keeps coordinates
     dpn.apply_pyramid(model, config)
     grids = [(4, 6), (8, 8)]
-    batch = batch_of([qwen_prompt(grids[:1], 2, 3), qwen_prompt(grids[1:], 3, 2, seed=1)])
-    batch.update(qwen_pixels(grids))
-    batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
-    with torch.no_grad():
-        out = model(**batch)
+    out = qwen_forward(model, grids)
     tokens = [rows * cols // 4 for rows, cols in grids]  # the 2x2 merger
     assert out.routing.visual_tokens.tolist() == [[t, kept_count(t, KEEP)] for t in tokens]
 

@@ -1,4 +1,4 @@
-"""The peer strategies (static, random, projector, fastv, pdrop, dart, divprune, vispruner, visionzip) in the pyramid runtime."""
+"""The peer strategies (static, random, projector, fastv, pdrop, dart, divprune, vispruner, visionzip, sparsevlm) in the pyramid runtime."""
 
 from __future__ import annotations
 
@@ -29,10 +29,11 @@ def peer_configs(model) -> dict[str, dpn.PyramidConfig]:
         "divprune": dpn.presets.from_spec("divprune:0.3", model),
         "vispruner": dpn.presets.from_spec("vispruner:0.3", model),
         "visionzip": dpn.presets.from_spec("visionzip:0.3", model),
+        "sparsevlm": dpn.presets.from_spec("sparsevlm", model),
     }
 
 
-PEERS = ["static", "random", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner", "visionzip"]
+PEERS = ["static", "random", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner", "visionzip", "sparsevlm"]
 
 
 def expected_visual_tokens(name: str) -> list[int]:
@@ -45,10 +46,13 @@ def expected_visual_tokens(name: str) -> list[int]:
         return [VISUAL, kept_count(VISUAL, 0.3)]
     if name == "pdrop":
         return [VISUAL, 32, 16]
+    if name == "sparsevlm":  # 33 / 22 / 12 kept of the original 64, plus 2 / 1 / 1 recycled
+        return [VISUAL, 35, 23, 13]
     raise KeyError(name)
 
 
-@pytest.mark.parametrize("name", ["static", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner", "visionzip"])
+@pytest.mark.parametrize("name", ["static", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner", "visionzip",
+                                  "sparsevlm"])
 def test_kept_tokens_follow_the_definition(name):
     model = tiny_llava(seed=1)
     config = peer_configs(model)[name]
@@ -99,10 +103,10 @@ def test_batched_matches_each_sample_alone(name):
             assert together.routing.visual_tokens[row].tolist() == alone.routing.visual_tokens[0].tolist()
 
 
-@pytest.mark.parametrize("name", ["divprune", "vispruner", "visionzip"])
-def test_selections_before_the_llm_cache_with_kept_positions_and_two_images(name):
+@pytest.mark.parametrize("spec", ["divprune:0.3", "vispruner:0.3", "visionzip:0.3", "sparsevlm:128"])
+def test_new_selections_cache_with_kept_positions_and_two_images(spec):
     model = tiny_llava(seed=2)
-    dpn.apply_pyramid(model, dpn.presets.from_spec(f"{name}:0.3", model.config, positions="keep"))
+    dpn.apply_pyramid(model, dpn.presets.from_spec(spec, model.config, positions="keep"))
     batch = {**batch_of([make_prompt(3, 4, seed=1), make_prompt(1, 6, images=2, seed=2)]), "pixel_values": pixels(3)}
     check_cached_generation_matches_recompute(model, batch, None, [IMAGE_TOKEN_ID], new_tokens=3)
 
