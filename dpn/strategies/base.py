@@ -222,7 +222,7 @@ class StageInput:
         labels: (batch, length) the call's labels in the current layout (None without labels).
         router_tokens: (batch, length) bool, the router tokens whose mean hidden state the routers
             read (``router_input="router_tokens_mean"``); None: they read ``query_index``.
-        vision_cues: the vision tower's cues per input token (``dpn.vision_cues.VisionCues``), at a
+        vision_cues: the vision tower's cues, one per image (``dpn.vision_cues.VisionCues``), at a
             stage before the first layer of a strategy that ``reads_vision_cues``; else None.
         first_input: the call's input to the first decoder layer, before any stage (``InputLayout``).
     """
@@ -240,6 +240,10 @@ class StageInput:
     router_tokens: torch.Tensor | None = None
     vision_cues: VisionCues | None = None
     first_input: InputLayout | None = None
+
+    def rows_at(self, index: torch.Tensor) -> torch.Tensor:
+        """(n, d) the hidden states at flat indices (sample * length + position)."""
+        return self.hidden.reshape(-1, self.hidden.shape[-1])[index]
 
     def router_hidden(self, samples: torch.Tensor) -> torch.Tensor:
         """(n, d) what the routers read for ``samples``: the hidden state at each one's query

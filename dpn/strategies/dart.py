@@ -25,9 +25,9 @@ from dpn.attention import layer_keys
 from dpn.geometry import ModelGeometry
 from dpn.spans import VisualSpans
 from dpn.strategies.base import (
-    StageInput, StagePlan, Strategy, check_choice, fraction_spec, register_spec, register_strategy,
+    StageInput, check_choice, fraction_spec, register_spec, register_strategy,
 )
-from dpn.strategies.selection import SelectionConfig, SelectionStage, kept_count
+from dpn.strategies.selection import ImageByImage, SelectionConfig, SelectionStage, kept_count
 
 # The reference's defaults for LLaVA-1.5: prune from layer K = 2 on, keep 128 of 576 visual tokens
 # (a 77.8% reduction), 4 image pivots and 4 text pivots scored by the L1 norm of their keys.
@@ -64,41 +64,47 @@ class DARTConfig(SelectionConfig):
             raise ValueError(f"dart prunes once: give one stage, got {len(stages)}")
 
 
-class DuplicationAwareSelection(Strategy):
+@dataclass
+class DARTScores:
+    """What every image of a DART stage reads: pivot scores and unit directions (batch, length[, d]),
+    the tokens text pivots may come from, and each sample's query position."""
+
+    pivot: torch.Tensor
+    directions: torch.Tensor
+    text: torch.Tensor
+    queries: list[int]
+
+
+class DuplicationAwareSelection(ImageByImage):
     """Keeps each image's least duplicated tokens (see the module docstring)."""
 
     reads_query = True
     options: DARTConfig
 
-    def plan(self, stage: int, inputs: StageInput) -> StagePlan:
-        hidden, spans = inputs.hidden, inputs.spans
-        batch, seq_len, width = hidden.shape
-        plan = StagePlan.unrouted(batch, 0, hidden.device)
-        if not len(spans):
-            return plan
+    def stage_context(self, stage: int, inputs: StageInput) -> DARTScores:
         if inputs.layer is None or inputs.layer_input is None or inputs.decoder is None:
             raise ValueError("dart scores pivots with a decoder layer's keys; its stage must sit after a layer (>= 0)")
+        hidden, spans = inputs.hidden, inputs.spans
+        batch, seq_len, _ = hidden.shape
         keys = layer_keys(inputs.layer, inputs.layer_input, inputs.position_embeddings)
-        scores = keys.float().norm(p=PIVOT_NORMS[self.options.pivot_norm], dim=-1)  # (batch, length)
-        # Cosine similarity after the final norm: its per-token scale cancels, its weights do not.
-        directions = F.normalize(inputs.decoder.norm(hidden).float(), dim=-1)
-        visual = _visual_mask(spans, batch, seq_len, hidden.device)
-        keep_ratio = self.config.stages[stage].keep_ratio
-        flat = hidden.reshape(batch * seq_len, width)
-        queries = inputs.query_index.tolist()  # one wait for the device, not one per image
-        chosen = []
-        for k in range(len(spans)):
-            sample = spans.sample[k]
-            image = spans.token_index([k], seq_len, hidden.device) - sample * seq_len  # positions in the sample
-            text = _text_candidates(inputs.valid[sample] & ~visual[sample], spans.start[k] + spans.extent(k),
-                                    queries[sample])
-            kept = self.select(scores[sample], directions[sample], image, text, kept_count(image.shape[0], keep_ratio))
-            chosen.append(sample * seq_len + kept)
-            plan.spans.append(k)
-            plan.grids.append((1, kept.shape[0]))
-        plan.representatives = torch.cat(chosen)
-        plan.rows = flat[plan.representatives]
-        return plan
+        return DARTScores(
+            pivot=keys.float().norm(p=PIVOT_NORMS[self.options.pivot_norm], dim=-1),  # (batch, length)
+            # Cosine similarity after the final norm: its per-token scale cancels, its weights do not.
+            directions=F.normalize(inputs.decoder.norm(hidden).float(), dim=-1),
+            text=inputs.valid & ~_visual_mask(spans, batch, seq_len, hidden.device),
+            queries=inputs.query_index.tolist(),  # one wait for the device, not one per image
+        )
+
+    def image_tokens(self, stage: int, inputs: StageInput, scores: DARTScores, k: int,
+                     image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        spans, seq_len = inputs.spans, inputs.hidden.shape[1]
+        sample = spans.sample[k]
+        positions = image - sample * seq_len  # positions in the sample
+        text = _text_candidates(scores.text[sample], spans.start[k] + spans.extent(k), scores.queries[sample])
+        kept = self.select(scores.pivot[sample], scores.directions[sample], positions, text,
+                           kept_count(image.shape[0], self.config.stages[stage].keep_ratio))
+        chosen = sample * seq_len + kept
+        return inputs.rows_at(chosen), chosen
 
     def select(self, scores: torch.Tensor, directions: torch.Tensor, image: torch.Tensor, text: torch.Tensor,
                keep: int) -> torch.Tensor:

@@ -22,9 +22,11 @@ import torch.nn.functional as F
 
 from dpn.geometry import ModelGeometry
 from dpn.strategies.base import (
-    BEFORE_FIRST_LAYER, StageInput, StagePlan, Strategy, register_spec, register_strategy,
+    BEFORE_FIRST_LAYER, StageInput, register_spec, register_strategy,
 )
-from dpn.strategies.selection import BeforeLLMSelectionConfig, SelectionStage, kept_count, kept_tokens_spec
+from dpn.strategies.selection import (
+    BeforeLLMSelectionConfig, ImageByImage, SelectionStage, kept_count, kept_tokens_spec,
+)
 
 # The reference's default subset ratio (run_Divprune.sh): 56 of LLaVA-1.5's 576 visual tokens.
 DIVPRUNE_KEEP_RATIO = 0.098
@@ -37,28 +39,16 @@ class DivPruneConfig(BeforeLLMSelectionConfig):
     name = "divprune"
 
 
-class DiversitySelection(Strategy):
+class DiversitySelection(ImageByImage):
     """Keeps each image's most diverse tokens (see the module docstring)."""
 
     options: DivPruneConfig
 
-    def plan(self, stage: int, inputs: StageInput) -> StagePlan:
-        hidden, spans = inputs.hidden, inputs.spans
-        batch, seq_len, width = hidden.shape
-        plan = StagePlan.unrouted(batch, 0, hidden.device)
-        keep_ratio = self.config.stages[stage].keep_ratio
-        flat = hidden.reshape(batch * seq_len, width)
-        chosen = []
-        for k in range(len(spans)):
-            image = spans.token_index([k], seq_len, hidden.device)
-            kept = max_min_diverse(flat[image], kept_count(image.shape[0], keep_ratio))
-            chosen.append(image[kept])
-            plan.spans.append(k)
-            plan.grids.append((1, kept.shape[0]))
-        if chosen:
-            plan.representatives = torch.cat(chosen)
-            plan.rows = flat[plan.representatives]
-        return plan
+    def image_tokens(self, stage: int, inputs: StageInput, context: None, k: int,
+                     image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = inputs.rows_at(image)
+        kept = max_min_diverse(rows, kept_count(image.shape[0], self.config.stages[stage].keep_ratio))
+        return rows[kept], image[kept]
 
 
 def max_min_diverse(tokens: torch.Tensor, keep: int) -> torch.Tensor:

@@ -10,15 +10,19 @@ the selection in place).
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from dpn.geometry import ModelGeometry
-
 from dpn.attention import query_attention
-from dpn.strategies.base import BEFORE_FIRST_LAYER, SpecBuilder, Stage, StageInput, fraction_spec, StagePlan, Strategy, StrategyConfig, TokenPath, check_fraction
+from dpn.geometry import ModelGeometry
+from dpn.strategies.base import (
+    BEFORE_FIRST_LAYER, SpecBuilder, Stage, StageInput, StagePlan, Strategy, StrategyConfig, TokenPath, check_fraction,
+    fraction_spec,
+)
 
 
 def kept_count(tokens: int, keep_ratio: float) -> int:
@@ -89,6 +93,41 @@ def kept_tokens_spec(name: str, preset: Callable[..., dict]) -> SpecBuilder:
             raise ValueError(f"pyramid spec {spec!r}: an image has only {geometry.image_tokens} visual tokens")
         return preset(geometry, keep_ratio=int(count) / geometry.image_tokens)
     return build
+
+
+class ImageByImage(Strategy):
+    """A strategy that replaces each image's tokens on their own, one visual span at a time:
+    ``stage_context`` computes once per stage what every image reads (cues, scores), and
+    ``image_tokens`` says what one image becomes."""
+
+    def plan(self, stage: int, inputs: StageInput) -> StagePlan:
+        hidden, spans = inputs.hidden, inputs.spans
+        batch, seq_len, _ = hidden.shape
+        plan = StagePlan.unrouted(batch, 0, hidden.device)
+        if not len(spans):
+            return plan
+        context = self.stage_context(stage, inputs)
+        rows, representatives = [], []
+        for k in range(len(spans)):
+            image = spans.token_index([k], seq_len, hidden.device)
+            image_rows, stand_for = self.image_tokens(stage, inputs, context, k, image)
+            rows.append(image_rows)
+            representatives.append(stand_for)
+            plan.spans.append(k)
+            plan.grids.append((1, image_rows.shape[0]))
+        plan.rows = torch.cat(rows).to(hidden.dtype)
+        plan.representatives = torch.cat(representatives)
+        return plan
+
+    def stage_context(self, stage: int, inputs: StageInput) -> Any:
+        """What every image of this stage reads (computed once; None by default)."""
+        return None
+
+    @abstractmethod
+    def image_tokens(self, stage: int, inputs: StageInput, context: Any, k: int,
+                     image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, representatives): the tokens image ``k`` becomes and, for each, the flat index of
+        the original token it stands for; ``image`` is the flat index of the image's visual tokens."""
 
 
 class AttentionSelection(Strategy):

@@ -34,9 +34,9 @@ import torch
 from dpn.attention import query_attention
 from dpn.geometry import ModelGeometry
 from dpn.strategies.base import (
-    InputLayout, StageInput, StagePlan, Strategy, TokenPath, check_choice, register_spec, register_strategy,
+    InputLayout, StageInput, TokenPath, check_choice, register_spec, register_strategy,
 )
-from dpn.strategies.selection import SelectionConfig, SelectionStage, kept_count
+from dpn.strategies.selection import ImageByImage, SelectionConfig, SelectionStage, kept_count
 
 # The reference's pruning layers for a 32-layer LLM (LLaVA-1.5-7B), scaled to other depths.
 REFERENCE_LAYERS = (2, 6, 15)
@@ -86,45 +86,31 @@ def candidate_count(dropped: int) -> int:
     return int(dropped * RECYCLED_SHARE) + 1
 
 
-class TextRatedSelection(Strategy):
+class TextRatedSelection(ImageByImage):
     """Keeps each image's tokens the text raters attend to most, recycling some of the rest."""
 
     options: SparseVLMConfig
     reads_query = True
 
-    def plan(self, stage: int, inputs: StageInput) -> StagePlan:
-        hidden, spans = inputs.hidden, inputs.spans
-        batch, seq_len, width = hidden.shape
-        plan = StagePlan.unrouted(batch, 0, hidden.device)
-        if not len(spans):
-            return plan
+    def stage_context(self, stage: int, inputs: StageInput) -> torch.Tensor:
+        """(batch * length,) each token's relevance: the raters' attention to it in the stage layer."""
         if inputs.layer is None or inputs.first_input is None:
             raise ValueError("sparsevlm ranks tokens with a decoder layer's attention; its stages sit after a layer")
-        raters, real = rater_positions(inputs.first_input, spans, inputs.query_index)
-        relevance = query_attention(inputs.layer, inputs.layer_input, inputs.position_embeddings, raters, inputs.valid,
-                                    real).flatten()
-        flat = hidden.reshape(batch * seq_len, width)
-        rows, representatives = [], []
-        for k in range(len(spans)):
-            image = spans.token_index([k], seq_len, hidden.device)
-            target = kept_count(inputs.first_input.spans.size(k), self.config.stages[stage].keep_ratio)
-            kept = min(target, image.shape[0] - 1)
-            order = relevance[image].argsort(descending=True, stable=True)
-            chosen = order[:kept].sort().values
-            rows.append(flat[image[chosen]])
-            representatives.append(image[chosen])
-            recycled = 0
-            if self.options.recycle and kept < image.shape[0]:
-                candidates = order[kept:][: candidate_count(image.shape[0] - kept)]  # the most relevant dropped
-                merged, centres = cluster_and_merge(flat[image[candidates]], recycled_count(image.shape[0] - kept))
-                rows.append(merged)
-                representatives.append(image[candidates[centres]])
-                recycled = merged.shape[0]
-            plan.spans.append(k)
-            plan.grids.append((1, kept + recycled))
-        plan.rows = torch.cat(rows)
-        plan.representatives = torch.cat(representatives)
-        return plan
+        raters, real = rater_positions(inputs.first_input, inputs.spans, inputs.query_index)
+        return query_attention(inputs.layer, inputs.layer_input, inputs.position_embeddings, raters, inputs.valid,
+                               real).flatten()
+
+    def image_tokens(self, stage: int, inputs: StageInput, relevance: torch.Tensor, k: int,
+                     image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        target = kept_count(inputs.first_input.spans.size(k), self.config.stages[stage].keep_ratio)
+        kept = min(target, image.shape[0] - 1)
+        order = relevance[image].argsort(descending=True, stable=True)
+        chosen = image[order[:kept].sort().values]
+        if not self.options.recycle:
+            return inputs.rows_at(chosen), chosen
+        candidates = image[order[kept:][: candidate_count(image.shape[0] - kept)]]  # the most relevant dropped
+        merged, centres = cluster_and_merge(inputs.rows_at(candidates), recycled_count(image.shape[0] - kept))
+        return torch.cat([inputs.rows_at(chosen), merged]), torch.cat([chosen, candidates[centres]])
 
 
 def rater_positions(first: InputLayout, spans, query_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,11 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from dpn.geometry import ModelGeometry
-from dpn.strategies.base import BEFORE_FIRST_LAYER, StageInput, StagePlan, Strategy, register_spec, \
-    register_strategy
-from dpn.strategies.selection import BeforeLLMSelectionConfig, SelectionStage, kept_count, kept_tokens_spec
+from dpn.strategies.base import BEFORE_FIRST_LAYER, StageInput, register_spec, register_strategy
+from dpn.strategies.selection import (
+    BeforeLLMSelectionConfig, ImageByImage, SelectionStage, kept_count, kept_tokens_spec,
+)
 from dpn.strategies.vispruner import check_class_token_geometry
-from dpn.vision_cues import cues_of_spans
+from dpn.vision_cues import VisionCues, cues_of_spans
 
 # The reference's README budget (54 dominant + 10 contextual = 64 of 576); its splits for 128 and
 # 192 tokens (108 + 20, 162 + 30) keep the same contextual share.
@@ -65,35 +66,24 @@ def token_budget(patches: int, keep_ratio: float, contextual_share: float) -> tu
     return total - contextual, contextual
 
 
-class DominantContextual(Strategy):
+class DominantContextual(ImageByImage):
     """Replaces each image's tokens with its dominant and contextual tokens (see the module docstring)."""
 
     options: VisionZipConfig
     reads_vision_cues = True
 
-    def plan(self, stage: int, inputs: StageInput) -> StagePlan:
-        hidden, spans = inputs.hidden, inputs.spans
-        batch, seq_len, _ = hidden.shape
-        plan = StagePlan.unrouted(batch, 0, hidden.device)
-        if not len(spans):
-            return plan
-        cues = cues_of_spans(inputs.vision_cues, spans, "visionzip")
-        keep_ratio = self.config.stages[stage].keep_ratio
-        rows, representatives = [], []
-        for k in range(len(spans)):
-            image = spans.token_index([k], seq_len, hidden.device)
-            dominant_count, contextual_count = token_budget(image.shape[0], keep_ratio, self.options.contextual_share)
-            dominant, targets, contextual = dominant_and_contextual(
-                cues.attention[k], cues.keys[k], cues.features[k], dominant_count - 1, contextual_count)
-            features = torch.cat([cues.class_feature[k: k + 1], cues.features[k][dominant], contextual])
-            rows.append(cues.projector(features.to(cues.features.dtype)))
-            first_patch = dominant.new_zeros(1)  # where the class token stands
-            representatives.append(image[torch.cat([first_patch, dominant, targets])])
-            plan.spans.append(k)
-            plan.grids.append((1, features.shape[0]))
-        plan.rows = torch.cat(rows).to(hidden.dtype)
-        plan.representatives = torch.cat(representatives)
-        return plan
+    def stage_context(self, stage: int, inputs: StageInput) -> VisionCues:
+        return cues_of_spans(inputs.vision_cues, inputs.spans, "visionzip")
+
+    def image_tokens(self, stage: int, inputs: StageInput, cues: VisionCues, k: int,
+                     image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dominant_count, contextual_count = token_budget(image.shape[0], self.config.stages[stage].keep_ratio,
+                                                        self.options.contextual_share)
+        dominant, targets, contextual = dominant_and_contextual(
+            cues.attention[k], cues.keys[k], cues.features[k], dominant_count - 1, contextual_count)
+        features = torch.cat([cues.class_feature[k: k + 1], cues.features[k][dominant], contextual])
+        first_patch = dominant.new_zeros(1)  # where the class token stands
+        return cues.projector(features.to(cues.features.dtype)), image[torch.cat([first_patch, dominant, targets])]
 
 
 def dominant_and_contextual(attention: torch.Tensor, keys: torch.Tensor, features: torch.Tensor, dominant: int,

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from dpn.geometry import ModelGeometry
-from dpn.strategies.base import (
-    BEFORE_FIRST_LAYER, StageInput, StagePlan, Strategy, register_spec, register_strategy,
+from dpn.strategies.base import BEFORE_FIRST_LAYER, StageInput, register_spec, register_strategy
+from dpn.strategies.selection import (
+    BeforeLLMSelectionConfig, ImageByImage, SelectionStage, kept_count, kept_tokens_spec,
 )
-from dpn.strategies.selection import BeforeLLMSelectionConfig, SelectionStage, kept_count, kept_tokens_spec
-from dpn.vision_cues import cues_of_spans
+from dpn.vision_cues import VisionCues, cues_of_spans
 
 # The reference's README budget (128 of 576 tokens) and its default share of important tokens.
 VISPRUNER_KEEP_RATIO = 128 / 576
@@ -69,32 +69,20 @@ def check_class_token_geometry(name: str, geometry: ModelGeometry) -> None:
         )
 
 
-class VisualCueSelection(Strategy):
+class VisualCueSelection(ImageByImage):
     """Keeps each image's important and diverse tokens (see the module docstring)."""
 
     options: VisPrunerConfig
     reads_vision_cues = True
 
-    def plan(self, stage: int, inputs: StageInput) -> StagePlan:
-        hidden, spans = inputs.hidden, inputs.spans
-        batch, seq_len, width = hidden.shape
-        plan = StagePlan.unrouted(batch, 0, hidden.device)
-        if not len(spans):
-            return plan
-        cues = cues_of_spans(inputs.vision_cues, spans, "vispruner")
-        keep_ratio = self.config.stages[stage].keep_ratio
-        flat = hidden.reshape(batch * seq_len, width)
-        chosen = []
-        for k in range(len(spans)):
-            image = spans.token_index([k], seq_len, hidden.device)
-            kept = important_and_diverse(cues.attention[k], cues.features[k], kept_count(image.shape[0], keep_ratio),
-                                         self.options.important_ratio)
-            chosen.append(image[kept])
-            plan.spans.append(k)
-            plan.grids.append((1, kept.shape[0]))
-        plan.representatives = torch.cat(chosen)
-        plan.rows = flat[plan.representatives]
-        return plan
+    def stage_context(self, stage: int, inputs: StageInput) -> VisionCues:
+        return cues_of_spans(inputs.vision_cues, inputs.spans, "vispruner")
+
+    def image_tokens(self, stage: int, inputs: StageInput, cues: VisionCues, k: int,
+                     image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = kept_count(image.shape[0], self.config.stages[stage].keep_ratio)
+        kept = important_and_diverse(cues.attention[k], cues.features[k], keep, self.options.important_ratio)
+        return inputs.rows_at(image[kept]), image[kept]
 
 
 def important_and_diverse(importance: torch.Tensor, features: torch.Tensor, keep: int,
