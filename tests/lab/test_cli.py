@@ -52,7 +52,7 @@ def test_a_zero_stride_is_exit_2_with_a_message(capsys):
 
 
 def test_trace_refuses_a_shape_that_does_not_fit_in_memory():
-    from dpn.lab.cli import check_trace_fits, trace_memory_bytes
+    from dpn.lab.commands.flops import check_trace_fits, trace_memory_bytes
 
     weights = trace_memory_bytes(model_config("llava-1.5-7b"))  # counted on the meta device: nothing allocated
     assert 7.0e9 * 4 < weights < 7.2e9 * 4  # LLaVA-1.5-7B: about 7.06B parameters, float32
