@@ -1,5 +1,5 @@
 """Version-1 files and outputs: what the code before the version-2 config wrote still loads and
-gives bit-identical outputs (fixtures in tests/fixtures/v1, written by make_fixtures.py there)."""
+gives the same outputs (to kernel rounding; the same greedy tokens) (fixtures in tests/fixtures/v1, written by make_fixtures.py there)."""
 
 from __future__ import annotations
 
@@ -29,11 +29,18 @@ def fixture_batch():
     return {**batch, "pixel_values": pixels(4), "labels": labels}
 
 
+# The fixtures were written on one CPU; another CPU's matmul kernels may round differently (2e-7 on
+# logits of magnitude 0.6 between two x86 machines running the same torch). A migration that changed
+# behaviour moves logits by orders of magnitude more than this tolerance.
+KERNEL_ROUNDING = 1e-5
+
+
 def assert_outputs(model, forced, name):
     with torch.no_grad():
         out = model(**fixture_batch(), force_experts=forced)
-    assert torch.equal(out.logits, EXPECTED[f"{name}.logits"])
-    assert torch.equal(out.loss.reshape(1), EXPECTED[f"{name}.loss"])
+    torch.testing.assert_close(out.logits, EXPECTED[f"{name}.logits"], rtol=KERNEL_ROUNDING, atol=KERNEL_ROUNDING)
+    torch.testing.assert_close(out.loss.reshape(1), EXPECTED[f"{name}.loss"], rtol=KERNEL_ROUNDING,
+                               atol=KERNEL_ROUNDING)
 
 
 @pytest.mark.parametrize("name", ["static", "random", "projector", "fastv", "pdrop"])
@@ -90,3 +97,40 @@ def test_version_2_pdrop_configs_keep_the_ranking_they_were_saved_with(tmp_path)
     dpn.apply_pyramid(model, config)
     assert_outputs(model, None, "pdrop")
     assert dpn.presets.pdrop(model).strategy.ranking == "next_layer"  # new pyramids rank as the reference
+
+
+def test_a_registered_strategy_migrates_its_own_part_of_an_old_file(tmp_path, monkeypatch):
+    """The config module names no strategy: an old file's strategy part is upgraded by the
+    strategy's own ``upgrade`` (here a strategy registered outside dpn, which renamed a field)."""
+    from dataclasses import dataclass
+
+    from dpn.strategies.base import StrategyEntry, _STRATEGIES
+    from dpn.strategies.static import StaticConfig, StaticPooling
+
+    seen = []
+
+    @dataclass
+    class RenamedStatic(StaticConfig):
+        name = "renamed_static"
+
+        @classmethod
+        def upgrade(cls, data, version):
+            seen.append(version)
+            data = dict(data)
+            if "window_function" in data:
+                data["pooling"] = data.pop("window_function")
+            return data
+
+    monkeypatch.setitem(_STRATEGIES, "renamed_static", StrategyEntry("renamed_static", RenamedStatic, StaticPooling))
+    saved = dpn.PyramidConfig(stages=[{"layer": 1, "experts": [(2, 2)]}], strategy=RenamedStatic()).to_dict()
+    saved["strategy"].pop("pooling")
+    saved["strategy"]["window_function"] = "avg"
+    saved["version"] = 2
+    (tmp_path / "pyramid_config.json").write_text(json.dumps(saved))
+    config = dpn.PyramidConfig.load(tmp_path)
+    assert seen == [2] and config.strategy.pooling == "avg" and config.version == CONFIG_VERSION
+    saved["version"] = CONFIG_VERSION  # a current file is not upgraded
+    (tmp_path / "pyramid_config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="window_function"):
+        dpn.PyramidConfig.load(tmp_path)
+    assert seen == [2]
