@@ -19,8 +19,7 @@ from typing import Any
 
 import dpn.strategies  # noqa: F401  (registers the built-in strategies)
 from dpn.geometry import ModelGeometry
-from dpn.strategies.base import Stage, StrategyConfig, check_choice, strategy_entry
-from dpn.strategies.dpn import DPNConfig
+from dpn.strategies.base import Stage, StrategyConfig, check_choice, registered_strategies, strategy_entry
 
 CONFIG_NAME = "pyramid_config.json"
 CONFIG_VERSION = 3
@@ -31,6 +30,12 @@ POSITION_MODES = ("renumber", "keep")
 # released) the mean of every router token's hidden state (one follows each human turn).
 ROUTER_INPUTS = ("last_prompt_token", "router_token", "router_tokens_mean")
 READS_ROUTER_TOKENS = ("router_token", "router_tokens_mean")
+# What a PyramidConfig runs when it names no strategy: DPN as in the paper.
+DEFAULT_STRATEGY = "dpn"
+
+
+def _default_strategy() -> StrategyConfig:
+    return strategy_entry(DEFAULT_STRATEGY).config_class()
 
 
 @dataclass
@@ -54,7 +59,7 @@ class PyramidConfig:
     """
 
     stages: list[Stage]
-    strategy: StrategyConfig = field(default_factory=DPNConfig)
+    strategy: StrategyConfig = field(default_factory=_default_strategy)
     positions: str = "renumber"
     router_input: str = "last_prompt_token"
     router_token_id: int | None = None
@@ -76,7 +81,7 @@ class PyramidConfig:
         layers = [s.layer for s in self.stages]
         if any(b <= a for a, b in zip(layers, layers[1:])):
             raise ValueError(f"stage layers must be strictly increasing, got {layers}")
-        if self.router_input in READS_ROUTER_TOKENS and self.router_token_id is None:
+        if self.reads_router_tokens and self.router_token_id is None:
             raise ValueError(f"router_input={self.router_input!r} needs router_token_id (the id of your <ROUTER> "
                              "token; dpn.router_token.add_router_token adds one)")
         self.strategy.check_stages(self.stages)
@@ -89,6 +94,17 @@ class PyramidConfig:
     @property
     def strategy_name(self) -> str:
         return self.strategy.name
+
+    @property
+    def reads_router_tokens(self) -> bool:
+        """Whether queries are read at dedicated router tokens (``router_token_id``) rather than at
+        the last prompt token."""
+        return self.router_input in READS_ROUTER_TOKENS
+
+    @property
+    def averages_router_tokens(self) -> bool:
+        """Whether the routers read the mean over every router token of a sample."""
+        return self.router_input == "router_tokens_mean"
 
     def validate_for(self, geometry: ModelGeometry) -> None:
         """Raise ``ValueError`` if this pyramid cannot run on a model of this geometry."""
@@ -156,7 +172,7 @@ _SHARED_KEYS = {f.name for f in fields(PyramidConfig)}
 
 
 def _from_dict(data: dict[str, Any]) -> tuple[PyramidConfig, dict[str, str]]:
-    unknown = sorted(set(data) - _SHARED_KEYS - _V1_KEYS)
+    unknown = sorted(set(data) - _SHARED_KEYS - _version_1_keys())
     if unknown:
         raise ValueError(f"unknown pyramid config keys {unknown}; known keys are {sorted(_SHARED_KEYS)}")
     if "version" not in data:
@@ -165,8 +181,7 @@ def _from_dict(data: dict[str, Any]) -> tuple[PyramidConfig, dict[str, str]]:
     inference_state: dict[str, str] = {}
     if data["version"] == 1:
         data, inference_state = _migrate_v1(data)
-    if data["version"] == 2:
-        data = _migrate_v2(data)
+    version = data["version"]
     unknown = sorted(set(data) - _SHARED_KEYS)
     if unknown:
         raise ValueError(f"unknown pyramid config keys {unknown}; known keys are {sorted(_SHARED_KEYS)}")
@@ -178,52 +193,30 @@ def _from_dict(data: dict[str, Any]) -> tuple[PyramidConfig, dict[str, str]]:
     config_class = strategy_entry(strategy["name"]).config_class
     if not isinstance(data["stages"], list):
         raise ValueError(f"pyramid config 'stages' must be a list, got {data['stages']!r}")
+    if version < CONFIG_VERSION:
+        name = strategy["name"]
+        strategy = {"name": name, **config_class.upgrade({k: v for k, v in strategy.items() if k != "name"}, version)}
+    data = {**data, "version": CONFIG_VERSION}
     return PyramidConfig(**{**data, "strategy": config_class.from_dict(strategy)}), inference_state
 
 
 # ----------------------------------------------------------------------------- version 1 files
-# Version 1 held every strategy's fields in one flat object; these are the keys it could have.
-_V1_POOLING_KEYS = {"pooling", "min_tokens_to_pool"}
-_V1_DPN_KEYS = {
-    "router_temperature", "sample_in_training", "scale_by_probability", "probability_scale", "routing_loss",
-    "routing_loss_weight", "routing_loss_target", "expert_scales", "router_reduction", "budget_target", "router_bias",
-}
-_V1_KEYS = _V1_POOLING_KEYS | _V1_DPN_KEYS | {"strategy"}
-_V1_POOLING_STRATEGIES = ("dpn", "static", "random", "projector")
+def _version_1_keys() -> set[str]:
+    """The keys a version-1 file could hold: it had one flat object with every strategy's fields."""
+    keys = {"strategy"}
+    for name in registered_strategies():
+        keys |= strategy_entry(name).config_class.version_1_keys
+    return keys
 
 
 def _migrate_v1(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Version 1 -> 2: split the flat object into the shared part and the strategy's config.
-
-    Fields that meant nothing to a strategy (DPN's router fields on a fastv config, say) are
-    dropped; ``scale_by_probability=False`` becomes ``probability_scale="none"``; the router bias
-    becomes an inference-time setting of the DPN module.
-    """
-    name = data.get("strategy", "dpn")
+    """Version 1 -> 2: split the flat object into the shared part and the strategy's config (the
+    strategy picks its own fields, ``StrategyConfig.from_version_1``; fields that meant nothing to
+    it, DPN's router fields on a fastv config say, are dropped)."""
+    name = data.get("strategy", DEFAULT_STRATEGY)
     shared = {k: v for k, v in data.items() if k in _SHARED_KEYS and k != "strategy"}
-    shared["version"] = 2
-    strategy: dict[str, Any] = {"name": name}
-    if name in _V1_POOLING_STRATEGIES:
-        strategy.update({k: data[k] for k in _V1_POOLING_KEYS if k in data})
-    inference_state: dict[str, str] = {}
-    if name == "dpn":
-        strategy.update({k: data[k] for k in _V1_DPN_KEYS - {"scale_by_probability", "router_bias"} if k in data})
-        if data.get("scale_by_probability") is False:
-            strategy["probability_scale"] = "none"
-        if data.get("router_bias"):
-            inference_state["router_bias"] = repr(float(data["router_bias"]))
-    shared["strategy"] = strategy
-    return shared, inference_state
-
-
-# ----------------------------------------------------------------------------- version 2 files
-def _migrate_v2(data: dict[str, Any]) -> dict[str, Any]:
-    """Version 2 -> 3: PyramidDrop now ranks with the next layer, as its reference does; a version-2
-    pdrop config was saved (and possibly trained) with the stage's own layer, which it keeps."""
-    strategy = data.get("strategy")
-    if isinstance(strategy, dict) and strategy.get("name") == "pdrop" and "ranking" not in strategy:
-        strategy = {**strategy, "ranking": "same_layer"}
-    return {**data, "strategy": strategy, "version": 3}
+    strategy, inference_state = strategy_entry(name).config_class.from_version_1(data)
+    return {**shared, "version": 2, "strategy": {"name": name, **strategy}}, inference_state
 
 
 __all__ = ["CONFIG_NAME", "CONFIG_VERSION", "PyramidConfig", "read_config"]

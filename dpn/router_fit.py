@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from dpn.api import get_pyramid
-from dpn.runtime.inputs import IGNORE_INDEX
+from dpn.supervision import IGNORE_INDEX
 
 # Router training on the collected (input, target) pairs: full passes over them, rows per step, Adam's rate.
 FIT_EPOCHS = 30

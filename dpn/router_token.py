@@ -51,7 +51,7 @@ def insert_router_tokens(messages: list[dict[str, Any]], token: str = ROUTER_TOK
 def router_token_text(config: Any, tokenizer: Any) -> str | None:
     """The router token a pyramid config reads, as text of ``tokenizer`` (None when it reads none);
     a ValueError when the tokenizer does not have that id."""
-    if config is None or config.router_input == "last_prompt_token":
+    if config is None or not config.reads_router_tokens:
         return None
     token = tokenizer.convert_ids_to_tokens(config.router_token_id)
     if token is None or config.router_token_id >= len(tokenizer):

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from dpn.lab.data.images import family_images
-from dpn.lab.data.llava import IGNORE_INDEX, LlavaCollator, encode_messages
+from dpn.lab.data.llava import LlavaCollator, encode_messages
+from dpn.supervision import IGNORE_INDEX
 from dpn.lab.decoding import decode, prompt_positions
 from dpn.lab.pyramids import prompt_router_token
 

@@ -51,7 +51,7 @@ from dpn.lab.data.images import family_images
 from dpn.lab.data.llava import DIFFICULTY, LlavaCollator, LlavaDataset
 from dpn.lab.lora import DEFAULT_LORA_TARGETS, add_lora, check_adapter_matches, is_adapter_checkpoint, is_lora, merged
 from dpn.lab.pyramids import prompt_router_token, pyramid_from_spec
-from dpn.runtime.inputs import IGNORE_INDEX
+from dpn.supervision import IGNORE_INDEX
 from dpn.router_fit import FitReport, fit_routers
 
 PYRAMID_PREFIX = "pyramid."

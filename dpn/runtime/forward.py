@@ -86,7 +86,7 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     is_router = router_tokens(config, call.input_ids, valid) if len(spans) else None
     query = (query_index(config, is_router, valid, call.labels, spans, strategy.reads_query) if len(spans)
              else no_query(batch, device))
-    mean_over = is_router if config.router_input == "router_tokens_mean" else None  # what DPN's routers average
+    mean_over = is_router if config.averages_router_tokens else None  # what DPN's routers average
     chunk = Chunk(prepared.hidden, valid, prepared.positions, call.labels, spans, query, mean_over)
     forced = forced_experts(force_experts, batch, strategy, device) if prefill else None
     track_shift = cache is not None and config.positions == "renumber" and len(spans) > 0

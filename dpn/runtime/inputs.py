@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from dpn.compat import CACHE_ARGUMENTS, pop_cache
+from dpn.supervision import supervised_tokens
 from dpn.spans import VisualSpans
 from dpn.transfer import host_tensor
 
-IGNORE_INDEX = -100
 # Passed on to the model's loss function (the Trainer's token count for gradient accumulation).
 LOSS_ARGUMENTS = ("num_items_in_batch",)
 
@@ -112,7 +112,7 @@ def query_index(config, is_router: torch.Tensor | None, valid: torch.Tensor, lab
     if labels is None:
         return last
     # The last prompt token is the one before the first supervised token.
-    supervised = (labels != IGNORE_INDEX) & valid
+    supervised = supervised_tokens(labels, valid)
     has_answer = supervised.any(1)
     before_answer = (supervised.int().argmax(1) - 1).clamp(min=0)
     return torch.where(has_answer, before_answer, last)
@@ -120,7 +120,7 @@ def query_index(config, is_router: torch.Tensor | None, valid: torch.Tensor, lab
 
 def router_tokens(config, input_ids, valid: torch.Tensor) -> torch.Tensor | None:
     """(batch, length) bool: the real router tokens, when the config reads router tokens; else None."""
-    if config.router_input == "last_prompt_token":
+    if not config.reads_router_tokens:
         return None
     if input_ids is None:
         raise ValueError(f"router_input={config.router_input!r} needs input_ids to find the router tokens")

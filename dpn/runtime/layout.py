@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from dpn.runtime.inputs import IGNORE_INDEX
+from dpn.supervision import IGNORE_INDEX
 from dpn.spans import VisualSpans, ranks_within
 from dpn.strategies.base import StagePlan
 from dpn.transfer import host_tensor

@@ -112,6 +112,23 @@ class StrategyConfig(metaclass=ABCMeta):
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **{f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}}
 
+    # Saved configs of older file versions (``dpn.config`` reads the shared part; each strategy
+    # migrates its own part, so the config module names no strategy).
+    #: the keys a version-1 file (one flat object for every strategy) may hold for this strategy.
+    version_1_keys: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def from_version_1(cls, flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """This strategy's part of a version-1 file's flat object (without ``name``), and the
+        inference-time settings the file kept in it (which now live on the strategy module)."""
+        return {k: flat[k] for k in cls.version_1_keys if k in flat}, {}
+
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """This strategy's part of a config written by file format ``version`` (2 or later), in the
+        current format; a strategy whose meaning changed between versions overrides it."""
+        return data
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StrategyConfig:
         known = {f.name for f in fields(cls)}

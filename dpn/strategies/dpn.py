@@ -91,6 +91,11 @@ class DPNConfig(PoolingConfig):
     """
 
     name = "dpn"
+    version_1_keys = PoolingConfig.version_1_keys | {
+        "router_temperature", "sample_in_training", "scale_by_probability", "probability_scale", "routing_loss",
+        "routing_loss_weight", "routing_loss_target", "expert_scales", "router_reduction", "budget_target",
+        "router_bias",
+    }
     router_temperature: float = PAPER_TEMPERATURE
     router_temperature_start: float | None = None
     sample_in_training: bool = True
@@ -104,6 +109,17 @@ class DPNConfig(PoolingConfig):
     min_kept_tokens: int | None = None
     router_training: str = "gradient"
     fit_flops_weight: float = DEFAULT_FIT_FLOPS_WEIGHT
+
+    @classmethod
+    def from_version_1(cls, flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Version 1 had ``scale_by_probability`` (False: now ``probability_scale="none"``) and a
+        ``router_bias``, which is now an inference-time setting of the DPN module."""
+        own, _ = super().from_version_1(flat)
+        own = {k: v for k, v in own.items() if k not in ("scale_by_probability", "router_bias")}
+        if flat.get("scale_by_probability") is False:
+            own["probability_scale"] = "none"
+        inference_state = {"router_bias": repr(float(flat["router_bias"]))} if flat.get("router_bias") else {}
+        return own, inference_state
 
     def __post_init__(self) -> None:
         super().__post_init__()

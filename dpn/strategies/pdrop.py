@@ -12,12 +12,13 @@ averaged. Positions are renumbered after each stage, as the reference does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from dpn.attention import query_attention
 from dpn.geometry import ModelGeometry
-from dpn.runtime.inputs import IGNORE_INDEX
+from dpn.supervision import supervised_tokens
 from dpn.strategies.base import StageInput, check_choice, fraction_spec, register_spec, register_strategy
 from dpn.strategies.schedule import paper_stage_layers
 from dpn.strategies.selection import AttentionSelection, SelectionConfig, SelectionStage
@@ -40,11 +41,20 @@ class PDropConfig(SelectionConfig):
     def __post_init__(self) -> None:
         check_choice("ranking", self.ranking, PDROP_RANKINGS)
 
+    @classmethod
+    def upgrade(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        """Version 2 -> 3: PyramidDrop now ranks with the next layer, as its reference does; a
+        version-2 config was saved (and possibly trained) ranking with the stage's own layer, which
+        it keeps."""
+        if version < 3 and "ranking" not in data:
+            return {**data, "ranking": "same_layer"}
+        return data
+
 
 def pre_answer_queries(labels: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch, Q) positions of the token before each answer span (every turn), and which are real.
     A sample without any answer has none (``valid`` all false for it)."""
-    supervised = (labels != IGNORE_INDEX) & valid
+    supervised = supervised_tokens(labels, valid)
     starts = supervised.clone()
     starts[:, 1:] &= ~supervised[:, :-1]  # the first token of each answer span
     before = torch.zeros_like(starts)

@@ -137,6 +137,7 @@ class PoolingConfig(StrategyConfig):
     """
 
     stage_class = PoolingStage
+    version_1_keys = frozenset({"pooling", "min_tokens_to_pool"})
     pooling: str = "max"
     min_tokens_to_pool: int = PAPER_MIN_TOKENS
 

@@ -22,10 +22,10 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from dpn.supervision import IGNORE_INDEX
 from dpn.lab.data.images import FamilyImages
 from dpn.router_token import insert_router_tokens
 
-IGNORE_INDEX = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
 SHOWN_PROBLEMS = 20  # data problems listed in one error

@@ -9,7 +9,8 @@ from PIL import Image
 
 from dpn.lab import zoo
 from dpn.lab.data.images import family_images
-from dpn.lab.data.llava import IGNORE_INDEX, LlavaCollator, LlavaDataset, encode_conversation, to_messages
+from dpn.lab.data.llava import LlavaCollator, LlavaDataset, encode_conversation, to_messages
+from dpn.supervision import IGNORE_INDEX
 
 
 @pytest.fixture(scope="module")
