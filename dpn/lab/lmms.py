@@ -32,7 +32,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm.auto import tqdm
 
 from dpn.lab.answering import Answerer, Question
-from dpn.lab.data.llava import IMAGE_PLACEHOLDER
+from dpn.lab.messages import normalise_messages, question_about
 from dpn.lab.evaluate import load_for_eval
 
 MODEL_ID = "dpn"
@@ -70,22 +70,8 @@ class DpnLmms(lmms):
 
     def _question(self, request) -> tuple[Question, list[str]]:
         _, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
-        messages, images = [], []
-        for message in doc_to_messages(self.task_dict[task][split][doc_id]):
-            content = message["content"]
-            if isinstance(content, str):
-                messages.append({"role": message["role"], "content": content})
-                continue
-            text = ""
-            for part in content:
-                if part["type"] == "image":
-                    images.append(part["url"].convert("RGB"))
-                    text += f"{IMAGE_PLACEHOLDER}\n"
-                elif part["type"] == "text":
-                    text += part["text"]
-                else:
-                    raise ValueError(f"dpn answers about images and text; task {task} sent a {part['type']!r} part")
-            messages.append({"role": message["role"], "content": text})
+        messages, images = normalise_messages(list(doc_to_messages(self.task_dict[task][split][doc_id])),
+                                              self._image_part)
         return self._with_generation(messages, images, gen_kwargs)
 
     def _with_generation(self, messages: list[dict], images: list, gen_kwargs: dict | None) -> tuple[Question, list[str]]:
@@ -97,6 +83,13 @@ class DpnLmms(lmms):
         return question, [until] if isinstance(until, str) else list(until)
 
     @staticmethod
+    def _image_part(part: dict, where: str):
+        """lmms-eval hands an image part's picture over as ``url``."""
+        if part.get("type") != "image" or not hasattr(part.get("url"), "convert"):
+            raise ValueError(f"dpn answers about images and text; the task sent {part!r:.80} in {where}")
+        return part["url"].convert("RGB")
+
+    @staticmethod
     def _single_turn(context: str, visuals) -> tuple[list[dict], list]:
         """One user message asking ``context`` about ``visuals`` (images; None or [] for none)."""
         images = []
@@ -104,7 +97,7 @@ class DpnLmms(lmms):
             if not hasattr(visual, "convert"):
                 raise ValueError(f"dpn answers about images; the task gave a {type(visual).__name__} visual")
             images.append(visual.convert("RGB"))
-        return [{"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n" * len(images) + context}], images
+        return question_about(context, images), images
 
     @staticmethod
     def _until(text: str, until: list[str]) -> str:

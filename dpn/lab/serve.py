@@ -38,7 +38,7 @@ from dpn.api import has_pyramid, pyramid_disabled
 from dpn.budget import get_router_bias, router_bias
 from dpn.strategies.dpn import checked_router_bias
 from dpn.lab.answering import DEFAULT_MAX_IMAGES, Answer, Answerer, Prepared, Question
-from dpn.lab.data.llava import IMAGE_PLACEHOLDER
+from dpn.lab.messages import MessageError, normalise_messages
 
 DEFAULT_HOST = "127.0.0.1"  # loopback only unless asked: the server has no authentication
 DEFAULT_PORT = 8000
@@ -47,7 +47,6 @@ DEFAULT_MAX_BATCH_SIZE = 16
 DEFAULT_MAX_QUEUE = 64  # waiting requests beyond this get 503 instead of growing memory
 DEFAULT_MAX_TOKENS = 128
 MAX_TEMPERATURE = 2.0  # OpenAI's range
-ROLES = ("system", "user", "assistant")
 PYRAMID_CHOICES = ("on", "off")
 
 # The policy for OpenAI's chat-completions parameters (docs/serving.md): a parameter that would change
@@ -301,45 +300,22 @@ class RequestReader:
         return Settings(pyramid=on, router_bias=bias)
 
     def _messages(self, raw: list | None) -> tuple[list[dict], list[Image.Image]]:
-        if not raw:
-            raise RequestError(400, "'messages' must be a non-empty list", param="messages")
-        messages, images = [], []
-        for index, message in enumerate(raw):
-            param = f"messages[{index}]"
-            if not isinstance(message, dict) or message.get("role") not in ROLES:
-                raise RequestError(400, f"{param} must be an object with a role in {ROLES}", param=param)
-            content = message.get("content")
-            if isinstance(content, str):
-                text = content
-            elif isinstance(content, list):
-                text = self._parts(content, images, param)
-            else:
-                raise RequestError(400, f"{param}.content must be a string or a list of parts", param=param)
-            messages.append({"role": message["role"], "content": text})
-        if messages[-1]["role"] != "user":
-            raise RequestError(400, "the last message must be the user's", param="messages")
+        try:
+            messages, images = normalise_messages(raw, self._image_part)
+        except MessageError as err:
+            raise RequestError(400, str(err), param=err.where) from err
         if len(images) > self.options.max_images:
             raise RequestError(400, f"{len(images)} images in one request; this server takes at most "
                                     f"{self.options.max_images} (--max-images)", param="messages")
         return messages, images
 
-    def _parts(self, parts: list, images: list[Image.Image], param: str) -> str:
-        text = ""
-        for part in parts:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                text += part["text"]
-            elif kind == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                if not isinstance(url, str):
-                    raise RequestError(400, f"{param}: an image_url part needs image_url.url", param=param)
-                images.append(self._image(url, param))
-                text += f"{IMAGE_PLACEHOLDER}\n"
-            else:
-                raise RequestError(400, f"{param}: parts must be {{type: text, text}} or {{type: image_url, "
-                                        "image_url: {url}}", param=param)
-        return text
+    def _image_part(self, part: dict, param: str) -> Image.Image:
+        """An OpenAI ``image_url`` part's image (a data URL, or a file under --image-folder)."""
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if part.get("type") != "image_url" or not isinstance(url, str):
+            raise RequestError(400, f"{param}: an image part is {{type: image_url, image_url: {{url}}}}", param=param)
+        return self._image(url, param)
 
     def _image(self, url: str, param: str) -> Image.Image:
         if url.startswith("data:"):
