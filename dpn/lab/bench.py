@@ -40,7 +40,7 @@ from dpn.flops import vision_flops
 from dpn.memory import cache_bytes, kv_cache_bytes, largest_decoding_batch
 from dpn.models import geometry_of
 from dpn.lab.overhead import layers_passed_through
-from dpn.lab.timing import paired_medians, sync
+from dpn.lab.timing import paired_medians, prefill_forward, sync
 
 ROUTINGS = ("weakest", "mixed", "strongest")
 DEFAULT_TEXT_TOKENS = 64
@@ -163,11 +163,11 @@ def _decode_seconds(model, batch, steps: int, **kwargs) -> float:
     """Seconds for ``steps`` greedy decoding steps after an untimed prefill."""
     with torch.no_grad():
         positions = prompt_positions(model, batch)
-        prefill = model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
-        device = prefill.logits.device
+        prefilled = model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1, **kwargs)
+        device = prefilled.logits.device
         sync(device)
         start = time.perf_counter()
-        greedy_continue(model, prefill, batch["attention_mask"], positions, steps + 1)  # the first token: the prefill's
+        greedy_continue(model, prefilled, batch["attention_mask"], positions, steps + 1)  # the first token: the prefill's
         sync(device)
         return time.perf_counter() - start
 
@@ -190,7 +190,7 @@ def bench_preset(preset: str, options: BenchOptions, device: torch.device) -> It
         labels = batch["input_ids"].clone()
         labels[:, : -max(1, labels.shape[1] // 8)] = -100
         vision = batch_vision_flops(model, batch, options.attention)
-        vanilla_memory = _peak_memory_of(lambda: _prefill(model, batch), device)
+        vanilla_memory = _peak_memory_of(lambda: prefill_forward(model, batch), device)
         for name, pyramid, routing in cases:
             apply_pyramid(model, pyramid)
             forced = None if routing is None else forced_experts(pyramid, routing, batch_size, options.seed)
@@ -209,9 +209,10 @@ def _measure(model, batch, labels, forced, vision: float, vanilla_memory, option
     # Prefill time includes the vision tower, which the pyramid leaves alone: count it on both sides.
     theoretical = float((vision + record.vanilla_flops.sum()) / (vision + record.flops.sum()))
     vanilla_prefill, prefill = paired_medians(
-        lambda: _vanilla(_prefill, model, batch), lambda: _prefill(model, batch, force_experts=forced), **timing
+        lambda: _vanilla(prefill_forward, model, batch), lambda: prefill_forward(model, batch, force_experts=forced),
+        **timing,
     )
-    memory = _peak_memory_of(lambda: _prefill(model, batch, force_experts=forced), device)
+    memory = _peak_memory_of(lambda: prefill_forward(model, batch, force_experts=forced), device)
     steps = options.decode_tokens
     vanilla_decode, decode = paired_medians(
         lambda: _vanilla(_decode_seconds, model, batch, steps),
@@ -292,8 +293,8 @@ def runtime_overhead(model, batch, forced, steps: int, repeats: int, warmup: int
     prefill_arguments = dict(use_cache=True, position_ids=prompt_positions(model, batch))  # as generate prefills
     with layers_passed_through(model):
         vanilla_prefill, prefill = paired_medians(
-            lambda: _vanilla(_prefill, model, batch, **prefill_arguments),
-            lambda: _prefill(model, batch, force_experts=forced, **prefill_arguments), **timing,
+            lambda: _vanilla(prefill_forward, model, batch, **prefill_arguments),
+            lambda: prefill_forward(model, batch, force_experts=forced, **prefill_arguments), **timing,
         )
         vanilla_decode, decode = paired_medians(
             lambda: _vanilla(_decode_seconds, model, batch, steps),
@@ -311,11 +312,6 @@ def _vanilla(run, model, *args, **kwargs):
     """``run(model, *args, **kwargs)`` with the pyramid taken off for the call."""
     with pyramid_disabled(model):
         return run(model, *args, **kwargs)
-
-
-def _prefill(model, batch, use_cache: bool = False, **kwargs) -> None:
-    with torch.no_grad():
-        model(**batch, use_cache=use_cache, logits_to_keep=1, **kwargs)
 
 
 def device_description(device: torch.device) -> str:

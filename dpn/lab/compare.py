@@ -31,11 +31,13 @@ from dpn.budget import UnreachableBudgetError
 from dpn import presets
 from dpn.config import PyramidConfig
 from dpn.models import geometry_of
+from dpn.strategies.base import registered_specs, spec_entry
 from dpn.strategies.pooling import PoolingStage
 from dpn.lab.console import console as lab_console
 from dpn.lab.evaluate import SUMMARY, EvalOptions, evaluate
 from dpn.lab.paths import PathsOptions, efficient, run_paths
-from dpn.lab.train import DEFAULT_ROUTER_FIT_SAMPLES, PyramidTrainingArguments, TrainOptions, train
+from dpn.lab.finetune import Recipe, fine_tune
+from dpn.lab.train import DEFAULT_ROUTER_FIT_SAMPLES
 from dpn.strategies.dpn import DEFAULT_FIT_FLOPS_WEIGHT
 
 # Written in an evaluation's folder instead of its summary when its FLOPs target is unreachable.
@@ -57,9 +59,10 @@ DPN_FAMILIES = ("dpn", RELEASED, FITTED)
 CALIBRATED = ("dpn", FITTED)
 FINE_TUNED = " (fine-tuned)"  # suffix of a peer fine-tuned with its own strategy
 ORACLE = "oracle (fitted model's paths)"
-STYLES = {"vanilla": "k*", "dpn": "C3o-", RELEASED: "C3s--", FITTED: "mo-", "static": "C0s-", "projector": "C1^-",
-          "random": "C7x", "fastv": "C2v-", "fastv" + FINE_TUNED: "C2v--", "pdrop": "C4D-", ORACLE: "k:"}
-SPARE_STYLES = ("C5P-", "C6h-", "C8X-", "C9p-")
+# Plot styles (matplotlib format strings) of compare's own rows; a strategy's curve takes the style
+# its spec registered (SpecEntry.plot_style), dashed when fine-tuned with its own strategy.
+STYLES = {"vanilla": "k*", RELEASED: "C3s--", FITTED: "mo-", ORACLE: "k:"}
+SPARE_STYLES = ("C5o:", "C6s:", "C8^:", "C9v:")
 # The goal's range of matched FLOPs and its efficiency point (docs/RESULTS.md).
 GOAL_FLOPS_RANGE = (0.45, 0.85)
 GOAL_FLOPS = 0.6
@@ -305,15 +308,11 @@ def _finetune(options: CompareOptions, name: str, variant: Variant, seed: int, o
         _check_reused(run_dir, name, variant)
         return run_dir
     console.print(f"fine-tuning {name} (seed {seed})")
-    return train(TrainOptions(
-        data=options.train_data, pyramid=variant.spec, positions=variant.positions, init_from=options.base,
-        router_learning_rate=options.router_learning_rate, limit=options.train_limit, progress=options.progress,
-        router_fit_samples=options.router_fit_samples, distill_weight=variant.distill_weight,
-    ), PyramidTrainingArguments(
-        output_dir=str(run_dir), max_steps=options.steps, per_device_train_batch_size=options.batch_size,
-        learning_rate=options.learning_rate, warmup_steps=max(1, options.steps // 10),
-        save_steps=max(1, options.steps // 2), logging_steps=max(1, options.steps // 10), seed=seed,
-    ))
+    recipe = Recipe(steps=options.steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
+                    router_learning_rate=options.router_learning_rate, seed=seed, train_limit=options.train_limit,
+                    router_fit_samples=options.router_fit_samples, progress=options.progress)
+    return fine_tune(recipe, options.base, options.train_data, run_dir, variant.spec, positions=variant.positions,
+                     distill_weight=variant.distill_weight)
 
 
 def _check_reused(run_dir: Path, name: str, variant: Variant) -> None:
@@ -510,6 +509,29 @@ def oracle_lines(oracle: dict[str, Any] | None) -> list[str]:
                 f"FLOPs ({oracle['router_flops'][0]:.3f}): {oracle['regret'][0]:.1%} ± {oracle['regret'][1]:.1%}."]
 
 
+def plot_styles(families: set[str]) -> dict[str, str]:
+    """Each curve's style, in legend order: compare's own rows, then the registered specs' order."""
+    order = ["vanilla", "dpn", *STYLES, *(entry.name for entry in registered_specs())]
+
+    def rank(family: str) -> tuple[int, str]:
+        name = _spec_name(family)
+        return order.index(name) if name in order else len(order), family
+
+    found = {}
+    for family in sorted(families, key=rank):
+        base = spec_entry(_spec_name(family))
+        style = STYLES.get(family) or (base.plot_style if base else None)
+        if style and family.endswith(FINE_TUNED):
+            style = style.rstrip("-") + "--"
+        found[family] = style
+    spare = itertools.cycle(SPARE_STYLES)
+    return {family: style or next(spare) for family, style in found.items()}
+
+
+def _spec_name(family: str) -> str:
+    return family.removesuffix(FINE_TUNED)
+
+
 def plot_pareto(rows: list[dict[str, Any]], image_dir: Path, oracle: dict[str, Any] | None = None) -> list[Path]:
     """Accuracy vs LLM FLOPs ratio, one curve per strategy: overall, then one plot per difficulty;
     the overall plot also draws the oracle frontier when there is one."""
@@ -523,8 +545,8 @@ def plot_pareto(rows: list[dict[str, Any]], image_dir: Path, oracle: dict[str, A
     for metric in ("accuracy", *DIFFICULTIES):
         figure, axis = plt.subplots(figsize=(6, 4.2))
         present = {r["family"] for r in rows if not r["ablation"] and r.get(metric)}
-        families = [f for f in STYLES if f in present] + sorted(present - set(STYLES))
-        styles = {**dict(zip(sorted(present - set(STYLES)), itertools.cycle(SPARE_STYLES))), **STYLES}
+        styles = plot_styles(present)
+        families = sorted(present, key=list(styles).index)
         for family in families:
             points = sorted((r for r in rows if r["family"] == family and not r["ablation"] and r.get(metric)),
                             key=lambda r: r["flops_ratio"][0])

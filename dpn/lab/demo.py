@@ -35,6 +35,7 @@ from dpn.lab.evaluate import EvalOptions, evaluate
 from dpn.flops import path_flops
 from dpn.models import geometry_of
 from dpn.strategies import PoolingStage, StaticConfig
+from dpn.lab.finetune import Recipe, fine_tune
 from dpn.lab.train import PyramidTrainingArguments, TrainOptions, train
 
 BASE_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-llava-base"
@@ -118,16 +119,10 @@ def run_demo(options: DemoOptions, console: Console | None = None) -> dict[str, 
 def _finetune(options: DemoOptions, base: Path, name: str, pyramid: str) -> Path:
     """Fine-tune ``base`` with ``pyramid``: every variant gets the same data, steps and seed."""
     out = Path(options.out_dir)
-    return train(TrainOptions(
-        data=str(out / "data" / "train.json"), pyramid=pyramid, init_from=str(base),
-        router_learning_rate=options.router_learning_rate, limit=options.train_samples, progress=options.progress,
-        freeze_vision=True,  # LLaVA-1.5's fine-tuning recipe: the vision tower stays as pretrained
-    ), PyramidTrainingArguments(
-        output_dir=str(out / name), max_steps=options.finetune_steps, per_device_train_batch_size=options.batch_size,
-        learning_rate=options.learning_rate, warmup_steps=max(1, options.finetune_steps // 10),
-        save_steps=max(1, options.finetune_steps // 2), logging_steps=max(1, options.finetune_steps // 10),
-        seed=options.seed,
-    ))
+    recipe = Recipe(steps=options.finetune_steps, batch_size=options.batch_size, learning_rate=options.learning_rate,
+                    router_learning_rate=options.router_learning_rate, seed=options.seed,
+                    train_limit=options.train_samples, freeze_vision=True, progress=options.progress)
+    return fine_tune(recipe, base, out / "data" / "train.json", out / name, pyramid)
 
 
 def _score(options: DemoOptions, name: str, model: Path, pyramid: str,

@@ -33,7 +33,7 @@ from dpn.lab.data.images import FamilyImages, family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.decoding import greedy_answer
 from dpn.lab.run_identity import claim, file_hash, weights_fingerprint
-from dpn.lab.timing import paired_medians
+from dpn.lab.timing import paired_medians, prefill_forward
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
@@ -99,11 +99,6 @@ def load_for_eval(model_dir: str, pyramid: str):
         if config is not None:
             apply_pyramid(model, config)
     return model, processor
-
-
-def _prefill(model, batch, **forced) -> None:
-    with torch.no_grad():
-        model(**batch, use_cache=False, logits_to_keep=1, **forced)
 
 
 def with_positions(model, positions: str) -> None:
@@ -179,7 +174,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
             )
             if options.measure_latency and has_pyramid(model) and number < options.latency_batches:
                 vanilla, pyramid = paired_medians(
-                    lambda: _without_pyramid(model, batch), lambda: _prefill(model, batch, **forced),
+                    lambda: _without_pyramid(model, batch), lambda: prefill_forward(model, batch, **forced),
                     repeats=LATENCY_REPEATS, warmup=1, device=device,
                 )
                 latency["vanilla"].append(vanilla)
@@ -250,7 +245,7 @@ def _identity(options: EvalOptions, model, dataset: LlavaDataset) -> dict[str, A
 
 def _without_pyramid(model, batch) -> None:
     with pyramid_disabled(model):
-        _prefill(model, batch)
+        prefill_forward(model, batch)
 
 
 def _record_id(record: dict, index: int) -> str:

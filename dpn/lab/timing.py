@@ -33,3 +33,10 @@ def paired_medians(run_a: Callable, run_b: Callable, repeats: int, warmup: int, 
         times_a.append(seconds(run_a, device))
         times_b.append(seconds(run_b, device))
     return statistics.median(times_a), statistics.median(times_b)
+
+
+def prefill_forward(model, batch: dict, use_cache: bool = False, **kwargs) -> None:
+    """One forward without gradients that computes only the last position's logits: the prefill
+    the latency columns of ``dpn eval`` and ``dpn bench`` time."""
+    with torch.no_grad():
+        model(**batch, use_cache=use_cache, logits_to_keep=1, **kwargs)
