@@ -350,9 +350,13 @@ SpecBuilder = Callable[[ModelGeometry, "str | None"], "dict[str, Any]"]
 
 @dataclass(frozen=True)
 class SpecEntry:
+    """A spec string's builder, its usage line (``--pyramid`` help) and how the lab draws its curve
+    (a matplotlib format string, e.g. ``"C2v-"``; None: the lab picks a spare one)."""
+
     name: str
     build: SpecBuilder
     usage: str
+    plot_style: str | None = None
 
 
 _STRATEGIES: dict[str, StrategyEntry] = {}
@@ -366,9 +370,9 @@ def register_strategy(name: str, config_class: type[StrategyConfig], strategy_cl
     _STRATEGIES[name] = StrategyEntry(name, config_class, strategy_class)
 
 
-def register_spec(name: str, build: SpecBuilder, usage: str) -> None:
+def register_spec(name: str, build: SpecBuilder, usage: str, plot_style: str | None = None) -> None:
     """Make ``name[:ARGUMENT]`` a spec string (``--pyramid``) built by ``build(geometry, argument)``."""
-    _SPECS[name] = SpecEntry(name, build, usage)
+    _SPECS[name] = SpecEntry(name, build, usage, plot_style)
 
 
 def strategy_entry(name: str) -> StrategyEntry:

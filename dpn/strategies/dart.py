@@ -157,4 +157,4 @@ def preset(geometry: ModelGeometry, keep_ratio: float = DART_KEEP_RATIO, layer: 
 
 
 register_strategy("dart", DARTConfig, DuplicationAwareSelection)
-register_spec("dart", fraction_spec("dart", preset), "dart[:KEEP]")
+register_spec("dart", fraction_spec("dart", preset), "dart[:KEEP]", plot_style="C5P-")

@@ -84,4 +84,4 @@ def preset(geometry: ModelGeometry, keep_ratio: float = DIVPRUNE_KEEP_RATIO, **o
 
 
 register_strategy("divprune", DivPruneConfig, DiversitySelection)
-register_spec("divprune", kept_tokens_spec("divprune", preset), "divprune[:KEEP | :Nt]")
+register_spec("divprune", kept_tokens_spec("divprune", preset), "divprune[:KEEP | :Nt]", plot_style="C6h-")

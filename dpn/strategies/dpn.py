@@ -426,7 +426,7 @@ def _budget_preset(geometry: ModelGeometry, budget_target: float | None = None) 
 
 register_strategy("dpn", DPNConfig, DynamicPyramid)
 register_spec("paper", plain_spec("paper", preset), "paper (= dpn)")
-register_spec("dpn", plain_spec("dpn", preset), "dpn")
+register_spec("dpn", plain_spec("dpn", preset), "dpn", plot_style="C3o-")
 register_spec("released", plain_spec("released", released_preset),
               "released (DPN as its code was released: <ROUTER> tokens, guard, global hinge)")
 register_spec("fitted", _fitted_spec, "fitted[:W] (DPN with routers fitted to per-path losses; W: FLOPs weight, "

@@ -80,4 +80,4 @@ def parse_spec(geometry: ModelGeometry, argument: str | None) -> dict:
 
 
 register_strategy("fastv", FastVConfig, AttentionSelection)
-register_spec("fastv", parse_spec, "fastv[:KEEP | :K=2,R=0.5]")
+register_spec("fastv", parse_spec, "fastv[:KEEP | :K=2,R=0.5]", plot_style="C2v-")

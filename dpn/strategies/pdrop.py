@@ -90,4 +90,4 @@ def preset(geometry: ModelGeometry, keep_ratio: float = PDROP_KEEP_RATIO, **opti
 
 
 register_strategy("pdrop", PDropConfig, NextLayerSelection)
-register_spec("pdrop", fraction_spec("pdrop", preset), "pdrop[:KEEP]")
+register_spec("pdrop", fraction_spec("pdrop", preset), "pdrop[:KEEP]", plot_style="C4D-")

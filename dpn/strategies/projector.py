@@ -35,4 +35,4 @@ def preset(geometry: ModelGeometry, stride: tuple[int, int], **options) -> dict:
 register_strategy("projector", ProjectorConfig, StaticPooling)
 register_spec("projector",
               lambda geometry, argument: preset(geometry, parse_stride(f"projector:{argument}", argument)),
-              "projector:KHxKW")
+              "projector:KHxKW", plot_style="C1^-")

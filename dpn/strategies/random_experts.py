@@ -31,4 +31,4 @@ def preset(geometry: ModelGeometry, min_tokens_to_pool: int = PAPER_MIN_TOKENS, 
 
 
 register_strategy("random", RandomConfig, RandomPooling)
-register_spec("random", plain_spec("random", preset), "random")
+register_spec("random", plain_spec("random", preset), "random", plot_style="C7x")

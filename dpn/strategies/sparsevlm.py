@@ -206,4 +206,4 @@ def parse_spec(geometry: ModelGeometry, value: str | None) -> dict:
 
 
 register_strategy("sparsevlm", SparseVLMConfig, TextRatedSelection)
-register_spec("sparsevlm", parse_spec, "sparsevlm[:192|:128|:96|:64]")
+register_spec("sparsevlm", parse_spec, "sparsevlm[:192|:128|:96|:64]", plot_style="C7>-")

@@ -48,4 +48,4 @@ def preset(geometry: ModelGeometry, stride: tuple[int, int], min_tokens_to_pool:
 
 register_strategy("static", StaticConfig, StaticPooling)
 register_spec("static", lambda geometry, argument: preset(geometry, parse_stride(f"static:{argument}", argument)),
-              "static:KHxKW")
+              "static:KHxKW", plot_style="C0s-")

@@ -118,4 +118,4 @@ def preset(geometry: ModelGeometry, keep_ratio: float = VISIONZIP_KEEP_RATIO, **
 
 
 register_strategy("visionzip", VisionZipConfig, DominantContextual)
-register_spec("visionzip", kept_tokens_spec("visionzip", preset), "visionzip[:KEEP | :Nt]")
+register_spec("visionzip", kept_tokens_spec("visionzip", preset), "visionzip[:KEEP | :Nt]", plot_style="C9p-")

@@ -114,4 +114,4 @@ def preset(geometry: ModelGeometry, keep_ratio: float = VISPRUNER_KEEP_RATIO, **
 
 
 register_strategy("vispruner", VisPrunerConfig, VisualCueSelection)
-register_spec("vispruner", kept_tokens_spec("vispruner", preset), "vispruner[:KEEP | :Nt]")
+register_spec("vispruner", kept_tokens_spec("vispruner", preset), "vispruner[:KEEP | :Nt]", plot_style="C8X-")

@@ -139,3 +139,17 @@ def test_dominance_is_stated_both_ways():
     assert "- projector:2x2 (0.300 FLOPs, 47.0%): no DPN point at or below its FLOPs" in lines
     assert lines[-1] == ("- dpn (0.650 FLOPs, 48.0%) is matched or beaten at no more FLOPs by: "
                          "static:2x2 (0.450, 50.0%)")
+
+
+def test_every_registered_spec_draws_its_own_curve_and_fine_tuned_peers_are_dashed():
+    from dpn.lab.compare import FITTED, plot_styles
+    from dpn.strategies.base import registered_specs
+
+    drawn = {entry.name for entry in registered_specs() if entry.plot_style}
+    assert {"dpn", "static", "projector", "random", "fastv", "pdrop", "dart", "divprune", "vispruner", "visionzip",
+            "sparsevlm"} <= drawn
+    styles = plot_styles(drawn | {"vanilla", FITTED, "fastv (fine-tuned)", "someone else's"})
+    assert len(set(styles.values())) == len(styles)  # no two curves alike
+    assert list(styles)[:2] == ["vanilla", "dpn"]
+    assert styles["fastv (fine-tuned)"] == styles["fastv"].rstrip("-") + "--"
+    assert styles["someone else's"]  # an unregistered family takes a spare style
