@@ -37,7 +37,7 @@ def _dpn_module(model: nn.Module, knob: str) -> DynamicPyramid:
     another strategy."""
     pyramid = get_pyramid(model)
     if not isinstance(pyramid, DynamicPyramid):
-        raise ValueError(f"{knob} a DPN's routers; this model runs {pyramid.options.name!r}")
+        raise ValueError(f"{knob} a DPN's routers; this model runs {pyramid.strategy_config.name!r}")
     return pyramid
 
 

@@ -69,7 +69,7 @@ def all_paths(model) -> list[tuple[int, ...]]:
     strategy = get_pyramid(model)
     choices = [strategy.num_choices(stage) for stage in range(len(strategy.config.stages))]
     if not all(choices):
-        raise ValueError(f"routing paths exist for pooling pyramids; {strategy.options.name} has no experts")
+        raise ValueError(f"routing paths exist for pooling pyramids; {strategy.strategy_config.name} has no experts")
     return list(itertools.product(*(range(n) for n in choices)))
 
 
@@ -107,7 +107,7 @@ def sweep_paths(model, batch: dict[str, torch.Tensor]) -> PathSweep:
     """Run ``batch`` (with ``labels``) under every routing path of ``model``'s DPN, without gradients."""
     strategy = get_pyramid(model)
     if not hasattr(strategy, "routers"):
-        raise ValueError(f"fitting routers needs a DPN pyramid; this model's is {strategy.options.name!r}")
+        raise ValueError(f"fitting routers needs a DPN pyramid; this model's is {strategy.strategy_config.name!r}")
     if batch.get("labels") is None:
         raise ValueError("sweeping paths needs labels (the LM loss of each path)")
     paths = all_paths(model)
@@ -208,7 +208,7 @@ def fit_routers(model, batches: Iterable[dict[str, torch.Tensor]], flops_weight:
         counts = torch.bincount(best.cpu(), minlength=cost.shape[1]).float()
         shares.append((counts / counts.sum()).tolist())
         router = strategy.routers[stage]
-        _train_router(router, x, cost, strategy.options.router_temperature, epochs, learning_rate, generator)
+        _train_router(router, x, cost, strategy.strategy_config.router_temperature, epochs, learning_rate, generator)
         regrets.append(_regret(router, x, cost))
     return FitReport(samples, shares, regrets)
 

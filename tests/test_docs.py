@@ -41,3 +41,15 @@ def test_doc_links_point_at_files_that_exist():
             if not target.startswith("http") and not (page.parent / target).exists():
                 broken.append(f"{page.relative_to(ROOT)} -> {target}")
     assert not broken, f"links to missing files: {broken}"
+
+
+def test_the_vocabulary_names_what_the_code_calls_it():
+    """Every name in the vocabulary's 'in the code' column occurs in dpn's source."""
+    text = ARCHITECTURE.read_text()
+    table = text.split("## Vocabulary", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split(" | ") for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    source = "\n".join(path.read_text() for path in (ROOT / "dpn").rglob("*.py"))
+    names = {name for row in rows[1:] for name in re.findall(r"`([A-Za-z_][\w.]*)", row[-1])}
+    assert len(names) > 15
+    missing = sorted(name for name in names if not re.search(rf"\b{re.escape(name.split('.')[-1])}\b", source))
+    assert not missing, f"vocabulary names that are not in the code: {missing}"

@@ -307,17 +307,28 @@ def test_training_loss_adds_weighted_routing_loss_with_gradient():
     torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.routing_loss)
 
 
-def test_gradient_checkpointing_trains():
-    model = tiny_llava()
-    model.activation_checkpointing_enable()
-    dpn.apply_pyramid(model, pyramid_config())
-    model.train()
-    batch = batch_of([make_prompt(3, 5, seed=1)])
-    labels = batch["input_ids"].clone()
+def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward():
+    """Checkpointed layers recompute their forward in the backward; through the pyramid's shortened
+    segments that must give the loss and every gradient of the same step without checkpointing."""
+    batch = batch_of([make_prompt(3, 5, seed=1), make_prompt(7, 2, seed=2)])
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     labels[:, :-3] = -100
-    out = model(**batch, pixel_values=pixels(1), labels=labels, force_experts=2)
-    out.loss.backward()
-    assert model.pyramid.routers[0].up.weight.grad.abs().sum() > 0
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        model = tiny_llava()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            assert model.is_gradient_checkpointing
+        dpn.apply_pyramid(model, pyramid_config())
+        model.train()
+        out = model(**batch, pixel_values=pixels(2), labels=labels, force_experts=[[2, 1, 0], [1, 2, 2]])
+        out.loss.backward()
+        losses.append(out.loss.detach())
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[0], losses[1])
+    assert grads[0].keys() == grads[1].keys() and any("pyramid.routers" in name for name in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
 
 
 def test_labels_stay_aligned_with_their_tokens():

@@ -130,7 +130,7 @@ def _forced_experts(options: EvalOptions, model) -> dict[str, list[int]]:
     for stage, expert in enumerate(options.force_experts):
         choices = strategy.num_choices(stage)
         if choices == 0:
-            raise ValueError(f"--force-experts applies to pooling pyramids; {strategy.options.name} has no experts")
+            raise ValueError(f"--force-experts applies to pooling pyramids; {strategy.strategy_config.name} has no experts")
         if not -1 <= expert < choices:
             raise ValueError(f"--force-experts: stage {stage} has experts 0..{choices - 1} (-1: its router decides), "
                              f"got {expert}")

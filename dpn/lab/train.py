@@ -506,7 +506,7 @@ def fit_routers_after_training(trainer: Trainer, dataset: LlavaDataset, options:
     ``options.router_fit_samples`` training samples; None for any other model."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     model = model.get_base_model() if is_lora(model) else model  # the pyramid sits on the base model
-    if not has_pyramid(model) or getattr(get_pyramid(model).options, "router_training", None) != "fit":
+    if not has_pyramid(model) or getattr(get_pyramid(model).strategy_config, "router_training", None) != "fit":
         return None
     collate = trainer.data_collator
     count = min(options.router_fit_samples, len(dataset))
@@ -518,7 +518,7 @@ def fit_routers_after_training(trainer: Trainer, dataset: LlavaDataset, options:
             batch = collate([dataset[i] for i in range(start, min(start + args.per_device_train_batch_size, count))])
             yield {k: v.to(device) for k, v in batch.items() if k != DIFFICULTY}
 
-    report = fit_routers(model, batches(), get_pyramid(model).options.fit_flops_weight, seed=args.seed)
+    report = fit_routers(model, batches(), get_pyramid(model).strategy_config.fit_flops_weight, seed=args.seed)
     if options.progress:
         shares = "; ".join(f"stage {s}: " + " / ".join(f"{share:.0%}" for share in stage)
                            for s, stage in enumerate(report.target_shares))

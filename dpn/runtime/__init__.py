@@ -2,7 +2,7 @@
 
 - ``forward``: ``PyramidForward`` / ``pyramid_forward``, the orchestration of one call;
 - ``inputs``: the call's arguments sorted and checked, validity, query tokens, forced experts;
-- ``layout``: the ``Chunk`` carried between segments and ``shrink``;
+- ``layout``: the ``BatchLayout`` carried between segments and ``shrink``;
 - ``segments``: masks, rotary embeddings, length groups, running a segment's layers;
 - ``record``: what the call did (``PyramidRouting``);
 - ``cache``: ``PyramidCache``, the per-segment KV-cache bookkeeping.
@@ -12,7 +12,7 @@ The runtime knows no strategy's types and no model family: strategies plan, adap
 
 from dpn.runtime.cache import PyramidCache
 from dpn.runtime.forward import PyramidForward, pyramid_forward
-from dpn.runtime.layout import Chunk, shrink
+from dpn.runtime.layout import BatchLayout, shrink
 from dpn.runtime.segments import length_groups
 
-__all__ = ["Chunk", "PyramidCache", "PyramidForward", "length_groups", "pyramid_forward", "shrink"]
+__all__ = ["BatchLayout", "PyramidCache", "PyramidForward", "length_groups", "pyramid_forward", "shrink"]

@@ -22,7 +22,7 @@ from dpn.outputs import PyramidCausalLMOutput
 from dpn.runtime.inputs import (
     LOSS_ARGUMENTS, CallArguments, chunk_validity, forced_experts, last_valid, no_query, query_index, router_tokens,
 )
-from dpn.runtime.layout import Chunk, shrink
+from dpn.runtime.layout import BatchLayout, shrink
 from dpn.runtime.record import routing_record
 from dpn.runtime.segments import SegmentRunner, layer_types_of, prepare_cache, segment_bounds
 from dpn.strategies.base import BEFORE_FIRST_LAYER, InputLayout, StageInput, TokenCounts
@@ -87,7 +87,7 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     query = (query_index(config, is_router, valid, call.labels, spans, strategy.reads_query) if len(spans)
              else no_query(batch, device))
     mean_over = is_router if config.averages_router_tokens else None  # what DPN's routers average
-    chunk = Chunk(prepared.hidden, valid, prepared.positions, call.labels, spans, query, mean_over)
+    layout = BatchLayout(prepared.hidden, valid, prepared.positions, call.labels, spans, query, mean_over)
     forced = forced_experts(force_experts, batch, strategy, device) if prefill else None
     track_shift = cache is not None and config.positions == "renumber" and len(spans) > 0
     decoder = adapter.decoder(model)
@@ -95,36 +95,36 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
     runner = SegmentRunner(
         model.config, geometry.text_config, decoder, layers, layer_types_of(geometry.text_config), adapter.positions,
         cache, use_cache, prepared.layer_arguments, config.group_by_length, bool(call.output_hidden_states),
-        adapter.positions.at(chunk.positions, last_valid(valid)) if track_shift else None, record=prefill,
+        adapter.positions.at(layout.positions, last_valid(valid)) if track_shift else None, record=prefill,
     )
 
-    first_input = InputLayout(chunk.hidden, chunk.spans, chunk.router_index)
+    first_input = InputLayout(layout.hidden, layout.spans, layout.query_index)
     bounds = segment_bounds(config, len(layers))
     plans, visual_counts, queries, keys = [], [spans.tokens_per_sample(batch)], [], []
-    all_hidden = (chunk.hidden,) if call.output_hidden_states else None
+    all_hidden = (layout.hidden,) if call.output_hidden_states else None
     reshaped, previous = False, None
     for segment, segment_layers in enumerate(bounds):
-        if segment > 0 and len(chunk.spans):
+        if segment > 0 and len(layout.spans):
             stage = segment - 1
             # The cues describe the input layout: only a stage before the first layer sees it.
             cues = prepared.vision_cues if config.stages[stage].layer == BEFORE_FIRST_LAYER else None
-            plan = strategy.plan(stage, _stage_input(chunk, previous, None if forced is None else forced[stage],
+            plan = strategy.plan(stage, _stage_input(layout, previous, None if forced is None else forced[stage],
                                                      decoder, layers, config.stages[stage].layer, cues,
                                                      first_input))
             plans.append(plan)
-            chunk, changed = shrink(chunk, plan, config.positions, adapter.positions)
+            layout, changed = shrink(layout, plan, config.positions, adapter.positions)
             reshaped = reshaped or changed
-            visual_counts.append(chunk.spans.tokens_per_sample(batch))
-        previous = runner.run(segment, segment_layers, chunk, reshaped)
-        chunk = previous.chunk
+            visual_counts.append(layout.spans.tokens_per_sample(batch))
+        previous = runner.run(segment, segment_layers, layout, reshaped)
+        layout = previous.layout
         if all_hidden is not None:
             all_hidden += previous.layer_outputs
         if prefill:
             queries.append(previous.queries)
             keys.append(previous.keys)
 
-    logits = adapter.lm_head(model)(slice_logits_to_keep(decoder.norm(chunk.hidden), call.logits_to_keep))
-    loss, lm_loss, auxiliary = _losses(model, strategy, call, logits, chunk.labels, plans, valid, visual_counts[0])
+    logits = adapter.lm_head(model)(slice_logits_to_keep(decoder.norm(layout.hidden), call.logits_to_keep))
+    loss, lm_loss, auxiliary = _losses(model, strategy, call, logits, layout.labels, plans, valid, visual_counts[0])
     output = PyramidCausalLMOutput(
         loss=loss,
         logits=logits,
@@ -134,20 +134,20 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
         routing_loss=auxiliary,
         routing=(routing_record(geometry.text_config, strategy, plans, visual_counts, queries, keys, bounds)
                  if prefill else None),
-        labels=chunk.labels,
-        attention_mask=chunk.valid.long(),
+        labels=layout.labels,
+        attention_mask=layout.valid.long(),
     )
     return output if call.return_dict is not False else output.to_tuple()
 
 
-def _stage_input(chunk: Chunk, previous, forced, decoder, layers, stage_layer: int, vision_cues,
+def _stage_input(layout: BatchLayout, previous, forced, decoder, layers, stage_layer: int, vision_cues,
                  first_input: InputLayout) -> StageInput:
     """What a strategy sees at a stage: the current layout and the stage layer's input and rotary."""
     return StageInput(vision_cues=vision_cues, first_input=first_input,
-        hidden=chunk.hidden, spans=chunk.spans, query_index=chunk.router_index, valid=chunk.valid, forced=forced,
-        router_tokens=chunk.router_tokens,
+        hidden=layout.hidden, spans=layout.spans, query_index=layout.query_index, valid=layout.valid, forced=forced,
+        router_tokens=layout.router_tokens,
         layer=layers[stage_layer] if stage_layer >= 0 else None, layer_input=previous.last_layer_input,
-        position_embeddings=previous.position_embeddings, decoder=decoder, labels=chunk.labels,
+        position_embeddings=previous.position_embeddings, decoder=decoder, labels=layout.labels,
     )
 
 

@@ -133,7 +133,7 @@ def forced_experts(force_experts: Any, batch: int, strategy, device) -> list[tor
         return None
     stages = len(strategy.config.stages)
     if not any(strategy.num_choices(stage) for stage in range(stages)):
-        raise ValueError(f"force_experts applies to pooling strategies; {strategy.options.name} has no experts to force")
+        raise ValueError(f"force_experts applies to pooling strategies; {strategy.strategy_config.name} has no experts to force")
     try:
         forced = torch.as_tensor(force_experts).cpu()  # checked on the host
     except (TypeError, ValueError, RuntimeError):

@@ -1,6 +1,6 @@
 """The batch layout between stages, and ``shrink``: replacing planned grids with their new tokens.
 
-A ``Chunk`` is the state the decoder loop carries: hidden states, which tokens are real, their
+A ``BatchLayout`` is the state the decoder loop carries: hidden states, which tokens are real, their
 positions and labels, where the visual grids sit and where each sample's query token is. After a
 stage, ``shrink`` rebuilds every sample in order (text, new visual tokens, text) without padding
 and left-pads the batch again; labels and positions travel with their tokens.
@@ -20,7 +20,7 @@ from dpn.transfer import host_tensor
 
 
 @dataclass
-class Chunk:
+class BatchLayout:
     """The tokens of one forward call, in the current (possibly shortened) layout."""
 
     hidden: torch.Tensor  # (batch, length, d)
@@ -28,13 +28,13 @@ class Chunk:
     positions: torch.Tensor  # rotary positions, before the cache's per-segment shift (the adapter's policy's shape)
     labels: torch.Tensor | None  # (batch, length)
     spans: VisualSpans
-    router_index: torch.Tensor  # (batch,) position the router reads, -1 for none
+    query_index: torch.Tensor  # (batch,) position the router reads, -1 for none
     router_tokens: torch.Tensor | None = None  # (batch, length) bool: router tokens whose mean the routers read
     lengths: list[int] | None = None  # real tokens per sample, on the host (known once a stage has shrunk the batch)
 
 
-def shrink(chunk: Chunk, plan: StagePlan, position_mode: str, policy) -> tuple[Chunk, bool]:
-    """Replace the planned images with their new tokens; returns the new chunk and whether it shrank.
+def shrink(layout: BatchLayout, plan: StagePlan, position_mode: str, policy) -> tuple[BatchLayout, bool]:
+    """Replace the planned images with their new tokens; returns the new layout and whether it shrank.
 
     When no image changes size (every chosen stride is 1x1) the tokens are replaced in place and
     the layout is kept. Otherwise every sample is rebuilt in order (text, new visual tokens, text),
@@ -43,16 +43,16 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str, policy) -> tuple[C
     gives the new tokens their positions in ``position_mode``.
     """
     if not plan.spans:
-        return chunk, False
-    batch, length, width = chunk.hidden.shape
-    device = chunk.hidden.device
-    spans = chunk.spans
-    flat = chunk.hidden.reshape(batch * length, width)
+        return layout, False
+    batch, length, width = layout.hidden.shape
+    device = layout.hidden.device
+    spans = layout.spans
+    flat = layout.hidden.reshape(batch * length, width)
     rows = plan.rows.to(flat.dtype)
     if all(spans.size(k) == r * c for k, (r, c) in zip(plan.spans, plan.grids)):
         index = plan.token_index if plan.token_index is not None else spans.token_index(plan.spans, length, device)
         hidden = flat.index_copy(0, index, rows).view(batch, length, width)
-        return replace(chunk, hidden=hidden), False
+        return replace(layout, hidden=hidden), False
     rows, representatives, new_sizes = with_newlines(plan, spans, flat, rows, length)
     old_index = spans.extent_index(plan.spans, length, device)  # a replaced grid's newlines go with it
 
@@ -60,7 +60,7 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str, policy) -> tuple[C
     # image's tokens sort where the image started, since its original tokens are gone.
     stride = length + 1
     removed = torch.zeros(batch * length, dtype=torch.bool, device=device).index_fill(0, old_index, True)
-    kept = (chunk.valid.flatten() & ~removed).nonzero().squeeze(1)
+    kept = (layout.valid.flatten() & ~removed).nonzero().squeeze(1)
     sizes = host_tensor(new_sizes, device)
     span_sample = host_tensor([spans.sample[k] for k in plan.spans], device)
     span_start = host_tensor([spans.start[k] for k in plan.spans], device)
@@ -112,23 +112,23 @@ def shrink(chunk: Chunk, plan: StagePlan, position_mode: str, policy) -> tuple[C
     batch_index = torch.arange(batch, device=device)
 
     labels = None
-    if chunk.labels is not None:
-        labels = torch.where(valid, chunk.labels.flatten()[stands_for], IGNORE_INDEX)
+    if layout.labels is not None:
+        labels = torch.where(valid, layout.labels.flatten()[stands_for], IGNORE_INDEX)
         # With left padding the first token's label would be predicted from a pad; alone it has no predecessor.
         labels[batch_index, first_valid] = IGNORE_INDEX
-    positions = policy.after_shrink(policy.gather(chunk.positions, stands_for), valid, position_mode)
+    positions = policy.after_shrink(policy.gather(layout.positions, stands_for), valid, position_mode)
 
     new_spans = VisualSpans(
         sample=list(spans.sample), start=starts, rows=[g[0] for g in grids], cols=[g[1] for g in grids],
         newline=list(spans.newline),
     )
-    has_router = chunk.router_index >= 0
-    router_source = batch_index * length + chunk.router_index.clamp(min=0)
-    router_index = torch.where(has_router, column[slot[router_source]], -1)
+    has_router = layout.query_index >= 0
+    router_source = batch_index * length + layout.query_index.clamp(min=0)
+    query_index = torch.where(has_router, column[slot[router_source]], -1)
     router_tokens = None
-    if chunk.router_tokens is not None:  # text tokens stand for themselves; new visual tokens are never router tokens
-        router_tokens = chunk.router_tokens.flatten()[stands_for] & valid
-    return Chunk(hidden, valid, positions, labels, new_spans, router_index, router_tokens, new_counts), True
+    if layout.router_tokens is not None:  # text tokens stand for themselves; new visual tokens are never router tokens
+        router_tokens = layout.router_tokens.flatten()[stands_for] & valid
+    return BatchLayout(hidden, valid, positions, labels, new_spans, query_index, router_tokens, new_counts), True
 
 
 def with_newlines(plan: StagePlan, spans: VisualSpans, flat: torch.Tensor, rows: torch.Tensor, length: int):

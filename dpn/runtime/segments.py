@@ -18,7 +18,7 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from dpn.compat import cache_keyword
 from dpn.runtime.cache import PyramidCache
 from dpn.runtime.inputs import last_valid
-from dpn.runtime.layout import Chunk
+from dpn.runtime.layout import BatchLayout
 from dpn.transfer import host_tensor
 
 # Length grouping (``length_groups``): samples within 10% of their group's longest share a group;
@@ -148,7 +148,7 @@ def length_groups(lengths: list[int], width: int, device: torch.device) -> list[
 # ------------------------------------------------------------------------------------- running
 @dataclass
 class SegmentResult:
-    chunk: Chunk  # the segment's output layout and hidden states
+    layout: BatchLayout  # the segment's output layout and hidden states
     last_layer_input: torch.Tensor | None  # input of its last layer (what a stage after it may rank with)
     position_embeddings: Any  # the rotary (cos, sin) its layers ran with
     layer_outputs: tuple[torch.Tensor, ...]  # every layer's output (only when hidden states are collected)
@@ -182,47 +182,48 @@ class SegmentRunner:
     # The last (positions, shift, recorded shift): a segment after a stage that changed nothing reuses it.
     recorded_shift: tuple | None = None
 
-    def run(self, segment: int, bounds: tuple[int, int], chunk: Chunk, reshaped: bool) -> SegmentResult:
+    def run(self, segment: int, bounds: tuple[int, int], layout: BatchLayout, reshaped: bool) -> SegmentResult:
         first, end = bounds
-        batch, device, cache = chunk.valid.shape[0], chunk.valid.device, self.cache
+        batch, device, cache = layout.valid.shape[0], layout.valid.device, self.cache
         shift = cache.shift(segment) if cache is not None else 0
-        positions, position_embeddings = self.positions_and_rotary(segment, chunk, shift)
+        positions, position_embeddings = self.positions_and_rotary(segment, layout, shift)
         past_mask = (cache.past_mask(segment, batch, device) if cache is not None
                      else torch.zeros(batch, 0, dtype=torch.bool, device=device))
-        key_mask = torch.cat([past_mask, chunk.valid], dim=1) if past_mask.shape[1] else chunk.valid
+        key_mask = torch.cat([past_mask, layout.valid], dim=1) if past_mask.shape[1] else layout.valid
         groups = None
         if (reshaped and not self.collect_hidden and past_mask.shape[1] == 0 and end > first and self.group_by_length
                 and all(self.layer_types[index] == "full_attention" for index in range(first, end))):
-            groups = length_groups(chunk.lengths, chunk.valid.shape[1], device)
+            groups = length_groups(layout.lengths, layout.valid.shape[1], device)
         outputs: tuple[torch.Tensor, ...] = ()
         if groups is not None:
-            hidden, last_input = self.run_length_groups(bounds, chunk, positions, groups)
+            hidden, last_input = self.run_length_groups(bounds, layout, positions, groups)
         else:
-            hidden, last_input, outputs = self.run_layers(bounds, chunk.hidden, key_mask, positions,
+            hidden, last_input, outputs = self.run_layers(bounds, layout.hidden, key_mask, positions,
                                                           position_embeddings, cache)
-        chunk = replace(chunk, hidden=hidden)
+        layout = replace(layout, hidden=hidden)
         if cache is not None:
             new_shift = None
             if reshaped and self.input_last is not None:
-                new_shift = self.new_shift(chunk, shift)
+                new_shift = self.new_shift(layout, shift)
             cache.record(segment, key_mask, new_shift)
         if not self.record:
-            return SegmentResult(chunk, last_input, position_embeddings, outputs, None, None)
-        queries = chunk.valid.sum(1)
-        return SegmentResult(chunk, last_input, position_embeddings, outputs, queries, past_mask.sum(1) + queries)
+            return SegmentResult(layout, last_input, position_embeddings, outputs, None, None)
+        queries = layout.valid.sum(1)
+        return SegmentResult(layout, last_input, position_embeddings, outputs, queries, past_mask.sum(1) + queries)
 
-    def positions_and_rotary(self, segment: int, chunk: Chunk, shift: torch.Tensor | int) -> tuple[torch.Tensor, Any]:
-        """The segment's positions (``chunk.positions`` less its shift) and their rotary (cos, sin),
+    def positions_and_rotary(self, segment: int, layout: BatchLayout,
+                             shift: torch.Tensor | int) -> tuple[torch.Tensor, Any]:
+        """The segment's positions (``layout.positions`` less its shift) and their rotary (cos, sin),
         computed once for segments that share positions and shift."""
-        key = (id(chunk.positions), id(shift))
+        key = (id(layout.positions), id(shift))
         if key not in self.rotaries and segment == 0 and not self.record and self.cache is not None:
-            self.rotaries.update(self.step_rotaries(chunk))
+            self.rotaries.update(self.step_rotaries(layout))
         if key not in self.rotaries:
-            positions = self.policy.shifted(chunk.positions, shift)
-            self.rotaries[key] = (chunk.positions, shift, positions, self.decoder.rotary_emb(chunk.hidden, positions))
+            positions = self.policy.shifted(layout.positions, shift)
+            self.rotaries[key] = (layout.positions, shift, positions, self.decoder.rotary_emb(layout.hidden, positions))
         return self.rotaries[key][2:]
 
-    def step_rotaries(self, chunk: Chunk) -> dict[tuple[int, int], tuple]:
+    def step_rotaries(self, layout: BatchLayout) -> dict[tuple[int, int], tuple]:
         """At a decoding step every segment sees the same input positions less its own shift: the
         rotary of all distinct shifts in one call, the shifted positions stacked along the batch.
         (Only for the plain rotary: a dynamic one adapts to the largest position it is given.)"""
@@ -232,24 +233,24 @@ class SegmentRunner:
             distinct[id(shift)] = shift
         if len(distinct) < 2 or getattr(self.decoder.rotary_emb, "rope_type", None) != "default":
             return {}
-        shifted = [self.policy.shifted(chunk.positions, shift) for shift in distinct.values()]
-        batch_dim = chunk.positions.ndim - 2  # (batch, length), or (axes, batch, length) for M-RoPE
-        cos, sin = self.decoder.rotary_emb(chunk.hidden, torch.cat(shifted, batch_dim))
-        batch = chunk.hidden.shape[0]
-        return {(id(chunk.positions), key): (chunk.positions, shift, positions, (c, s))
+        shifted = [self.policy.shifted(layout.positions, shift) for shift in distinct.values()]
+        batch_dim = layout.positions.ndim - 2  # (batch, length), or (axes, batch, length) for M-RoPE
+        cos, sin = self.decoder.rotary_emb(layout.hidden, torch.cat(shifted, batch_dim))
+        batch = layout.hidden.shape[0]
+        return {(id(layout.positions), key): (layout.positions, shift, positions, (c, s))
                 for (key, shift), positions, c, s in zip(distinct.items(), shifted, cos.split(batch), sin.split(batch))}
 
-    def new_shift(self, chunk: Chunk, shift: torch.Tensor | int) -> torch.Tensor:
+    def new_shift(self, layout: BatchLayout, shift: torch.Tensor | int) -> torch.Tensor:
         """The shift the segment records: later tokens come with input positions, and this segment's
         positions lag by what pooling removed. A segment after a stage that changed nothing (same
         positions, same shift) records the very tensor the one before it did, so that decoding steps
         compute their positions and rotary once for both."""
         last = self.recorded_shift
-        if last is not None and last[0] is chunk.positions and last[1] is shift:
+        if last is not None and last[0] is layout.positions and last[1] is shift:
             return last[2]
-        segment_last = self.policy.at(chunk.positions, last_valid(chunk.valid))
+        segment_last = self.policy.at(layout.positions, last_valid(layout.valid))
         new_shift = shift + (self.input_last - segment_last)
-        self.recorded_shift = (chunk.positions, shift, new_shift)
+        self.recorded_shift = (layout.positions, shift, new_shift)
         return new_shift
 
     def run_layers(self, bounds, hidden, key_mask, positions, position_embeddings, cache):
@@ -266,18 +267,18 @@ class SegmentRunner:
         return run_layers(self.layers, self.layer_types, bounds, hidden, masks, position_embeddings,
                           self.policy.layer_position_ids(positions), cache, self.use_cache, self.layer_arguments)
 
-    def run_length_groups(self, bounds, chunk: Chunk, positions, groups) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_length_groups(self, bounds, layout: BatchLayout, positions, groups) -> tuple[torch.Tensor, torch.Tensor]:
         """Run one segment's layers group by group (see ``length_groups``); returns the segment's output
         and the last layer's input in the full left-padded layout, and fills the cache as one call would."""
         first, end = bounds
-        length = chunk.hidden.shape[1]
+        length = layout.hidden.shape[1]
         outputs, last_inputs, group_caches = [], [], []
         for members, group_length in groups:
             window = slice(length - group_length, length)
-            hidden = chunk.hidden[members, window]
+            hidden = layout.hidden[members, window]
             group_positions = positions[..., members, window]  # (batch, length) or (axes, batch, length)
             group_cache = DynamicCache(config=self.model_config) if self.cache is not None else None
-            hidden, layer_input, _ = self.run_layers(bounds, hidden, chunk.valid[members, window], group_positions,
+            hidden, layer_input, _ = self.run_layers(bounds, hidden, layout.valid[members, window], group_positions,
                                                      self.decoder.rotary_emb(hidden, group_positions), group_cache)
             left = (0, 0, length - group_length, 0)  # pad the sequence dimension on the left
             outputs.append(F.pad(hidden, left))

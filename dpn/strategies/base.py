@@ -283,7 +283,7 @@ class TokenCounts:
 class Strategy(nn.Module, metaclass=ABCMeta):
     """A compression strategy's module: plans each stage; may own weights and an auxiliary loss.
 
-    ``config`` is the whole (copied) ``PyramidConfig``; ``options`` its strategy part. Subclasses
+    ``config`` is the whole (copied) ``PyramidConfig``; ``strategy_config`` its strategy part. Subclasses
     hold no per-call state: everything about a call lives in ``StageInput`` and the returned
     ``StagePlan``. ``reads_query``: whether plans read each sample's ``query_index`` (then a
     sample with an image must have one). ``reads_vision_cues``: whether plans read the vision
@@ -296,7 +296,7 @@ class Strategy(nn.Module, metaclass=ABCMeta):
     def __init__(self, config: PyramidConfig, geometry: ModelGeometry) -> None:
         super().__init__()
         self.config = config
-        self.options = config.strategy
+        self.strategy_config = config.strategy
         self.geometry = geometry
 
     @property

@@ -88,7 +88,7 @@ class DuplicationAwareSelection(ImageByImage):
         batch, seq_len, _ = hidden.shape
         keys = layer_keys(inputs.layer, inputs.layer_input, inputs.position_embeddings)
         return DARTScores(
-            pivot=keys.float().norm(p=PIVOT_NORMS[self.options.pivot_norm], dim=-1),  # (batch, length)
+            pivot=keys.float().norm(p=PIVOT_NORMS[self.strategy_config.pivot_norm], dim=-1),  # (batch, length)
             # Cosine similarity after the final norm: its per-token scale cancels, its weights do not.
             directions=F.normalize(inputs.decoder.norm(hidden).float(), dim=-1),
             text=inputs.valid & ~_visual_mask(spans, batch, seq_len, hidden.device),
@@ -112,8 +112,8 @@ class DuplicationAwareSelection(ImageByImage):
         its sample's pivot scores (length,) and unit hidden states (length, d), ``image`` holds the
         image's token positions and ``text`` the positions text pivots may come from."""
         size = image.shape[0]
-        image_pivots = scores[image].topk(min(self.options.image_pivots, size, keep)).indices  # indices into image
-        text_count = min(self.options.text_pivots, text.shape[0])
+        image_pivots = scores[image].topk(min(self.strategy_config.image_pivots, size, keep)).indices  # indices into image
+        text_count = min(self.strategy_config.text_pivots, text.shape[0])
         text_pivots = text[scores[text].topk(text_count).indices] if text_count else text[:0]
         pivots = torch.cat([image[image_pivots], text_pivots])
         remaining = keep - image_pivots.shape[0]

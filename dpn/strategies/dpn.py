@@ -218,7 +218,7 @@ class DynamicPyramid(GridPooling):
     def __init__(self, config, geometry: ModelGeometry) -> None:
         super().__init__(config, geometry)
         self.routers = nn.ModuleList(
-            Router(geometry.hidden_size, len(stage.experts), self.options.router_reduction) for stage in config.stages
+            Router(geometry.hidden_size, len(stage.experts), self.strategy_config.router_reduction) for stage in config.stages
         )
         self.router_bias = 0.0
         self.probability_scale_override: str | None = None
@@ -232,7 +232,7 @@ class DynamicPyramid(GridPooling):
     @property
     def temperature(self) -> float:
         """The routers' temperature now: the schedule's in training, ``router_temperature`` otherwise."""
-        start, end = self.options.router_temperature_start, self.options.router_temperature
+        start, end = self.strategy_config.router_temperature_start, self.strategy_config.router_temperature
         if start is None or not self.training:
             return end
         return start + (end - start) * self.training_progress
@@ -247,7 +247,7 @@ class DynamicPyramid(GridPooling):
 
     @property
     def probability_scale(self) -> str:
-        return self.probability_scale_override or self.options.probability_scale
+        return self.probability_scale_override or self.strategy_config.probability_scale
 
     def token_scale(self, probability: torch.Tensor) -> torch.Tensor | None:
         """p (the paper), p / stop_gradient(p) (``straight_through``: values unscaled, same gradient),
@@ -265,13 +265,13 @@ class DynamicPyramid(GridPooling):
         """
         logits = self.routers[stage](router_hidden).float() / self.temperature
         if self.router_bias:
-            scales = self.options.scales(stage, logits.shape[-1])
+            scales = self.strategy_config.scales(stage, logits.shape[-1])
             logits = torch.log_softmax(logits, dim=-1) + self.router_bias * host_tensor(scales, logits.device,
                                                                                         logits.dtype)
         probs = torch.softmax(logits, dim=-1)
-        if self.training and self.options.router_training == "fit":  # every path alike; the routers wait
+        if self.training and self.strategy_config.router_training == "fit":  # every path alike; the routers wait
             choice = torch.randint(0, probs.shape[-1], (probs.shape[0],), device=probs.device)
-        elif self.training and self.options.sample_in_training:
+        elif self.training and self.strategy_config.sample_in_training:
             choice = torch.multinomial(probs.detach(), 1).squeeze(-1)
         else:
             choice = probs.argmax(-1)
@@ -279,13 +279,13 @@ class DynamicPyramid(GridPooling):
 
     def choose(self, stage, inputs, samples):
         probs, choice = self.route(stage, inputs.router_hidden(samples))
-        if self.options.min_kept_tokens and self.training and self.options.sample_in_training:
+        if self.strategy_config.min_kept_tokens and self.training and self.strategy_config.sample_in_training:
             kept = self.kept_tokens(stage, inputs.spans, samples.tolist())
-            allowed = (kept >= self.options.min_kept_tokens).to(probs.device)
+            allowed = (kept >= self.strategy_config.min_kept_tokens).to(probs.device)
             # Rows where no expert keeps enough take the one that keeps the most.
             most = F.one_hot(kept.argmax(1), kept.shape[1]).to(probs.device, torch.bool)
             allowed = torch.where(allowed.any(1, keepdim=True), allowed, most)
-            weights = allowed.float() if self.options.router_training == "fit" else probs.detach() * allowed
+            weights = allowed.float() if self.strategy_config.router_training == "fit" else probs.detach() * allowed
             choice = torch.multinomial(weights, 1).squeeze(-1)
         return probs, choice
 
@@ -299,19 +299,19 @@ class DynamicPyramid(GridPooling):
                 continue
             grid = (spans.rows[k], spans.cols[k])
             for e, expert in enumerate(experts):
-                rows, cols = pooled_grid(grid, expert, self.options.min_tokens_to_pool)
+                rows, cols = pooled_grid(grid, expert, self.strategy_config.min_tokens_to_pool)
                 kept[row[spans.sample[k]], e] += rows * cols
         return kept
 
     @property
     def auxiliary_loss_weight(self) -> float:
-        return self.options.routing_loss_weight
+        return self.strategy_config.routing_loss_weight
 
     def auxiliary_loss(self, plans: list[StagePlan], counts: TokenCounts) -> torch.Tensor | None:
-        if self.options.routing_loss in ("hinge", "hinge_global"):
+        if self.strategy_config.routing_loss in ("hinge", "hinge_global"):
             return self.hinge_loss([p.router_probs[p.routed] for p in plans],
-                                   per_stage=self.options.routing_loss == "hinge")
-        if self.options.routing_loss == "budget":
+                                   per_stage=self.strategy_config.routing_loss == "hinge")
+        if self.strategy_config.routing_loss == "budget":
             return self.budget_loss(plans, counts)
         return None
 
@@ -325,12 +325,12 @@ class DynamicPyramid(GridPooling):
         for stage, probs in enumerate(stage_probs):
             if probs is None or probs.shape[0] == 0:
                 continue
-            scales = host_tensor(self.options.scales(stage, probs.shape[-1]), probs.device, probs.dtype)
+            scales = host_tensor(self.strategy_config.scales(stage, probs.shape[-1]), probs.device, probs.dtype)
             confidence, expert = probs.max(dim=-1)
             terms.append((scales[expert] * confidence).mean())
         if not terms:
             return None
-        target = self.options.routing_loss_target
+        target = self.strategy_config.routing_loss_target
         if not per_stage:
             return F.relu(target - torch.stack(terms).mean())
         return F.relu(target - torch.stack(terms)).mean()
@@ -359,7 +359,7 @@ class DynamicPyramid(GridPooling):
         expected = decoder_flops(self.geometry.text_config, layer_tokens)
         vanilla = decoder_flops(self.geometry.text_config, segment_tokens[0][:, None].expand_as(layer_tokens))
         ratio = (expected / vanilla)[with_images]
-        return (ratio.mean() - self.options.budget_target) ** 2
+        return (ratio.mean() - self.strategy_config.budget_target) ** 2
 
     def inference_state(self) -> dict[str, str]:
         state = {}

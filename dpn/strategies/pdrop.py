@@ -71,7 +71,7 @@ class NextLayerSelection(AttentionSelection):
     """PyramidDrop's ranking: the next layer's attention on this layer's output."""
 
     def scores(self, stage: int, inputs: StageInput) -> torch.Tensor:
-        if self.options.ranking == "same_layer":
+        if self.strategy_config.ranking == "same_layer":
             return super().scores(stage, inputs)
         following = inputs.decoder.layers[self.config.stages[stage].layer + 1]
         last = inputs.query_index.clamp(min=0)

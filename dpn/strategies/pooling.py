@@ -185,7 +185,7 @@ class GridPooling(Strategy):
         batch, seq_len, width = hidden.shape
         device = hidden.device
         experts = self.config.stages[stage].experts
-        eligible = [k for k in range(len(spans)) if spans.size(k) >= self.options.min_tokens_to_pool]
+        eligible = [k for k in range(len(spans)) if spans.size(k) >= self.strategy_config.min_tokens_to_pool]
         plan = StagePlan.unrouted(batch, len(experts), device)
         if not eligible:
             return plan
@@ -216,7 +216,7 @@ class GridPooling(Strategy):
         for (n_rows, n_cols, kh, kw), members in groups.items():
             index = spans.token_index(members, seq_len, device).view(len(members), n_rows * n_cols)
             tokens = flat[index].view(len(members), n_rows, n_cols, width)
-            pooled = pool_grid(tokens, (kh, kw), self.options.pooling).reshape(len(members), -1, width)
+            pooled = pool_grid(tokens, (kh, kw), self.strategy_config.pooling).reshape(len(members), -1, width)
             if scale is not None:
                 member_samples = host_tensor([spans.sample[k] for k in members], device)
                 pooled = pooled * scale[member_samples].to(pooled.dtype)[:, None, None]

@@ -149,7 +149,7 @@ class AttentionSelection(Strategy):
         if not len(spans):  # the runtime has checked that each image has a query token
             return plan
         if inputs.layer is None or inputs.layer_input is None:
-            raise ValueError(f"{self.options.name} ranks tokens with a decoder layer's attention; "
+            raise ValueError(f"{self.strategy_config.name} ranks tokens with a decoder layer's attention; "
                              "its stages must sit after a layer (layer >= 0)")
         scores = self.scores(stage, inputs).flatten()
         keep_ratio = self.config.stages[stage].keep_ratio

@@ -106,7 +106,7 @@ class TextRatedSelection(ImageByImage):
         kept = min(target, image.shape[0] - 1)
         order = relevance[image].argsort(descending=True, stable=True)
         chosen = image[order[:kept].sort().values]
-        if not self.options.recycle:
+        if not self.strategy_config.recycle:
             return inputs.rows_at(chosen), chosen
         candidates = image[order[kept:][: candidate_count(image.shape[0] - kept)]]  # the most relevant dropped
         merged, centres = cluster_and_merge(inputs.rows_at(candidates), recycled_count(image.shape[0] - kept))

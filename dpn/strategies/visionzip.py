@@ -78,7 +78,7 @@ class DominantContextual(ImageByImage):
     def image_tokens(self, stage: int, inputs: StageInput, cues: VisionCues, k: int,
                      image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         dominant_count, contextual_count = token_budget(image.shape[0], self.config.stages[stage].keep_ratio,
-                                                        self.options.contextual_share)
+                                                        self.strategy_config.contextual_share)
         dominant, targets, contextual = dominant_and_contextual(
             cues.attention[k], cues.keys[k], cues.features[k], dominant_count - 1, contextual_count)
         features = torch.cat([cues.class_feature[k: k + 1], cues.features[k][dominant], contextual])

@@ -81,7 +81,7 @@ class VisualCueSelection(ImageByImage):
     def image_tokens(self, stage: int, inputs: StageInput, cues: VisionCues, k: int,
                      image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep = kept_count(image.shape[0], self.config.stages[stage].keep_ratio)
-        kept = important_and_diverse(cues.attention[k], cues.features[k], keep, self.options.important_ratio)
+        kept = important_and_diverse(cues.attention[k], cues.features[k], keep, self.strategy_config.important_ratio)
         return inputs.rows_at(image[kept]), image[kept]
 
 

@@ -15,14 +15,26 @@ def test_demo_pipeline_end_to_end(tmp_path):
         base_steps=2, base_train_samples=16, batch_size=4, progress=False,
     )
     report = run_demo(options, console=Console(file=open(tmp_path / "console.txt", "w"), width=200))
-    names = list(report["results"])
-    assert names[:3] == ["base", names[1], "fine-tuned, no pyramid"] and names[4] == "fine-tuned, DPN"
-    assert names[1].startswith("base + static") and names[6].startswith("fine-tuned, static")
-    unscaled = report["results"][names[5]]
-    assert names[5] == "fine-tuned, DPN, unscaled at inference" and unscaled["inference"]["probability_scale"] == "train_only"
-    assert names[3].startswith("fine-tuned, static") and names[3].endswith("(strongest)")
+    results = report["results"]
+
+    def named(prefix: str, suffix: str = "") -> str:
+        found = [name for name in results if name.startswith(prefix) and name.endswith(suffix)]
+        assert len(found) == 1, (prefix, suffix, list(results))
+        return found[0]
+
+    # Each row evaluated the model and pyramid its name says.
+    strategy = {name: (summary["pyramid"] or {}).get("strategy", {}).get("name") for name, summary in results.items()}
+    assert strategy["base"] is None and strategy["fine-tuned, no pyramid"] is None
+    assert strategy[named("base + static", ", no training")] == "static"
+    strongest = named("fine-tuned, static", "(strongest)")
+    matching = next(name for name in results if name.startswith("fine-tuned, static") and name != strongest)
+    assert strategy[strongest] == strategy[matching] == "static"
+    assert strategy["fine-tuned, DPN"] == strategy["fine-tuned, DPN, unscaled at inference"] == "dpn"
+    assert results["fine-tuned, DPN, unscaled at inference"]["inference"]["probability_scale"] == "train_only"
+    assert results["fine-tuned, DPN"]["model"] == results["fine-tuned, DPN, unscaled at inference"]["model"]
+    assert results["base"]["model"] == results[named("base + static")]["model"] != results["fine-tuned, DPN"]["model"]
     contrast = report["discriminativeness"]
-    vanilla, strongest = report["results"]["fine-tuned, no pyramid"], report["results"][names[3]]
+    vanilla, strongest = results["fine-tuned, no pyramid"], results[strongest]
     assert contrast["hard_drop"] == vanilla["difficulty"]["hard"]["accuracy"] - strongest["difficulty"]["hard"]["accuracy"]
     assert contrast["easy_drop"] == vanilla["difficulty"]["easy"]["accuracy"] - strongest["difficulty"]["easy"]["accuracy"]
     dpn_summary = report["results"]["fine-tuned, DPN"]

@@ -140,9 +140,9 @@ def test_pooled_rows_keep_the_newline_of_the_last_row_they_cover(monkeypatch):
     runs = []
     original = SegmentRunner.run
 
-    def spy(self, segment, bounds, chunk, reshaped):
-        result = original(self, segment, bounds, chunk, reshaped)
-        runs.append((chunk, result.chunk))
+    def spy(self, segment, bounds, layout, reshaped):
+        result = original(self, segment, bounds, layout, reshaped)
+        runs.append((layout, result.layout))
         return result
 
     monkeypatch.setattr(SegmentRunner, "run", spy)

@@ -116,9 +116,9 @@ def test_pooled_windows_keep_the_coordinates_of_their_first_token(monkeypatch):
     seen = []
     original = SegmentRunner.run
 
-    def spy(self, segment, bounds, chunk, reshaped):
-        seen.append(chunk.positions.clone())
-        return original(self, segment, bounds, chunk, reshaped)
+    def spy(self, segment, bounds, layout, reshaped):
+        seen.append(layout.positions.clone())
+        return original(self, segment, bounds, layout, reshaped)
 
     monkeypatch.setattr(SegmentRunner, "run", spy)
     with torch.no_grad():
