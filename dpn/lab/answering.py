@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from PIL import Image
 
-from dpn.lab.data.images import family_images
+from dpn.lab.families import family_images
 from dpn.lab.data.llava import LlavaCollator, encode_messages
 from dpn.supervision import IGNORE_INDEX
 from dpn.lab.decoding import decode, prompt_positions

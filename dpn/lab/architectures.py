@@ -15,13 +15,9 @@ from transformers import (
     CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig, LlavaOnevisionConfig, Qwen2_5_VLConfig, Qwen2Config,
     SiglipVisionConfig,
 )
-from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 from dpn.lab import zoo
-from dpn.models import geometry_of, get_adapter
-from dpn.models.qwen2_vl import frame_grids
-from dpn.spans import Grid
+from dpn.lab.families import family_of
 
 # CLIP ViT-L/14 as used by LLaVA-1.5 (336 px -> 24 x 24 patches).
 CLIP_L = dict(
@@ -149,17 +145,7 @@ def typical_layout(name: str) -> tuple:
     """The grids (``dpn.spans.Grid`` / ``Gap`` parts) of the preset's typical image."""
     architecture = _architecture(name)
     config = architecture.config()
-    geometry = geometry_of(config)
-    if architecture.image_size is None:
-        return tuple(Grid(rows, cols) for rows, cols in geometry.image_grids)
-    height, width = architecture.image_size
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
-        vision = config.vision_config
-        factor = vision.patch_size * vision.spatial_merge_size
-        height, width = smart_resize(height, width, factor=factor)
-        return tuple(Grid(*grid) for grid in frame_grids(
-            torch.tensor([[1, height // vision.patch_size, width // vision.patch_size]]), vision.spatial_merge_size)[0])
-    return get_adapter(config).image_layouts(config, torch.tensor([[height, width]]), None, None)[0]
+    return family_of(config).typical_grids(config, architecture.image_size)
 
 
 def _architecture(name: str) -> Architecture:
@@ -174,25 +160,5 @@ def image_size_of(name: str) -> tuple[int, int] | None:
 
 def image_inputs(config: Any, image_size: tuple[int, int] | None, batch_size: int,
                  generator: torch.Generator) -> tuple[list[int], dict[str, torch.Tensor]]:
-    """One random image per sample for a preset's family: the placeholder tokens one image takes in
-    a prompt, and the inputs the model needs besides the prompt (pixels and the family's sizes)."""
-    vision = config.vision_config
-    if config.model_type == "llava":
-        side = vision.image_size
-        tokens = [config.image_token_id] * geometry_of(config).image_tokens
-        return tokens, {"pixel_values": torch.randn(batch_size, 3, side, side, generator=generator)}
-    if image_size is None:
-        raise ValueError(f"{config.model_type} images need an image size")
-    if config.model_type in ("qwen2_vl", "qwen2_5_vl"):
-        height, width = smart_resize(*image_size, factor=vision.patch_size * vision.spatial_merge_size)
-        rows, cols = height // vision.patch_size, width // vision.patch_size
-        tokens = ([config.vision_start_token_id] + [config.image_token_id] * (rows * cols // vision.spatial_merge_size**2)
-                  + [config.vision_end_token_id])
-        pixels = torch.randn(batch_size * rows * cols, 3 * vision.temporal_patch_size * vision.patch_size**2,
-                             generator=generator)
-        return tokens, {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, rows, cols]] * batch_size)}
-    layout = get_adapter(config).image_layouts(config, torch.tensor([list(image_size)]), None, None)[0]
-    crops = image_size_to_num_patches(list(image_size), config.image_grid_pinpoints, vision.image_size)
-    pixels = torch.randn(batch_size, crops, 3, vision.image_size, vision.image_size, generator=generator)
-    return ([config.image_token_id] * sum(part.tokens for part in layout),
-            {"pixel_values": pixels, "image_sizes": torch.tensor([list(image_size)] * batch_size)})
+    """One random image per sample for a preset's family (``FamilyImages.random_inputs``)."""
+    return family_of(config).random_inputs(config, image_size, batch_size, generator)

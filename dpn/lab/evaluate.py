@@ -29,7 +29,7 @@ from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid, pyram
 from dpn.budget import calibrate_router_bias, set_probability_scale, set_router_bias
 from dpn.config import CONFIG_NAME
 from dpn.models import geometry_of
-from dpn.lab.data.images import FamilyImages, family_images
+from dpn.lab.families import FamilyImages, family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.decoding import greedy_answer
 from dpn.lab.run_identity import claim, file_hash, weights_fingerprint

@@ -27,7 +27,6 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from dpn.lab import zoo
 from dpn.lab.data.processor import ImageTextProcessor
 
-FAMILIES = ("qwen2.5-vl", "llava-onevision")
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
 QWEN_MARKERS = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
 ONEVISION_VIDEO = "<video>"
@@ -98,16 +97,6 @@ def build_tiny_onevision(seed: int = 0) -> tuple[PreTrainedModel, ImageTextProce
         image_grid_pinpoints=PINPOINTS, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD,
     )
     return _model(LlavaOnevisionForConditionalGeneration, config, tokenizer, seed), ImageTextProcessor(tokenizer, image_processor)
-
-
-BUILDERS = {"qwen2.5-vl": build_tiny_qwen2_5_vl, "llava-onevision": build_tiny_onevision}
-
-
-def build(family: str, seed: int = 0) -> tuple[PreTrainedModel, ImageTextProcessor]:
-    """A freshly initialised tiny model of ``family`` (one of ``FAMILIES``) and its processor."""
-    if family not in BUILDERS:
-        raise ValueError(f"no tiny model for {family!r}; choose one of {FAMILIES}")
-    return BUILDERS[family](seed)
 
 
 def _token_ids(tokenizer) -> dict[str, int]:

@@ -47,7 +47,7 @@ from dpn import presets
 from dpn.config import POSITION_MODES
 from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid_weights, pyramid_disabled, save_pyramid
 from dpn.lab.checkpoints import RUN_RECORD, finished_run, is_finished, last_complete_checkpoint
-from dpn.lab.data.images import family_images
+from dpn.lab.families import family_images
 from dpn.lab.data.llava import DIFFICULTY, LlavaCollator, LlavaDataset
 from dpn.lab.lora import DEFAULT_LORA_TARGETS, add_lora, check_adapter_matches, is_adapter_checkpoint, is_lora, merged
 from dpn.lab.pyramids import prompt_router_token, pyramid_from_spec

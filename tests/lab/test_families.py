@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 import dpn
-from dpn.lab import tiny_families, zoo
+from dpn.lab import zoo
 from dpn.lab.cli import main
-from dpn.lab.data.images import family_images
+from dpn.lab.families import family_images, tiny_builders
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.data.synthetic import generate_split
 from dpn.lab.decoding import greedy_answer
@@ -37,7 +37,7 @@ def data(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module", params=tiny_families.FAMILIES)
+@pytest.fixture(scope="module", params=[name for name in tiny_builders() if name != "llava"])
 def checkpoint(request, tmp_path_factory):
     directory = tmp_path_factory.mktemp(request.param) / "model"
     assert main(["tiny", "--family", request.param, "--output", str(directory)]) == 0

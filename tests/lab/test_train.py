@@ -16,7 +16,7 @@ from transformers.trainer_utils import SchedulerType
 
 import dpn
 from dpn.lab.cli import main
-from dpn.lab.data.images import family_images
+from dpn.lab.families import family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.data.synthetic import generate_split
 from dpn.lab.train import PyramidTrainer, PyramidTrainingArguments, TrainOptions, parse_train_args, train

@@ -5,7 +5,7 @@
 conversation, or none: then they go first in the first turn). ``encode_conversation`` renders a
 conversation with the tokenizer's chat template and marks only the assistant's replies as
 targets. Each image placeholder becomes one run of image tokens, as many as that image has visual
-tokens in the model's family (``dpn.lab.data.images``). The collator pads a batch (right for
+tokens in the model's family (``dpn.lab.families``). The collator pads a batch (right for
 training, left for generation) and batches the images of the samples that have any, in order, as
 the family's forward expects. Text-only samples mix freely with image samples.
 """
@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from dpn.supervision import IGNORE_INDEX
-from dpn.lab.data.images import FamilyImages
+from dpn.lab.families import FamilyImages
 from dpn.router_token import insert_router_tokens
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from dpn.lab import zoo
-from dpn.lab.data.images import family_images
+from dpn.lab.families import family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset, encode_conversation, to_messages
 from dpn.supervision import IGNORE_INDEX
 
