@@ -234,7 +234,7 @@ def save_tiny_dpn(directory):
     """The lab's tiny LLaVA with the paper's pyramid, saved with its processor and routers at ``directory``;
     returns the model (eval mode) and processor."""
     import dpn
-    from dpn.lab import zoo
+    from dpn.lab.families import zoo
 
     model, processor = zoo.build_tiny(seed=0)
     dpn.apply_pyramid(model, dpn.presets.paper(model.config))

@@ -7,7 +7,7 @@ import torch
 
 import dpn
 from dpn.strategies.pooling import PAPER_EXPERTS, reachable_grids
-from dpn.lab.architectures import model_config
+from dpn.lab.families.architectures import model_config
 from helpers import GRID, batch_of, make_prompt, pixels, tiny_llava, IMAGE_TOKEN_ID
 
 

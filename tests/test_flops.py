@@ -65,7 +65,7 @@ def test_segment_layer_tokens_expands_per_layer():
 @pytest.mark.parametrize("spec, table", [("fastv:K=2,R=0.5", 0.55), ("fastv:K=2,R=0.75", 0.32)])
 def test_fastv_convention_reproduces_fastv_table_1(spec, table):
     """FastV's Table 1 (LLaVA-1.5-13B, 36 system + 576 image tokens, FLOPs as it counts them)."""
-    from dpn.lab.architectures import model_config
+    from dpn.lab.families.architectures import model_config
 
     config = model_config("llava-1.5-13b")
     rows = path_flops(config, dpn.presets.from_spec(spec, config), text_tokens=36, convention="fastv")

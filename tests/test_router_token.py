@@ -96,7 +96,7 @@ def test_mean_routing_is_the_same_batched_and_alone_and_cached_generation_matche
 
 
 def test_add_router_token_grows_the_vocabulary_once():
-    from dpn.lab import zoo
+    from dpn.lab.families import zoo
 
     model, processor = zoo.build_tiny(seed=0)
     tokenizer = processor.tokenizer

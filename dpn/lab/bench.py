@@ -1,6 +1,6 @@
 """``dpn bench``: measured speed next to the FLOPs bound, on real model shapes with random weights.
 
-For an architecture preset (``dpn.lab.architectures``) and forced routings, it measures prefill
+For an architecture preset (``dpn.lab.families.architectures``) and forced routings, it measures prefill
 latency (time to first token), decode throughput and peak memory, with and without the pyramid,
 and a training step (forward + backward). Each row reports the measured speedup over the vanilla
 model, the theoretical speedup from ``dpn.flops`` (the FLOPs the forward actually spent), and
@@ -31,23 +31,23 @@ import torch
 from tqdm.auto import tqdm
 
 from dpn.api import apply_pyramid, pyramid_disabled, remove_pyramid
-from dpn.lab.architectures import image_inputs, image_size_of, model_config
+from dpn.lab.families.architectures import image_inputs, image_size_of, model_config
 from dpn import presets
 from dpn.compat import output_cache
 from dpn.config import PyramidConfig
-from dpn.lab.decoding import greedy_continue, prompt_positions
+from dpn.lab.engine.decoding import greedy_continue, prompt_positions
 from dpn.flops import vision_flops
 from dpn.memory import cache_bytes, kv_cache_bytes, largest_decoding_batch
 from dpn.models import geometry_of
-from dpn.lab.overhead import layers_passed_through
-from dpn.lab.timing import paired_medians, prefill_forward, sync
+from dpn.lab.engine.overhead import layers_passed_through
+from dpn.lab.engine.timing import paired_medians, prefill_forward, sync
 
 ROUTINGS = ("weakest", "mixed", "strongest")
 DEFAULT_TEXT_TOKENS = 64
 DEFAULT_DECODE_TOKENS = 16
 # KV-cache memory the "decode batch" column fills: an 80 GB GPU's share after a 7B model's weights.
 DEFAULT_KV_BUDGET_GIB = 40.0
-# Paired runs behind the runtime-overhead columns, at least (see ``dpn.lab.overhead``).
+# Paired runs behind the runtime-overhead columns, at least (see ``dpn.lab.engine.overhead``).
 OVERHEAD_MIN_REPEATS = 10
 
 
@@ -288,7 +288,7 @@ def runtime_overhead(model, batch, forced, steps: int, repeats: int, warmup: int
                      device: torch.device) -> dict[str, float]:
     """Milliseconds per prefill and microseconds per decoding step that the pyramid on ``model``
     (``forced`` routing) adds to the work around the layers: the same paired runs as the other
-    columns, with every decoder layer passed through (``dpn.lab.overhead``)."""
+    columns, with every decoder layer passed through (``dpn.lab.engine.overhead``)."""
     timing = dict(repeats=repeats, warmup=warmup, device=device)
     prefill_arguments = dict(use_cache=True, position_ids=prompt_positions(model, batch))  # as generate prefills
     with layers_passed_through(model):
@@ -416,7 +416,7 @@ prefill plus the decoded tokens; KV MiB/seq = the cache after the prefill per se
 what the cache holds, batch padding included); decode batch in budget = how many sequences' caches
 (computed per sample, prompt + decoded tokens) fit the `--kv-budget-gib` memory (weights not
 counted); runtime overhead = what the pyramid adds to the work around the layers, per prefill and
-per decoding step, timed with every decoder layer passed through (`dpn/lab/overhead.py`), and its
+per decoding step, timed with every decoder layer passed through (`dpn/lab/engine/overhead.py`), and its
 share of the vanilla model's full prefill or step; train step = forward + backward time ratio.
 Routing is forced: `weakest` keeps every token (the runtime's own overhead), `strongest` pools with
 the last expert at every stage, `mixed` draws each sample's experts at random (different routing

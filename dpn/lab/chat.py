@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from dpn.api import has_pyramid
-from dpn.lab.answering import Answer, Answerer, Question
-from dpn.lab.evaluate import load_for_eval
+from dpn.lab.engine.answering import Answer, Answerer, Question
+from dpn.lab.engine.loading import load_model
 
 DEFAULT_MAX_NEW_TOKENS = 128
 COMMANDS_HELP = "/image PATH: talk about another image (starts over) | /reset: start over | /quit (or end of input)"
@@ -37,7 +37,7 @@ def stats(answer: Answer) -> str:
 
 @dataclass
 class ChatSession:
-    """A conversation with ``model`` (loaded with its processor by ``load_for_eval``)."""
+    """A conversation with ``model`` (loaded with its processor by ``load_model``)."""
 
     model: torch.nn.Module
     processor: object
@@ -73,7 +73,7 @@ def run_chat(model_dir: str, pyramid: str = "saved", image: str | None = None, p
              stdout: TextIO | None = None) -> int:
     """One answer to ``prompt``, or a loop over the lines of ``stdin`` (see ``COMMANDS_HELP``)."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
-    model, processor = load_for_eval(model_dir, pyramid)
+    model, processor = load_model(model_dir, pyramid)
     session = ChatSession(model, processor, max_new_tokens)
     if image is not None:
         session.show(image)

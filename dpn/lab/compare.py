@@ -33,10 +33,10 @@ from dpn.config import PyramidConfig
 from dpn.models import geometry_of
 from dpn.strategies.base import registered_specs, spec_entry
 from dpn.strategies.pooling import PoolingStage
-from dpn.lab.console import console as lab_console
+from dpn.lab.engine.console import console as lab_console
 from dpn.lab.evaluate import SUMMARY, EvalOptions, evaluate
 from dpn.lab.paths import PathsOptions, efficient, run_paths
-from dpn.lab.finetune import Recipe, fine_tune
+from dpn.lab.engine.finetune import Recipe, fine_tune
 from dpn.lab.train import DEFAULT_ROUTER_FIT_SAMPLES
 from dpn.strategies.dpn import DEFAULT_FIT_FLOPS_WEIGHT
 

@@ -29,13 +29,13 @@ from transformers import LlavaConfig
 
 from dpn import presets
 from dpn.config import PyramidConfig
-from dpn.lab.console import console as lab_console
+from dpn.lab.engine.console import console as lab_console
 from dpn.lab.data.synthetic import DEFAULT_FAMILIES, generate
 from dpn.lab.evaluate import EvalOptions, evaluate
 from dpn.flops import path_flops
 from dpn.models import geometry_of
 from dpn.strategies import PoolingStage, StaticConfig
-from dpn.lab.finetune import Recipe, fine_tune
+from dpn.lab.engine.finetune import Recipe, fine_tune
 from dpn.lab.train import PyramidTrainingArguments, TrainOptions, train
 
 BASE_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-llava-base"

@@ -24,16 +24,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dpn.lab.pyramids import prompt_router_token, pyramid_from_spec
-from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid, pyramid_disabled, remove_pyramid
+from dpn.lab.engine.pyramids import prompt_router_token
+from dpn.api import apply_pyramid, get_pyramid, has_pyramid, pyramid_disabled, remove_pyramid
 from dpn.budget import calibrate_router_bias, set_probability_scale, set_router_bias
-from dpn.config import CONFIG_NAME
 from dpn.models import geometry_of
 from dpn.lab.families import FamilyImages, family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
-from dpn.lab.decoding import greedy_answer
-from dpn.lab.run_identity import claim, file_hash, weights_fingerprint
-from dpn.lab.timing import paired_medians, prefill_forward
+from dpn.lab.engine.decoding import greedy_answer
+from dpn.lab.engine.loading import load_model
+from dpn.lab.engine.run_identity import claim, file_hash, weights_fingerprint
+from dpn.lab.engine.timing import paired_medians, prefill_forward
 
 PREDICTIONS = "predictions.jsonl"
 SUMMARY = "summary.json"
@@ -85,22 +85,6 @@ class EvalOptions:
             raise ValueError("; ".join(problems))
 
 
-def load_for_eval(model_dir: str, pyramid: str):
-    """Model, processor and the pyramid to evaluate with (``saved`` uses the one saved beside it)."""
-    from dpn.lab import zoo
-
-    model, processor = zoo.load(model_dir)
-    model.eval()
-    if pyramid == "saved":
-        if (Path(model_dir) / CONFIG_NAME).is_file():
-            load_pyramid(model, model_dir)
-    else:
-        config = pyramid_from_spec(pyramid, model, processor.tokenizer)
-        if config is not None:
-            apply_pyramid(model, config)
-    return model, processor
-
-
 def with_positions(model, positions: str) -> None:
     """Re-apply ``model``'s pyramid with position mode ``positions``, keeping its weights and
     inference settings (how positions follow pooled tokens changes no weight)."""
@@ -142,7 +126,7 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     output_dir = Path(options.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ValueError(f"--output {output_dir} is a file; give a directory")
-    model, processor = load_for_eval(options.model, options.pyramid)
+    model, processor = load_model(options.model, options.pyramid)
     if options.positions is not None:
         with_positions(model, options.positions)
     forced = _forced_experts(options, model)

@@ -2,10 +2,10 @@
 
 lmms-eval (>= 0.7) finds this model through the ``lmms_eval.models`` entry point (``manifest``).
 It is a chat-style model: each request's ``doc_to_messages`` (images and text) is answered by the
-same engine as ``dpn chat`` and ``dpn serve`` (``dpn.lab.answering``), ``--batch_size`` requests
+same engine as ``dpn chat`` and ``dpn serve`` (``dpn.lab.engine.answering``), ``--batch_size`` requests
 at a time in one padded batch with per-sample routing. Model arguments:
 
-- ``pretrained``: a local model directory (any family ``dpn.lab.zoo.load`` reads);
+- ``pretrained``: a local model directory (any family ``dpn.lab.families.zoo.load`` reads);
 - ``pyramid``: ``saved`` (default: the one saved beside the model), ``none``, or a spec;
 - ``max_new_tokens``: when the task does not say (default 128);
 - ``stats``: a JSONL file that receives, per answered document, the visual tokens after each
@@ -31,9 +31,9 @@ from lmms_eval.api.model import lmms
 from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm.auto import tqdm
 
-from dpn.lab.answering import Answerer, Question
-from dpn.lab.messages import normalise_messages, question_about
-from dpn.lab.evaluate import load_for_eval
+from dpn.lab.engine.answering import Answerer, Question
+from dpn.lab.engine.messages import normalise_messages, question_about
+from dpn.lab.engine.loading import load_model
 
 MODEL_ID = "dpn"
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -59,7 +59,7 @@ class DpnLmms(lmms):
         self.stats_path = Path(stats) if stats else None
         if self.stats_path is not None and self.stats_path.exists():
             raise ValueError(f"stats={self.stats_path} exists: remove it or name another (runs are never mixed)")
-        model, processor = load_for_eval(pretrained, pyramid)
+        model, processor = load_model(pretrained, pyramid)
         if device and device != "cpu" and torch.cuda.is_available():
             model.to(device)
         self.answerer = Answerer(model, processor)

@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from dpn.api import get_pyramid
-from dpn.lab.evaluate import PREDICTIONS, EvalOptions, evaluate, load_for_eval
+from dpn.lab.engine.loading import load_model
+from dpn.lab.evaluate import PREDICTIONS, EvalOptions, evaluate
 from dpn.router_fit import all_paths
 
 POSITION_MODES = ("renumber", "keep")
@@ -63,7 +64,7 @@ def _label(path: tuple[int, ...]) -> str:
 
 def run_paths(options: PathsOptions) -> dict[str, Any]:
     """Evaluate every path in every asked mode; write ``paths.json``, ``PATHS.md`` and ``paths.png``."""
-    model, _ = load_for_eval(options.model, options.pyramid)
+    model, _ = load_model(options.model, options.pyramid)
     paths = all_paths(model)  # checks that the pyramid pools (a ValueError names the strategy otherwise)
     has_routers = hasattr(get_pyramid(model), "routers")
     routed = has_routers and options.pyramid == "saved"  # trained routers whose choices are worth judging

@@ -37,8 +37,8 @@ from PIL import Image
 from dpn.api import has_pyramid, pyramid_disabled
 from dpn.budget import get_router_bias, router_bias
 from dpn.strategies.dpn import checked_router_bias
-from dpn.lab.answering import DEFAULT_MAX_IMAGES, Answer, Answerer, Prepared, Question
-from dpn.lab.messages import MessageError, normalise_messages
+from dpn.lab.engine.answering import DEFAULT_MAX_IMAGES, Answer, Answerer, Prepared, Question
+from dpn.lab.engine.messages import MessageError, normalise_messages
 
 DEFAULT_HOST = "127.0.0.1"  # loopback only unless asked: the server has no authentication
 DEFAULT_PORT = 8000
@@ -508,11 +508,11 @@ def serve(options: ServeOptions) -> None:
     """Load the model and serve it until interrupted."""
     import uvicorn
 
-    from dpn.lab.evaluate import load_for_eval
+    from dpn.lab.engine.loading import load_model
 
     if options.host not in (DEFAULT_HOST, "localhost", "::1"):
         print(f"dpn serve: listening on {options.host}: anyone who reaches it can use the model (no authentication)")
-    model, processor = load_for_eval(options.model, options.pyramid)
+    model, processor = load_model(options.model, options.pyramid)
     app = create_app(model, processor, options)
     try:
         uvicorn.run(app, host=options.host, port=options.port, log_level="info")

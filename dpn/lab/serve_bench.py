@@ -22,7 +22,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from dpn.lab.data.llava import image_files
-from dpn.lab.evaluate import load_for_eval
+from dpn.lab.engine.loading import load_model
 from dpn.lab.serve import ServeOptions, start_in_thread
 
 BENCH_MODEL_NAME = "bench"
@@ -91,7 +91,7 @@ def run_serve_bench(options: ServeBenchOptions) -> list[dict[str, Any]]:
     bodies = request_bodies(options.data, options.max_tokens)
     rows = []
     for pyramid in options.pyramids:
-        model, processor = load_for_eval(options.model, pyramid)
+        model, processor = load_model(options.model, pyramid)
         server = start_in_thread(model, processor, ServeOptions(
             model=options.model, pyramid=pyramid, name=BENCH_MODEL_NAME, port=0,
             batch_window_ms=options.batch_window_ms, max_batch_size=options.max_batch_size,

@@ -46,11 +46,11 @@ from transformers.trainer_utils import SchedulerType, set_seed
 from dpn import presets
 from dpn.config import POSITION_MODES
 from dpn.api import apply_pyramid, get_pyramid, has_pyramid, load_pyramid_weights, pyramid_disabled, save_pyramid
-from dpn.lab.checkpoints import RUN_RECORD, finished_run, is_finished, last_complete_checkpoint
+from dpn.lab.engine.checkpoints import RUN_RECORD, finished_run, is_finished, last_complete_checkpoint
 from dpn.lab.families import family_images
 from dpn.lab.data.llava import DIFFICULTY, LlavaCollator, LlavaDataset
 from dpn.lab.lora import DEFAULT_LORA_TARGETS, add_lora, check_adapter_matches, is_adapter_checkpoint, is_lora, merged
-from dpn.lab.pyramids import prompt_router_token, pyramid_from_spec
+from dpn.lab.engine.pyramids import prompt_router_token, pyramid_from_spec
 from dpn.supervision import IGNORE_INDEX
 from dpn.router_fit import FitReport, fit_routers
 
@@ -476,7 +476,7 @@ def _lora_problems(options: TrainOptions, args: TrainingArguments) -> list[str]:
 def build_model(options: TrainOptions, seed: int = 0):
     """The model and processor to train: ``init_from`` checkpoint, or a fresh tiny LLaVA from ``seed``;
     with ``lora_r``, wrapped by ``add_lora`` (only the adapters and the routers train)."""
-    from dpn.lab import zoo
+    from dpn.lab.families import zoo
 
     if options.init_from:
         model, processor = zoo.load(options.init_from)

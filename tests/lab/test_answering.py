@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dpn.lab.answering import Answerer, Question
+from dpn.lab.engine.answering import Answerer, Question
 from dpn.lab.data.synthetic import generate_split
 from dpn.lab.demo import BASE_CHECKPOINT
-from dpn.lab.evaluate import load_for_eval
+from dpn.lab.engine.loading import load_model
 
 NEW_TOKENS = 3
 
@@ -20,7 +20,7 @@ NEW_TOKENS = 3
 def answerer_and_questions(tmp_path_factory):
     root = tmp_path_factory.mktemp("answering")
     generate_split(root, "test", 2, seed=1)
-    model, processor = load_for_eval(str(BASE_CHECKPOINT), "static:1x2")  # the sequence shrinks at each stage
+    model, processor = load_model(str(BASE_CHECKPOINT), "static:1x2")  # the sequence shrinks at each stage
     questions = []
     for record in json.loads((root / "test.json").read_text()):
         text = record["conversations"][0]["value"].replace("<image>", "").strip()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import dpn
-from dpn.lab.architectures import model_config
+from dpn.lab.families.architectures import model_config
 from dpn.lab.bench import BenchOptions, report_markdown, run_bench, update_markdown_page
 from dpn.lab.cli import main
 from dpn.flops import path_flops, vision_flops

@@ -11,7 +11,8 @@ from helpers import save_tiny_dpn
 from dpn.lab.chat import ChatSession, run_chat
 from dpn.lab.cli import main
 from dpn.lab.data.synthetic import generate_split
-from dpn.lab.evaluate import EvalOptions, evaluate, load_for_eval
+from dpn.lab.engine.loading import load_model
+from dpn.lab.evaluate import EvalOptions, evaluate
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def test_chat_answers_as_dpn_eval_does(setup, tmp_path, pyramid):
                                    output_dir=str(tmp_path / "eval"), max_new_tokens=5, progress=False, plot=False,
                                    measure_latency=False))
     predictions = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
-    model, processor = load_for_eval(str(setup / "model"), pyramid)
+    model, processor = load_model(str(setup / "model"), pyramid)
     session = ChatSession(model, processor, max_new_tokens=5)
     for index, prediction in enumerate(predictions):
         image, question = _question(setup, index)

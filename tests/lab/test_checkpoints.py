@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from dpn.lab.checkpoints import is_finished, last_complete_checkpoint
+from dpn.lab.engine.checkpoints import is_finished, last_complete_checkpoint
 
 
 def _checkpoint(root, step: int, state: str | None = '{"global_step": 1}', weights: dict[str, bytes] | None = None):

@@ -9,7 +9,7 @@ import pytest
 import dpn
 from dpn.lab.cli import main
 from dpn.flops import path_flops
-from dpn.lab.architectures import model_config
+from dpn.lab.families.architectures import model_config
 from dpn.config import PyramidConfig
 from dpn.flops import decoder_flops
 

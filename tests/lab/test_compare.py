@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 
 import dpn
-from dpn.lab import zoo
+from dpn.lab.families import zoo
 from dpn.lab.cli import main
 from dpn.lab.compare import (
     CompareOptions, Variant, ablation_configs, cause_ablation_configs, run_compare, trained_variants,

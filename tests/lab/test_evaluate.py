@@ -8,13 +8,13 @@ import pytest
 import torch
 from helpers import save_tiny_dpn
 
-from dpn.lab import zoo
+from dpn.lab.families import zoo
 from dpn.lab.cli import main
-from dpn.lab.console import PIPED_WIDTH, console
+from dpn.lab.engine.console import PIPED_WIDTH, console
 from dpn.lab.families import family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.data.synthetic import generate_split
-from dpn.lab.decoding import greedy_answer
+from dpn.lab.engine.decoding import greedy_answer
 from dpn.lab.evaluate import EvalOptions, evaluate, normalize_answer, summarize
 
 

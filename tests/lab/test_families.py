@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 import dpn
-from dpn.lab import zoo
+from dpn.lab.families import zoo
 from dpn.lab.cli import main
 from dpn.lab.families import family_images, tiny_builders
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.data.synthetic import generate_split
-from dpn.lab.decoding import greedy_answer
+from dpn.lab.engine.decoding import greedy_answer
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpn.lab.architectures import ARCHITECTURES, image_inputs, image_size_of, model_config, typical_layout
+from dpn.lab.families.architectures import ARCHITECTURES, image_inputs, image_size_of, model_config, typical_layout
 from dpn.lab.families import FamilyImages, family_of, tiny_builders
 from dpn.lab.families.base import _FAMILIES
 from dpn.models import _ADAPTERS

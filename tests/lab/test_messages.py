@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from dpn.lab.messages import MessageError, flatten_content, normalise_messages, question_about
+from dpn.lab.engine.messages import MessageError, flatten_content, normalise_messages, question_about
 
 RED = Image.new("RGB", (4, 4), "red")
 BLUE = Image.new("RGB", (4, 4), "blue")

@@ -9,7 +9,7 @@ from helpers import batch_of, make_prompt, pixels, tiny_llava
 
 import dpn
 from dpn.lab.bench import runtime_overhead
-from dpn.lab.overhead import PassThroughLayer, layers_passed_through
+from dpn.lab.engine.overhead import PassThroughLayer, layers_passed_through
 from dpn.compat import output_cache
 
 

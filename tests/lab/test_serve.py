@@ -15,11 +15,11 @@ from helpers import save_tiny_dpn
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
-from dpn.lab.answering import Answer, Answerer, Question  # noqa: E402
+from dpn.lab.engine.answering import Answer, Answerer, Question  # noqa: E402
 from dpn.lab.chat import ChatSession  # noqa: E402
 from dpn.lab.cli import main  # noqa: E402
 from dpn.lab.data.synthetic import generate_split  # noqa: E402
-from dpn.lab.evaluate import load_for_eval  # noqa: E402
+from dpn.lab.engine.loading import load_model  # noqa: E402
 from dpn.lab.serve import Batcher, Job, RequestError, ServeOptions, Settings, start_in_thread  # noqa: E402
 
 MAX_TOKENS = 6
@@ -37,7 +37,7 @@ def root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(root):
-    model, processor = load_for_eval(str(root / "model"), "saved")
+    model, processor = load_model(str(root / "model"), "saved")
     running = start_in_thread(model, processor, ServeOptions(model=str(root / "model"), name="tiny", port=0,
                                                              image_folder=str(root), batch_window_ms=50))
     yield running
@@ -75,7 +75,7 @@ def _ask(client, root, record: dict, **kwargs):
 @pytest.mark.parametrize("pyramid", ["saved", "none"])
 def test_a_request_is_answered_as_dpn_chat_answers(root, client, pyramid):
     record = _records(root)[0]
-    session = ChatSession(*load_for_eval(str(root / "model"), pyramid), max_new_tokens=MAX_TOKENS)
+    session = ChatSession(*load_model(str(root / "model"), pyramid), max_new_tokens=MAX_TOKENS)
     session.show(root / record["image"])
     expected = session.ask(_question(record))
     extra = {"extra_body": {"dpn": {"pyramid": "off"}}} if pyramid == "none" else {}
@@ -295,7 +295,7 @@ def test_a_failed_batch_fails_its_requests_and_the_next_batch_runs():
 
 
 def test_sampling_follows_the_temperature(root):
-    model, processor = load_for_eval(str(root / "model"), "saved")
+    model, processor = load_model(str(root / "model"), "saved")
     answerer = Answerer(model, processor)
     record = _records(root)[0]
     from PIL import Image

@@ -20,7 +20,7 @@ from dpn.lab.families import family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.data.synthetic import generate_split
 from dpn.lab.train import PyramidTrainer, PyramidTrainingArguments, TrainOptions, parse_train_args, train
-from dpn.lab import zoo
+from dpn.lab.families import zoo
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dpn.lab import zoo
+from dpn.lab.families import zoo
 from dpn.lab.demo import BASE_CHECKPOINT
 
 

@@ -6,10 +6,10 @@ import argparse
 import time
 from pathlib import Path
 
-from dpn.lab.architectures import ARCHITECTURES
+from dpn.lab.families.architectures import ARCHITECTURES
 from dpn.lab.bench import DEFAULT_DECODE_TOKENS, DEFAULT_KV_BUDGET_GIB, ROUTINGS
 from dpn.lab.commands.arguments import command_line
-from dpn.lab.console import console
+from dpn.lab.engine.console import console
 
 NAME = "bench"
 

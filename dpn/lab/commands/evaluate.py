@@ -8,7 +8,7 @@ from rich.table import Table
 
 from dpn.config import POSITION_MODES
 from dpn.lab.commands.arguments import add_model, add_pyramid
-from dpn.lab.console import console as lab_console
+from dpn.lab.engine.console import console as lab_console
 from dpn.strategies.dpn import PROBABILITY_SCALES
 
 NAME = "eval"

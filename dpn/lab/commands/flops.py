@@ -19,8 +19,8 @@ from rich.table import Table
 from dpn import presets
 from dpn.config import PyramidConfig
 from dpn.flops import CONVENTIONS, GIGA, path_flops, vision_flops
-from dpn.lab.architectures import ARCHITECTURES, model_config, typical_layout
-from dpn.lab.console import console as lab_console
+from dpn.lab.families.architectures import ARCHITECTURES, model_config, typical_layout
+from dpn.lab.engine.console import console as lab_console
 from dpn.memory import kv_cache_bytes
 from dpn.models import geometry_of
 

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from dpn import presets
 from dpn.lab.commands.arguments import add_model
-from dpn.lab.console import console as lab_console
+from dpn.lab.engine.console import console as lab_console
 
 NAME = "paths"
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from dpn.lab import serve as serve_defaults
 from dpn.lab.commands.arguments import add_model, require_model
-from dpn.lab.console import console
+from dpn.lab.engine.console import console
 
 NAME = "serve-bench"
 

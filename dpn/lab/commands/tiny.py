@@ -19,7 +19,7 @@ def add_to(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpn.lab import zoo
+    from dpn.lab.families import zoo
     from dpn.lab.families import build_tiny
 
     model, processor = build_tiny(args.family, seed=args.seed)

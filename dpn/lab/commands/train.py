@@ -21,7 +21,7 @@ def add_to(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dpn.lab.checkpoints import is_finished
+    from dpn.lab.engine.checkpoints import is_finished
     from dpn.lab.train import parse_train_args, train
 
     options, training_args = parse_train_args(args.train_argv)  # exits 2 on a bad flag, prints --help

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dpn.lab import zoo
+from dpn.lab.families import zoo
 from dpn.lab.families.base import FamilyImages, SampleImages, register_family
 from dpn.models import geometry_of
 from dpn.spans import Grid

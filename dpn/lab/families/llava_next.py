@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-from dpn.lab import tiny_families
+from dpn.lab.families import tiny_families
 from dpn.lab.families.base import FamilyImages, SampleImages, register_family
 from dpn.models import get_adapter
 

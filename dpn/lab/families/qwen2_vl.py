@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-from dpn.lab import tiny_families
+from dpn.lab.families import tiny_families
 from dpn.lab.families.base import FamilyImages, SampleImages, register_family
 from dpn.models.qwen2_vl import frame_grids
 from dpn.spans import Grid

@@ -7,7 +7,7 @@ import json
 import pytest
 from PIL import Image
 
-from dpn.lab import zoo
+from dpn.lab.families import zoo
 from dpn.lab.families import family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset, encode_conversation, to_messages
 from dpn.supervision import IGNORE_INDEX

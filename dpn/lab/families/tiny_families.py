@@ -3,7 +3,7 @@
 What ``dpn train`` and ``dpn eval`` run on for these families in the tests (no hub): the stock
 model classes with random weights of a few layers, each family's own image processor (Qwen2-VL's
 resizing to multiples of the merged patch, OneVision's anyres crops), and a tokenizer trained here
-(``dpn.lab.zoo.build_tokenizer``) with the family's special tokens and a ChatML chat template as
+(``dpn.lab.families.zoo.build_tokenizer``) with the family's special tokens and a ChatML chat template as
 both families use (``<|im_start|>role ... <|im_end|>``).
 
 Shapes, on the benchmark's 96 x 96 images:
@@ -24,7 +24,7 @@ from transformers import (
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from dpn.lab import zoo
+from dpn.lab.families import zoo
 from dpn.lab.data.processor import ImageTextProcessor
 
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"

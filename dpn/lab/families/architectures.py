@@ -16,7 +16,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from dpn.lab import zoo
+from dpn.lab.families import zoo
 from dpn.lab.families import family_of
 
 # CLIP ViT-L/14 as used by LLaVA-1.5 (336 px -> 24 x 24 patches).
@@ -114,7 +114,7 @@ class Architecture:
 
 
 ARCHITECTURES: dict[str, Architecture] = {
-    # The tiny reference model of dpn.lab.zoo: CLIP 3 x 128 (96 px / 8 -> 12 x 12 = 144 tokens) + Llama 6 x 192.
+    # The tiny reference model of dpn.lab.families.zoo: CLIP 3 x 128 (96 px / 8 -> 12 x 12 = 144 tokens) + Llama 6 x 192.
     "tiny": Architecture(lambda: zoo.llava_config()),
     # LLaVA-1.5-7B: CLIP-L/336 (576 visual tokens) + Vicuna-7B.
     "llava-1.5-7b": Architecture(lambda: _llava(LlamaConfig(**VICUNA_7B), 336, 32000)),

@@ -19,8 +19,8 @@ from PIL import Image
 from dpn.lab.families import family_images
 from dpn.lab.data.llava import LlavaCollator, encode_messages
 from dpn.supervision import IGNORE_INDEX
-from dpn.lab.decoding import decode, prompt_positions
-from dpn.lab.pyramids import prompt_router_token
+from dpn.lab.engine.decoding import decode, prompt_positions
+from dpn.lab.engine.pyramids import prompt_router_token
 
 DEFAULT_MAX_IMAGES = 4  # images in one conversation
 
@@ -59,7 +59,7 @@ class Answer:
 
 
 class Answerer:
-    """Answers questions with ``model`` and its ``processor`` (as ``dpn.lab.zoo.load`` returns them)."""
+    """Answers questions with ``model`` and its ``processor`` (as ``dpn.lab.families.zoo.load`` returns them)."""
 
     def __init__(self, model, processor, max_images: int = DEFAULT_MAX_IMAGES) -> None:
         self.model = model
