@@ -53,3 +53,19 @@ def test_the_vocabulary_names_what_the_code_calls_it():
     assert len(names) > 15
     missing = sorted(name for name in names if not re.search(rf"\b{re.escape(name.split('.')[-1])}\b", source))
     assert not missing, f"vocabulary names that are not in the code: {missing}"
+
+
+def test_tests_the_docs_cite_exist():
+    """A doc that names a test file or a test (``runtime/test_forward.py::test_x``) names one that is there."""
+    tests = ROOT / "tests"
+    missing = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = page.read_text()
+        for path in re.findall(r"(tests/[\w/]+\.py)", text):
+            if not (ROOT / path).is_file():
+                missing.append(f"{page.name}: {path}")
+        for path, name in re.findall(r"([\w/]*test_\w+\.py)::(\w+)", text):
+            files = [f for f in tests.rglob(Path(path).name) if str(f).endswith(path)]
+            if not any(re.search(rf"def {name}\b", f.read_text()) for f in files):
+                missing.append(f"{page.name}: {path}::{name}")
+    assert not missing, f"tests cited in the docs that do not exist: {missing}"

@@ -27,6 +27,7 @@ def setup(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
     options = CompareOptions(
         base=str(setup / "base"), train_data=str(setup / "data" / "train.json"),

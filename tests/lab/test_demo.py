@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from rich.console import Console
 
 from dpn.lab.demo import BASE_CHECKPOINT, DemoOptions, run_demo, static_schedules
 
 
+@pytest.mark.slow
 def test_demo_pipeline_end_to_end(tmp_path):
     options = DemoOptions(
         out_dir=str(tmp_path / "demo"), from_scratch=True, train_samples=12, test_samples=6, finetune_steps=2,

@@ -26,6 +26,7 @@ def data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_lmms_eval_scores_what_dpn_eval_scores(data, tmp_path):
     summary = evaluate(EvalOptions(model=str(SHIPPED_BASE), data=str(data / "test.json"), pyramid=PYRAMID,
                                    output_dir=str(tmp_path / "eval"), progress=False, plot=False,

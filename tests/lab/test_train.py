@@ -307,6 +307,7 @@ def test_the_seed_fixes_everything_routers_included(data, tmp_path):
     assert all(torch.equal(routers[0][k], routers[1][k]) for k in routers[0])
 
 
+@pytest.mark.slow
 def test_torchrun_trains_one_ddp_run_that_matches_one_process(data, tmp_path):
     """Two CPU processes (gloo) with 4 samples each give the losses of one process with 8."""
     eight = data.parent / "eight.json"  # beside its images

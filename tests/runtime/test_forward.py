@@ -318,7 +318,7 @@ def test_gradient_checkpointing_gives_the_gradients_of_a_plain_backward():
         model = tiny_llava()
         if checkpointing:
             model.activation_checkpointing_enable()
-            assert model.is_gradient_checkpointing
+            assert model.is_activation_checkpointing
         dpn.apply_pyramid(model, pyramid_config())
         model.train()
         out = model(**batch, pixel_values=pixels(2), labels=labels, force_experts=[[2, 1, 0], [1, 2, 2]])
