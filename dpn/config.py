@@ -179,9 +179,15 @@ def _from_dict(data: dict[str, Any]) -> tuple[PyramidConfig, dict[str, str]]:
         raise ValueError(f"the pyramid config has no 'version' (dpn writes {CONFIG_VERSION}); add it, or re-save the "
                          "config with dpn")
     inference_state: dict[str, str] = {}
-    if data["version"] == 1:
-        data, inference_state = _migrate_v1(data)
     version = data["version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"pyramid config 'version' must be a whole number >= 1, got {version!r}")
+    if version > CONFIG_VERSION:
+        raise ValueError(f"pyramid config version {version} is newer than this dpn supports ({CONFIG_VERSION}); "
+                         "upgrade dpn")
+    if version == 1:
+        data, inference_state = _migrate_v1(data)
+        version = data["version"]
     unknown = sorted(set(data) - _SHARED_KEYS)
     if unknown:
         raise ValueError(f"unknown pyramid config keys {unknown}; known keys are {sorted(_SHARED_KEYS)}")
@@ -196,7 +202,7 @@ def _from_dict(data: dict[str, Any]) -> tuple[PyramidConfig, dict[str, str]]:
     if version < CONFIG_VERSION:
         name = strategy["name"]
         strategy = {"name": name, **config_class.upgrade({k: v for k, v in strategy.items() if k != "name"}, version)}
-    data = {**data, "version": CONFIG_VERSION}
+        data = {**data, "version": CONFIG_VERSION}
     return PyramidConfig(**{**data, "strategy": config_class.from_dict(strategy)}), inference_state
 
 

@@ -114,3 +114,11 @@ def test_router_weights_follow_model_dtype():
     with torch.no_grad():
         out = model(**batch, pixel_values=pixels(1).to(torch.bfloat16), force_experts=2)
     assert out.logits.dtype == torch.bfloat16 and out.routing.visual_tokens[0, -1] < 64
+
+
+def test_the_old_name_of_a_strategys_config_still_answers_with_a_warning():
+    model = tiny_llava()
+    dpn.apply_pyramid(model, dpn.presets.fastv(model.config))
+    strategy = dpn.get_pyramid(model)
+    with pytest.warns(DeprecationWarning, match="strategy_config"):
+        assert strategy.options is strategy.strategy_config

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -221,3 +223,17 @@ def test_zero_or_negative_strides_are_clear_errors(spec):
 def test_a_spec_that_is_not_a_string_is_a_clear_error(spec):
     with pytest.raises(ValueError, match="a pyramid spec is a string .*'none'"):
         dpn.presets.from_spec(spec, tiny_llava().config)
+
+
+@pytest.mark.parametrize("version, message", [(99, "newer than this dpn supports"), (0, "whole number >= 1"),
+                                              ("3", "whole number >= 1"), (True, "whole number >= 1")])
+def test_a_file_of_an_unknown_version_is_refused_not_migrated(tmp_path, version, message):
+    data = dpn.PyramidConfig(stages=[dpn.PoolingStage(1, [(1, 1), (2, 2)])]).to_dict()
+    (tmp_path / "pyramid_config.json").write_text(json.dumps({**data, "version": version}))
+    with pytest.raises(ValueError, match=message):
+        dpn.PyramidConfig.load(tmp_path)
+
+
+def test_a_current_file_keeps_its_version_and_fields():
+    config = dpn.presets.pdrop(tiny_llava().config)
+    assert dpn.PyramidConfig.from_dict(config.to_dict()) == config

@@ -32,7 +32,7 @@ from lmms_eval.models.registry_v2 import ModelManifest
 from tqdm.auto import tqdm
 
 from dpn.lab.engine.answering import Answerer, Question
-from dpn.lab.engine.messages import normalise_messages, question_about
+from dpn.lab.engine.messages import LMMS_IMAGE_PART, MessageError, normalise_messages, question_about
 from dpn.lab.engine.loading import load_model
 
 MODEL_ID = "dpn"
@@ -70,8 +70,11 @@ class DpnLmms(lmms):
 
     def _question(self, request) -> tuple[Question, list[str]]:
         _, doc_to_messages, gen_kwargs, doc_id, task, split = request.args
-        messages, images = normalise_messages(list(doc_to_messages(self.task_dict[task][split][doc_id])),
-                                              self._image_part)
+        try:
+            messages, images = normalise_messages(list(doc_to_messages(self.task_dict[task][split][doc_id])),
+                                                  self._image_part, LMMS_IMAGE_PART)
+        except MessageError as err:
+            raise ValueError(f"dpn answers about images and text; task {task}: {err}") from err
         return self._with_generation(messages, images, gen_kwargs)
 
     def _with_generation(self, messages: list[dict], images: list, gen_kwargs: dict | None) -> tuple[Question, list[str]]:
@@ -85,8 +88,9 @@ class DpnLmms(lmms):
     @staticmethod
     def _image_part(part: dict, where: str):
         """lmms-eval hands an image part's picture over as ``url``."""
-        if part.get("type") != "image" or not hasattr(part.get("url"), "convert"):
-            raise ValueError(f"dpn answers about images and text; the task sent {part!r:.80} in {where}")
+        if not hasattr(part.get("url"), "convert"):
+            raise ValueError(f"dpn answers about images; the task's image part in {where} holds a "
+                             f"{type(part.get('url')).__name__}, not an image")
         return part["url"].convert("RGB")
 
     @staticmethod

@@ -38,7 +38,7 @@ from dpn.api import has_pyramid, pyramid_disabled
 from dpn.budget import get_router_bias, router_bias
 from dpn.strategies.dpn import checked_router_bias
 from dpn.lab.engine.answering import DEFAULT_MAX_IMAGES, Answer, Answerer, Prepared, Question
-from dpn.lab.engine.messages import MessageError, normalise_messages
+from dpn.lab.engine.messages import OPENAI_IMAGE_PART, MessageError, normalise_messages
 
 DEFAULT_HOST = "127.0.0.1"  # loopback only unless asked: the server has no authentication
 DEFAULT_PORT = 8000
@@ -301,7 +301,7 @@ class RequestReader:
 
     def _messages(self, raw: list | None) -> tuple[list[dict], list[Image.Image]]:
         try:
-            messages, images = normalise_messages(raw, self._image_part)
+            messages, images = normalise_messages(raw, self._image_part, OPENAI_IMAGE_PART)
         except MessageError as err:
             raise RequestError(400, str(err), param=err.where) from err
         if len(images) > self.options.max_images:
@@ -313,8 +313,8 @@ class RequestReader:
         """An OpenAI ``image_url`` part's image (a data URL, or a file under --image-folder)."""
         url = part.get("image_url")
         url = url.get("url") if isinstance(url, dict) else url
-        if part.get("type") != "image_url" or not isinstance(url, str):
-            raise RequestError(400, f"{param}: an image part is {{type: image_url, image_url: {{url}}}}", param=param)
+        if not isinstance(url, str):
+            raise RequestError(400, f"{param}: an image_url part needs image_url.url", param=param)
         return self._image(url, param)
 
     def _image(self, url: str, param: str) -> Image.Image:

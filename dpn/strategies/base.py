@@ -18,6 +18,7 @@ Spec strings (``--pyramid fastv:0.5``) map to presets with :func:`register_spec`
 from __future__ import annotations
 
 import math
+import warnings
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
@@ -298,6 +299,12 @@ class Strategy(nn.Module, metaclass=ABCMeta):
         self.config = config
         self.strategy_config = config.strategy
         self.geometry = geometry
+
+    @property
+    def options(self) -> StrategyConfig:
+        """The old name of ``strategy_config`` (before 0.3), kept for strategies written against it."""
+        warnings.warn("Strategy.options is now Strategy.strategy_config", DeprecationWarning, stacklevel=2)
+        return self.strategy_config
 
     @property
     def stage_layers(self) -> list[int]:

@@ -17,8 +17,9 @@ from PIL import Image
 from dpn.lab.data.llava import IMAGE_PLACEHOLDER
 
 ROLES = ("system", "user", "assistant")
-# Part types that carry an image: OpenAI's and lmms-eval's.
-IMAGE_PARTS = ("image_url", "image")
+# Part types that carry an image: OpenAI's (dpn serve) and lmms-eval's.
+OPENAI_IMAGE_PART = "image_url"
+LMMS_IMAGE_PART = "image"
 
 
 class MessageError(ValueError):
@@ -38,8 +39,9 @@ def image_lines(count: int) -> str:
     return f"{IMAGE_PLACEHOLDER}\n" * count
 
 
-def flatten_content(content: Any, load_image: ImageLoader, where: str) -> tuple[str, list[Image.Image]]:
-    """A message's content as text with image placeholders, and its images."""
+def flatten_content(content: Any, load_image: ImageLoader, image_part: str, where: str) -> tuple[str, list[Image.Image]]:
+    """A message's content as text with image placeholders, and its images (parts of type
+    ``image_part``, each loaded by ``load_image``)."""
     if isinstance(content, str):
         return content, []
     if not isinstance(content, list):
@@ -49,17 +51,18 @@ def flatten_content(content: Any, load_image: ImageLoader, where: str) -> tuple[
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
             text += part["text"]
-        elif kind in IMAGE_PARTS:
+        elif kind == image_part:
             images.append(load_image(part, where))
             text += image_lines(1)
         else:
-            raise MessageError(f"{where}: parts must be {{type: text, text}} or an image ({' or '.join(IMAGE_PARTS)}), "
-                               f"got {part!r:.80}", where)
+            raise MessageError(f"{where}: parts must be {{type: text, text}} or {{type: {image_part}, ...}}, got a part "
+                               f"of type {kind!r}", where)
     return text, images
 
 
-def normalise_messages(raw: Any, load_image: ImageLoader) -> tuple[list[dict], list[Image.Image]]:
-    """Chat messages in the engine's form and their images; the last message must be the user's."""
+def normalise_messages(raw: Any, load_image: ImageLoader, image_part: str) -> tuple[list[dict], list[Image.Image]]:
+    """Chat messages in the engine's form and their images (parts of type ``image_part``); the last
+    message must be the user's."""
     if not isinstance(raw, list) or not raw:
         raise MessageError("'messages' must be a non-empty list", "messages")
     messages, images = [], []
@@ -67,7 +70,7 @@ def normalise_messages(raw: Any, load_image: ImageLoader) -> tuple[list[dict], l
         where = f"messages[{index}]"
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             raise MessageError(f"{where} must be an object with a role in {ROLES}", where)
-        text, found = flatten_content(message.get("content"), load_image, where)
+        text, found = flatten_content(message.get("content"), load_image, image_part, where)
         messages.append({"role": message["role"], "content": text})
         images += found
     if messages[-1]["role"] != "user":
