@@ -25,7 +25,11 @@ from dpn.strategies.dpn import PROBABILITY_SCALES, DynamicPyramid
 
 # The bias is in log-probability units; beyond this magnitude every router is saturated.
 MAX_BIAS = 30.0
-BISECTION_STEPS = 14
+# Bisection steps at most: 2 x MAX_BIAS / 2**30 is about 6e-8, finer than the margins of routers that
+# were fitted to per-path losses (their experts' log-probabilities can differ by 1e-3 or less).
+BISECTION_STEPS = 30
+# Calibration stops early once the FLOPs ratio is this close to the target from below.
+CALIBRATION_TOLERANCE = 0.002
 
 
 class UnreachableBudgetError(ValueError):
@@ -100,7 +104,8 @@ def calibrate_router_bias(
     model: nn.Module, batches: list[dict], target: float, steps: int = BISECTION_STEPS, progress: bool = True
 ) -> tuple[float, float]:
     """The router bias whose mean FLOPs ratio on ``batches`` is closest to ``target`` from below
-    (or the smallest ratio reachable above it); sets it on ``model`` and returns (bias, ratio).
+    (bisection until within ``CALIBRATION_TOLERANCE`` or ``steps`` halvings); sets it on ``model``
+    and returns (bias, ratio).
 
     Raises ``UnreachableBudgetError`` (a ``ValueError``) when ``target`` is below what the pyramid
     reaches at full compression.
@@ -119,6 +124,8 @@ def calibrate_router_bias(
             )
         low, high, best = -MAX_BIAS, MAX_BIAS, (MAX_BIAS, lowest)
         for _ in _steps(steps, f"calibrating the router bias for {target:.2f} x FLOPs", progress):
+            if target - best[1] <= CALIBRATION_TOLERANCE:
+                break
             middle = (low + high) / 2
             set_router_bias(model, middle)
             ratio = mean_flops_ratio(model, batches)
