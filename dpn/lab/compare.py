@@ -546,7 +546,7 @@ def plot_pareto(rows: list[dict[str, Any]], image_dir: Path, oracle: dict[str, A
         figure, axis = plt.subplots(figsize=(6, 4.2))
         present = {r["family"] for r in rows if not r["ablation"] and r.get(metric)}
         styles = plot_styles(present)
-        families = sorted(present, key=list(styles).index)
+        families = list(styles)  # in legend order
         for family in families:
             points = sorted((r for r in rows if r["family"] == family and not r["ablation"] and r.get(metric)),
                             key=lambda r: r["flops_ratio"][0])

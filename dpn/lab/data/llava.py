@@ -28,6 +28,7 @@ from dpn.router_token import insert_router_tokens
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_PLACEHOLDER = "<image>"
+IMAGE_LINE = f"{IMAGE_PLACEHOLDER}\n"  # an image first in a turn: its placeholder on a line of its own
 SHOWN_PROBLEMS = 20  # data problems listed in one error
 # A record's optional tag (the synthetic benchmark's easy / medium / hard / multi); training batches
 # carry it under this key so the trainer can log routing per difficulty (it never reaches the model).
@@ -199,7 +200,7 @@ def with_image_placeholders(messages: list[dict], images: int) -> list[dict]:
     """``messages`` with one ``<image>`` per image: as they are, or (with none) all first in the first turn."""
     placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
     if images and placeholders == 0:
-        return [{**messages[0], "content": f"{IMAGE_PLACEHOLDER}\n" * images + messages[0]["content"]}, *messages[1:]]
+        return [{**messages[0], "content": IMAGE_LINE * images + messages[0]["content"]}, *messages[1:]]
     if placeholders != images:
         raise ValueError(f"{placeholders} <image> placeholders but {images} images")
     return messages

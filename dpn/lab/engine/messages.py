@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from PIL import Image
 
-from dpn.lab.data.llava import IMAGE_PLACEHOLDER
+from dpn.lab.data.llava import IMAGE_LINE, with_image_placeholders
 
 ROLES = ("system", "user", "assistant")
 # Part types that carry an image: OpenAI's (dpn serve) and lmms-eval's.
@@ -34,11 +34,6 @@ class MessageError(ValueError):
 ImageLoader = Callable[[dict, str], Image.Image]
 
 
-def image_lines(count: int) -> str:
-    """The placeholders of ``count`` images, one line each."""
-    return f"{IMAGE_PLACEHOLDER}\n" * count
-
-
 def flatten_content(content: Any, load_image: ImageLoader, image_part: str, where: str) -> tuple[str, list[Image.Image]]:
     """A message's content as text with image placeholders, and its images (parts of type
     ``image_part``, each loaded by ``load_image``)."""
@@ -53,7 +48,7 @@ def flatten_content(content: Any, load_image: ImageLoader, image_part: str, wher
             text += part["text"]
         elif kind == image_part:
             images.append(load_image(part, where))
-            text += image_lines(1)
+            text += IMAGE_LINE
         else:
             raise MessageError(f"{where}: parts must be {{type: text, text}} or {{type: {image_part}, ...}}, got a part "
                                f"of type {kind!r}", where)
@@ -79,5 +74,5 @@ def normalise_messages(raw: Any, load_image: ImageLoader, image_part: str) -> tu
 
 
 def question_about(text: str, images: list[Image.Image]) -> list[dict]:
-    """One user message asking ``text`` about ``images`` (placed first)."""
-    return [{"role": "user", "content": image_lines(len(images)) + text}]
+    """One user message asking ``text`` about ``images`` (placed first, as the data path places them)."""
+    return with_image_placeholders([{"role": "user", "content": text}], len(images))

@@ -16,8 +16,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from dpn.lab.families import zoo
-from dpn.lab.families import family_of
+from dpn.lab.families import family_of, zoo
 
 # CLIP ViT-L/14 as used by LLaVA-1.5 (336 px -> 24 x 24 patches).
 CLIP_L = dict(
