@@ -50,6 +50,41 @@ def test_training_draws_every_path_alike_and_leaves_the_routers_alone():
     assert all(p.grad is None or not p.grad.any() for p in dpn.get_pyramid(model).routers.parameters())
 
 
+def test_a_keep_share_draws_the_keep_every_token_expert_that_often():
+    model = tiny_llava(seed=0)
+    dpn.apply_pyramid(model, dpn.presets.fitted(model.config, fit_keep_share=0.6))
+    model.train()
+    batch = _labelled_batch()
+    drawn = torch.stack([model(**batch).routing.experts[:2] for _ in range(80)])
+    routed = drawn[drawn >= 0]  # a stage that did not route a sample records no expert
+    keep_share = (routed == 0).float().mean().item()
+    assert abs(keep_share - 0.6) < 0.1, keep_share
+    assert abs((routed == 1).float().mean().item() - 0.2) < 0.08  # the pooling experts share the rest
+    assert dpn.get_pyramid(model).fit_draw_weights(0).tolist() == pytest.approx([0.6, 0.2, 0.2])
+
+
+def test_a_keep_share_of_one_trains_only_the_full_detail_path():
+    model = tiny_llava(seed=0)
+    dpn.apply_pyramid(model, dpn.presets.fitted(model.config, fit_keep_share=1.0))
+    model.train()
+    out = model(**_labelled_batch())
+    assert (out.routing.experts[:2][out.routing.experts[:2] >= 0] == 0).all()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"fit_keep_share": 1.5}, r"fit_keep_share must be a probability in \[0, 1\]"),
+    ({"fit_keep_share": "half"}, r"fit_keep_share must be a probability"),
+])
+def test_a_keep_share_outside_zero_to_one_is_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        dpn.presets.fitted(tiny_llava().config, **overrides)
+
+
+def test_a_keep_share_is_refused_for_routers_that_learn_by_gradient():
+    with pytest.raises(ValueError, match="fit_keep_share=0.5 shapes the paths drawn in training for router_training='fit'"):
+        dpn.presets.paper(tiny_llava().config, fit_keep_share=0.5)
+
+
 def test_per_sample_loss_is_the_mean_over_supervised_tokens():
     logits = torch.randn(2, 5, 7)
     labels = torch.tensor([[-100, 3, 4, -100, -100], [-100, -100, -100, -100, -100]])

@@ -88,6 +88,11 @@ class DPNConfig(PoolingConfig):
             ``routing_loss="none"`` (the routers take no part in training).
         fit_flops_weight: with ``router_training="fit"``, the price of one unit of FLOPs ratio in LM
             loss when choosing each sample's target path (higher: more compression).
+        fit_keep_share: with ``router_training="fit"``, the probability that a stage draws its
+            keep-every-token expert in training (the other experts share the rest equally), so the
+            full-detail path, which hard questions need, is learnt more often than 1 in E per stage.
+            1.0 trains only that path (a plain fine-tune) and leaves the pooled paths training-free.
+            None (the default): every expert alike.
     """
 
     name = "dpn"
@@ -109,6 +114,7 @@ class DPNConfig(PoolingConfig):
     min_kept_tokens: int | None = None
     router_training: str = "gradient"
     fit_flops_weight: float = DEFAULT_FIT_FLOPS_WEIGHT
+    fit_keep_share: float | None = None
 
     @classmethod
     def from_version_1(cls, flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -148,6 +154,13 @@ class DPNConfig(PoolingConfig):
                 f"needs probability_scale='none' and routing_loss='none' (got {self.probability_scale!r}, "
                 f"{self.routing_loss!r}); dpn.presets.fitted sets them"
             )
+        if self.fit_keep_share is not None:
+            if self.router_training != "fit":
+                raise ValueError(f"fit_keep_share={self.fit_keep_share!r} shapes the paths drawn in training for "
+                                 "router_training='fit' only; leave it None with router_training='gradient'")
+            if not (isinstance(self.fit_keep_share, (int, float)) and 0 <= self.fit_keep_share <= 1):
+                raise ValueError(f"fit_keep_share must be a probability in [0, 1], got {self.fit_keep_share!r}")
+            self.fit_keep_share = float(self.fit_keep_share)
         if self.routing_loss == "budget":
             if self.budget_target is None:
                 raise ValueError("routing_loss='budget' needs budget_target, a FLOPs fraction in (0, 1]; got None")
@@ -269,8 +282,9 @@ class DynamicPyramid(GridPooling):
             logits = torch.log_softmax(logits, dim=-1) + self.router_bias * host_tensor(scales, logits.device,
                                                                                         logits.dtype)
         probs = torch.softmax(logits, dim=-1)
-        if self.training and self.strategy_config.router_training == "fit":  # every path alike; the routers wait
-            choice = torch.randint(0, probs.shape[-1], (probs.shape[0],), device=probs.device)
+        if self.training and self.strategy_config.router_training == "fit":  # paths drawn blind; the routers wait
+            weights = self.fit_draw_weights(stage).to(probs.device)
+            choice = torch.multinomial(weights.expand(probs.shape[0], -1), 1).squeeze(-1)
         elif self.training and self.strategy_config.sample_in_training:
             choice = torch.multinomial(probs.detach(), 1).squeeze(-1)
         else:
@@ -285,9 +299,30 @@ class DynamicPyramid(GridPooling):
             # Rows where no expert keeps enough take the one that keeps the most.
             most = F.one_hot(kept.argmax(1), kept.shape[1]).to(probs.device, torch.bool)
             allowed = torch.where(allowed.any(1, keepdim=True), allowed, most)
-            weights = allowed.float() if self.strategy_config.router_training == "fit" else probs.detach() * allowed
+            if self.strategy_config.router_training == "fit":
+                weights = self.fit_draw_weights(stage).to(probs.device) * allowed
+                # A guard that rules out every expert the draw weighs (share 1.0, keep not allowed) leaves the allowed ones.
+                weights = torch.where(weights.sum(1, keepdim=True) > 0, weights, allowed.float())
+            else:
+                weights = probs.detach() * allowed
             choice = torch.multinomial(weights, 1).squeeze(-1)
         return probs, choice
+
+    def fit_draw_weights(self, stage: int) -> torch.Tensor:
+        """(E,) how often ``router_training="fit"`` training draws each expert of ``stage``: equally, or
+        ``fit_keep_share`` for the keep-every-token (1x1) expert and the rest shared by the others."""
+        shares = self.expert_shares(stage)
+        share = self.strategy_config.fit_keep_share
+        keeps = [e for e, kept in enumerate(shares) if kept == 1]
+        if share is None or not keeps or len(keeps) == len(shares):
+            return torch.ones(len(shares))
+        weights = torch.full((len(shares),), (1.0 - share) / (len(shares) - len(keeps)))
+        weights[keeps] = share / len(keeps)
+        return weights
+
+    def expert_shares(self, stage: int) -> list[float]:
+        """The share of a grid's visual tokens each expert of ``stage`` keeps (1 / (kh x kw))."""
+        return [1.0 / (kh * kw) for kh, kw in self.config.stages[stage].experts]
 
     def kept_tokens(self, stage: int, spans, samples: list[int]) -> torch.Tensor:
         """(n, E) on the host: the visual tokens each expert would leave each of ``samples``."""
@@ -349,8 +384,7 @@ class DynamicPyramid(GridPooling):
         text = counts.text.float()
         segment_tokens = [text + visual]
         for stage, plan in enumerate(plans):
-            shrink = host_tensor([1.0 / (kh * kw) for kh, kw in self.config.stages[stage].experts],
-                                 visual.device, torch.float32)
+            shrink = host_tensor(self.expert_shares(stage), visual.device, torch.float32)
             factor = torch.where(plan.routed, (plan.router_probs * shrink).sum(-1), torch.ones_like(visual))
             visual = visual * factor
             segment_tokens.append(text + visual)
