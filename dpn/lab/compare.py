@@ -92,6 +92,7 @@ class Point:
     budget: float | None = None  # DPN: calibrate the router bias to this FLOPs fraction
     ablation: bool = False
     positions: str | None = None  # evaluation-time position mode (training-free strategies)
+    routed: bool = False  # a --routed preset: DPN routers (fitted), judged beside DPN's own rows
 
 
 @dataclass
@@ -114,6 +115,9 @@ class CompareOptions:
     dpn_budgets: list[float] = field(default_factory=lambda: [0.8, 0.6])
     # Peers fine-tuned with their own strategy (any --pyramid spec), beside their training-free rows.
     fine_tuned: list[str] = field(default_factory=lambda: ["fastv:0.5"])
+    # Other presets with fitted routers (e.g. "select:0.2", a config file): fine-tuned, then evaluated at
+    # their own routing and calibrated to dpn_budgets, like the fitted DPN; judged as DPN rows.
+    routed: list[str] = field(default_factory=list)
     fit_flops_weight: float = DEFAULT_FIT_FLOPS_WEIGHT
     router_fit_samples: int = DEFAULT_ROUTER_FIT_SAMPLES
     positions: str | None = "keep"  # every row's position mode but the ablations'; None: each strategy's own
@@ -133,7 +137,7 @@ def trained_variants(options: CompareOptions, model_config: Any, config_dir: Pat
     specs = {"vanilla": "none", "dpn": "paper", RELEASED: "released", FITTED: f"fitted:{options.fit_flops_weight:g}",
              "random": "random", **{f"static:{s}": f"static:{s}" for s in options.static_strides},
              **{f"projector:{s}": f"projector:{s}" for s in options.projector_strides},
-             **{f"{spec}{FINE_TUNED}": spec for spec in options.fine_tuned}}
+             **{f"{spec}{FINE_TUNED}": spec for spec in options.fine_tuned}, **{spec: spec for spec in options.routed}}
     variants = {name: Variant(spec, None if spec == "none" else positions) for name, spec in specs.items()}
     configs = {}
     if options.ablations:
@@ -202,8 +206,33 @@ def evaluation_points(options: CompareOptions, trained: dict[str, Variant]) -> l
     points += [Point(spec, spec.partition(":")[0], "vanilla", pyramid=spec, positions=options.positions)
                for spec in options.training_free]
     points += [Point(name, name.partition(":")[0] + FINE_TUNED, name) for name in trained if name.endswith(FINE_TUNED)]
+    for spec in options.routed:
+        family = _routed_family(spec)
+        points.append(Point(spec, family, spec, routed=True))
+        points += [Point(f"{spec} @ {b:g} FLOPs", family, spec, budget=b, routed=True) for b in options.dpn_budgets]
     points += [Point(name, _base_family(name.partition(",")[0]), name, ablation=True) for name in trained if ", " in name]
     return points
+
+
+def _routed_family(spec: str) -> str:
+    """The curve of a --routed preset: its spec name, or a config file's stem."""
+    return Path(spec).stem if spec.endswith(".json") else spec.partition(":")[0]
+
+
+def is_dpn_row(row: dict[str, Any]) -> bool:
+    """Whether a row is one of DPN's (its routers or its variants): judged against the peers, not as one."""
+    return row["family"] in DPN_FAMILIES or bool(row.get("routed"))
+
+
+def check_routed_specs(options: CompareOptions) -> None:
+    """A --routed spec is its own row: it may not also name a training-free or fine-tuned point."""
+    taken = {*options.training_free, *options.fine_tuned, "vanilla", "dpn", "random"}
+    clashes = sorted(set(options.routed) & taken)
+    if clashes:
+        raise ValueError(f"--routed {' '.join(clashes)}: also given as a training-free or fine-tuned peer (or a row "
+                         "compare builds itself); a spec is one row")
+    if len(set(options.routed)) != len(options.routed):
+        raise ValueError(f"--routed names a spec twice: {options.routed}")
 
 
 def _base_family(name: str) -> str:
@@ -223,6 +252,7 @@ def run_compare(options: CompareOptions, console: Console | None = None) -> dict
                        (Path(options.train_data), "training data"), (Path(options.test_data), "test data")):
         if not path.is_file():
             raise FileNotFoundError(f"no {what} at {path}")
+    check_routed_specs(options)
     start = time.perf_counter()
     out = Path(options.out_dir)
     model_config = LlavaConfig.from_pretrained(options.base)
@@ -441,8 +471,8 @@ def dominance(rows: list[dict[str, Any]]) -> list[str]:
     def cheaper(candidates, row):
         return [c for c in candidates if c["flops_ratio"][0] <= row["flops_ratio"][0] + MATCHED_FLOPS_SLACK]
 
-    dpn_points = [r for r in rows if r["family"] in DPN_FAMILIES and not r["ablation"]]
-    peers = [r for r in rows if r["family"] not in (*DPN_FAMILIES, "vanilla") and not r["ablation"]]
+    dpn_points = [r for r in rows if is_dpn_row(r) and not r["ablation"]]
+    peers = [r for r in rows if not is_dpn_row(r) and r["family"] != "vanilla" and not r["ablation"]]
     lines = []
     for row in peers:
         matched = cheaper(dpn_points, row)
@@ -463,15 +493,16 @@ def dominance(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def goal_check(rows: list[dict[str, Any]]) -> list[str]:
-    """The goal of issue 24, stated from the rows: the fitted DPN at least as accurate as every peer
-    point (not DPN, not vanilla) with FLOPs in ``GOAL_FLOPS_RANGE`` at no more FLOPs (+ slack);
-    its accuracy at no more than ``GOAL_FLOPS`` as a share of vanilla's; hard vs easy kept tokens."""
-    fitted = [r for r in rows if r["family"] == FITTED]
+def goal_check(rows: list[dict[str, Any]], family: str = FITTED) -> list[str]:
+    """The goal of issue 24, stated from the rows: the DPN preset ``family`` (the fitted DPN, or a
+    --routed preset) at least as accurate as every peer point (not DPN, not vanilla) with FLOPs in
+    ``GOAL_FLOPS_RANGE`` at no more FLOPs (+ slack); its accuracy at no more than ``GOAL_FLOPS`` as
+    a share of vanilla's; hard vs easy kept tokens."""
+    fitted = [r for r in rows if r["family"] == family]
     if not fitted:
-        return [f"- no {FITTED} row"]
+        return [f"- no {family} row"]
     low, high = GOAL_FLOPS_RANGE
-    peers = [r for r in rows if r["family"] not in (*DPN_FAMILIES, "vanilla") and low <= r["flops_ratio"][0] <= high]
+    peers = [r for r in rows if not is_dpn_row(r) and r["family"] != "vanilla" and low <= r["flops_ratio"][0] <= high]
     lines, met = [], 0
     for peer in sorted(peers, key=lambda r: r["flops_ratio"][0]):
         matched = [f for f in fitted if f["flops_ratio"][0] <= peer["flops_ratio"][0] + MATCHED_FLOPS_SLACK]
@@ -574,7 +605,10 @@ def results_page(report: dict[str, Any], plots: list[Path], page_dir: Path) -> s
     ablations = [r for r in rows if r["ablation"] or r["name"] in ("dpn", FITTED, "static:2x2", "random")]
     images = "\n".join(f"![{p.stem}]({_relative(p, page_dir)})" for p in plots)
     hard_easy = [f"- {r['name']}: hard {r['kept_hard_easy'][0]:.1f} vs easy {r['kept_hard_easy'][1]:.1f}"
-                 for r in rows if r["kept_hard_easy"] and r["family"] in DPN_FAMILIES]
+                 for r in rows if r["kept_hard_easy"] and is_dpn_row(r)]
+    candidates = [FITTED, *dict.fromkeys(r["family"] for r in main if r.get("routed"))]
+    goals = [line for family in candidates
+             for line in ["", f"## Is {family} on the Pareto frontier?", "", *goal_check(main, family)]]
     return "\n".join([
         "# Accuracy vs compute: DPN and its peers",
         "",
@@ -596,8 +630,10 @@ def results_page(report: dict[str, Any], plots: list[Path], page_dir: Path) -> s
         "Rows named by a training-free spec run on the vanilla fine-tune; `(fine-tuned)` rows and every other row are "
         "fine-tuned with their strategy. `X @ F FLOPs` is the trained DPN X with its router bias calibrated to F (no "
         f"retraining). `{FITTED}` is `dpn.presets.fitted`: fine-tuned on uniformly drawn paths, then its routers fitted "
-        "to each training sample's LM loss + FLOPs price under every path. Position mode of every row but the "
-        f"ablations: {options.get('positions') or 'each strategy its own'}.",
+        "to each training sample's LM loss + FLOPs price under every path"
+        + (f"; {', '.join(f'`{spec}`' for spec in options.get('routed', []))}: fitted-router presets given with "
+           "`--routed`, fine-tuned and calibrated the same way" if options.get("routed") else "")
+        + f". Position mode of every row but the ablations: {options.get('positions') or 'each strategy its own'}.",
         "",
         table(main),
         *[f"\nNot evaluated: {name}: {reason}" for name, reason in report.get("skipped", {}).items()],
@@ -608,9 +644,7 @@ def results_page(report: dict[str, Any], plots: list[Path], page_dir: Path) -> s
         "",
         *dominance(main),
         "",
-        f"## Is {FITTED} on the Pareto frontier?",
-        "",
-        *goal_check(main),
+        *goals[1:],
         *oracle_lines(report.get("oracle")),
         "",
         "Kept visual tokens after the last stage, hard vs easy questions (DPN rows):",

@@ -1,7 +1,8 @@
 """Compression strategies, one file each, registered by name (``dpn.strategies.base``).
 
 Built in: ``dpn`` (the paper's routers), ``static``, ``random``, ``projector`` (pooling peers and
-ablations), ``fastv``, ``pdrop``, ``dart``, ``divprune``, ``vispruner``, ``visionzip`` and ``sparsevlm`` (token selection). A new method is one file that
+ablations), ``fastv``, ``pdrop``, ``dart``, ``divprune``, ``vispruner``, ``visionzip`` and ``sparsevlm`` (token selection),
+``routed_selection`` (DPN's routers choosing keep ratios of a FastV-ranked selection). A new method is one file that
 defines its stage, config and module and calls ``register_strategy`` (and ``register_spec`` for a
 ``--pyramid`` spec string); import it before building its configs.
 """
@@ -10,7 +11,9 @@ from dpn.strategies.base import (
     Stage, StageInput, StagePlan, Strategy, StrategyConfig, TokenCounts, TokenPath, register_spec, register_strategy,
     registered_strategies, strategy_entry,
 )
-from dpn.strategies import dart, divprune, dpn, fastv, pdrop, projector, random_experts, sparsevlm, static, visionzip, vispruner  # noqa: F401
+from dpn.strategies import (  # noqa: F401
+    dart, divprune, dpn, fastv, pdrop, projector, random_experts, routed_selection, sparsevlm, static, visionzip, vispruner,
+)
 from dpn.strategies.dart import DARTConfig
 from dpn.strategies.divprune import DivPruneConfig
 from dpn.strategies.dpn import DPNConfig, DynamicPyramid, Router
@@ -19,6 +22,7 @@ from dpn.strategies.pdrop import PDropConfig
 from dpn.strategies.pooling import GridPooling, PoolingConfig, PoolingStage
 from dpn.strategies.projector import ProjectorConfig
 from dpn.strategies.random_experts import RandomConfig, RandomPooling
+from dpn.strategies.routed_selection import RoutedSelection, RoutedSelectionConfig, RoutedSelectionStage
 from dpn.strategies.selection import AttentionSelection, SelectionConfig, SelectionStage
 from dpn.strategies.sparsevlm import SparseVLMConfig
 from dpn.strategies.static import StaticConfig, StaticPooling
@@ -27,7 +31,8 @@ from dpn.strategies.vispruner import VisPrunerConfig
 
 __all__ = [
     "AttentionSelection", "DARTConfig", "DPNConfig", "DivPruneConfig", "DynamicPyramid", "FastVConfig", "GridPooling", "PDropConfig",
-    "PoolingConfig", "PoolingStage", "ProjectorConfig", "RandomConfig", "RandomPooling", "Router", "SelectionConfig",
+    "PoolingConfig", "PoolingStage", "ProjectorConfig", "RandomConfig", "RandomPooling", "RoutedSelection", "RoutedSelectionConfig",
+    "RoutedSelectionStage", "Router", "SelectionConfig",
     "SelectionStage", "SparseVLMConfig", "Stage", "StageInput", "StagePlan", "StaticConfig", "StaticPooling", "Strategy",
     "StrategyConfig", "TokenCounts", "TokenPath", "VisionZipConfig", "VisPrunerConfig", "register_spec", "register_strategy", "registered_strategies",
     "strategy_entry",

@@ -179,16 +179,15 @@ class GridPooling(Strategy):
     def num_choices(self, stage: int) -> int:
         return len(self.config.stages[stage].experts)
 
-    def plan(self, stage: int, inputs: StageInput) -> StagePlan:
-        """Choose an expert for every sample with a poolable grid and pool its grids with it."""
-        hidden, spans = inputs.hidden, inputs.spans
-        batch, seq_len, width = hidden.shape
-        device = hidden.device
-        experts = self.config.stages[stage].experts
+    def routed_plan(self, stage: int, inputs: StageInput) -> tuple[StagePlan, list[int], dict[int, int]]:
+        """The plan with every choice recorded but no tokens yet, the spans whose grids are big enough
+        to compress (``min_tokens_to_pool``), and the expert chosen (or forced) for each of their samples."""
+        spans = inputs.spans
+        device = inputs.hidden.device
         eligible = [k for k in range(len(spans)) if spans.size(k) >= self.strategy_config.min_tokens_to_pool]
-        plan = StagePlan.unrouted(batch, len(experts), device)
+        plan = StagePlan.unrouted(inputs.hidden.shape[0], self.num_choices(stage), device)
         if not eligible:
-            return plan
+            return plan, eligible, {}
         samples = sorted({spans.sample[k] for k in eligible})
         routed = host_tensor(samples, device)
         probs, choice = self.choose(stage, inputs, routed)
@@ -199,9 +198,19 @@ class GridPooling(Strategy):
         plan.expert_probability = plan.expert_probability.index_copy(0, routed, chosen_probability)
         plan.router_probs = plan.router_probs.index_copy(0, routed, probs)
         plan.routed = plan.routed.index_fill(0, routed, True)
+        return plan, eligible, dict(zip(samples, choice.tolist()))
+
+    def plan(self, stage: int, inputs: StageInput) -> StagePlan:
+        """Choose an expert for every sample with a poolable grid and pool its grids with it."""
+        hidden, spans = inputs.hidden, inputs.spans
+        batch, seq_len, width = hidden.shape
+        device = hidden.device
+        experts = self.config.stages[stage].experts
+        plan, eligible, choice_of_sample = self.routed_plan(stage, inputs)
+        if not eligible:
+            return plan
 
         scale = self.token_scale(plan.expert_probability)
-        choice_of_sample = dict(zip(samples, choice.tolist()))
         groups: dict[tuple[int, int, int, int], list[int]] = {}
         for k in eligible:
             kernel = experts[choice_of_sample[spans.sample[k]]]

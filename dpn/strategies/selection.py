@@ -130,6 +130,16 @@ class ImageByImage(Strategy):
         the original token it stands for; ``image`` is the flat index of the image's visual tokens."""
 
 
+def query_attention_scores(name: str, inputs: StageInput) -> torch.Tensor:
+    """(batch, length) the attention each sample's query token pays each token inside the stage's
+    own layer (mean over heads), as FastV ranks; ``name`` is the strategy asking, for the error."""
+    if inputs.layer is None or inputs.layer_input is None:
+        raise ValueError(f"{name} ranks tokens with a decoder layer's attention; "
+                         "its stages must sit after a layer (layer >= 0)")
+    return query_attention(inputs.layer, inputs.layer_input, inputs.position_embeddings,
+                           inputs.query_index.clamp(min=0), inputs.valid)
+
+
 class AttentionSelection(Strategy):
     """Keeps each grid's most-attended tokens. The ranking (``scores``), as FastV ranks: the
     attention the sample's last prompt token pays each token inside the stage's own layer."""
@@ -138,35 +148,37 @@ class AttentionSelection(Strategy):
 
     def scores(self, stage: int, inputs: StageInput) -> torch.Tensor:
         """(batch, length) the attention each token receives, by this strategy's rule."""
-        return query_attention(inputs.layer, inputs.layer_input, inputs.position_embeddings,
-                               inputs.query_index.clamp(min=0), inputs.valid)
+        return query_attention_scores(self.strategy_config.name, inputs)
 
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
         hidden, spans = inputs.hidden, inputs.spans
-        batch, seq_len, width = hidden.shape
-        device = hidden.device
-        plan = StagePlan.unrouted(batch, 0, device)
+        plan = StagePlan.unrouted(hidden.shape[0], 0, hidden.device)
         if not len(spans):  # the runtime has checked that each image has a query token
             return plan
-        if inputs.layer is None or inputs.layer_input is None:
-            raise ValueError(f"{self.strategy_config.name} ranks tokens with a decoder layer's attention; "
-                             "its stages must sit after a layer (layer >= 0)")
         scores = self.scores(stage, inputs).flatten()
         keep_ratio = self.config.stages[stage].keep_ratio
         groups: dict[int, list[int]] = {}
         for k in range(len(spans)):
             groups.setdefault(spans.size(k), []).append(k)
-        flat = hidden.reshape(batch * seq_len, width)
-        rows, representatives = [], []
-        for size, members in groups.items():
-            index = spans.token_index(members, seq_len, device).view(len(members), size)
-            keep = kept_count(size, keep_ratio)
-            top = scores[index].topk(keep, dim=1).indices.sort(dim=1).values
-            chosen = index.gather(1, top).flatten()
-            rows.append(flat[chosen])
-            representatives.append(chosen)
-            plan.spans.extend(members)
-            plan.grids.extend([(1, keep)] * len(members))
-        plan.rows = torch.cat(rows)
-        plan.representatives = torch.cat(representatives)
-        return plan
+        return select_top_scored(plan, hidden, spans, scores,
+                                 {(size, kept_count(size, keep_ratio)): members for size, members in groups.items()})
+
+
+def select_top_scored(plan: StagePlan, hidden: torch.Tensor, spans, scores: torch.Tensor,
+                      groups: dict[tuple[int, int], list[int]]) -> StagePlan:
+    """Fill ``plan`` with the ``keep`` best-scored tokens of each grid of ``groups`` ((size, keep) ->
+    span indices), in their original order; ``scores`` is flat (batch * length)."""
+    batch, seq_len, width = hidden.shape
+    flat = hidden.reshape(batch * seq_len, width)
+    rows, representatives = [], []
+    for (size, keep), members in groups.items():
+        index = spans.token_index(members, seq_len, hidden.device).view(len(members), size)
+        top = scores[index].topk(keep, dim=1).indices.sort(dim=1).values
+        chosen = index.gather(1, top).flatten()
+        rows.append(flat[chosen])
+        representatives.append(chosen)
+        plan.spans.extend(members)
+        plan.grids.extend([(1, keep)] * len(members))
+    plan.rows = torch.cat(rows)
+    plan.representatives = torch.cat(representatives)
+    return plan

@@ -33,7 +33,7 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
         base=str(setup / "base"), train_data=str(setup / "data" / "train.json"),
         test_data=str(setup / "data" / "test.json"), out_dir=str(tmp_path / "runs"), seeds=[0, 1], steps=2,
         batch_size=4, static_strides=["2x2"], projector_strides=["3x3"], training_free=["fastv:0.5", "pdrop:0.5", "dart:0.5"],
-        dpn_budgets=[0.9, 0.05], fine_tuned=["fastv:0.5"], router_fit_samples=8, ablations=False, oracle=True,
+        dpn_budgets=[0.9, 0.05], fine_tuned=["fastv:0.5"], routed=["select:0.5"], router_fit_samples=8, ablations=False, oracle=True,
         measure_latency=False, markdown=str(tmp_path / "docs" / "RESULTS.md"), image_dir=str(tmp_path / "docs" / "img"),
         command="dpn compare --test", progress=False,
     )
@@ -41,15 +41,19 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
     rows = {row["name"]: row for row in report["rows"]}
     assert {"vanilla", "dpn", "dpn (released)", "dpn (fitted)", "dpn @ 0.9 FLOPs", "dpn (fitted) @ 0.9 FLOPs",
             "static:2x2", "projector:3x3", "random", "fastv:0.5", "pdrop:0.5", "dart:0.5",
-            "fastv:0.5 (fine-tuned)"} == set(rows)
+            "fastv:0.5 (fine-tuned)", "select:0.5", "select:0.5 @ 0.9 FLOPs"} == set(rows)
     assert all(row["seeds"] == 2 for row in rows.values())
     # an unreachable FLOPs target is skipped with its reason, not fatal to the comparison
-    assert list(report["skipped"]) == ["dpn @ 0.05 FLOPs", "dpn (fitted) @ 0.05 FLOPs"]
+    assert list(report["skipped"]) == ["dpn @ 0.05 FLOPs", "dpn (fitted) @ 0.05 FLOPs", "select:0.5 @ 0.05 FLOPs"]
     assert "cannot go below" in report["skipped"]["dpn @ 0.05 FLOPs"]
     assert rows["vanilla"]["flops_ratio"] == [1.0, 0.0]
     # Every compressing strategy spends fewer FLOPs than vanilla; FastV keeps half the tokens after its layer.
     assert all(row["flops_ratio"][0] < 1 for name, row in rows.items()
-               if name not in ("vanilla", "dpn", "dpn (released)", "dpn (fitted)") and not row["ablation"])
+               if name not in ("vanilla", "dpn", "dpn (released)", "dpn (fitted)", "select:0.5") and not row["ablation"])
+    # A --routed preset: fine-tuned with its own routers, calibrated like the fitted DPN, judged as a DPN row.
+    assert rows["select:0.5"]["routed"] and rows["select:0.5 @ 0.9 FLOPs"]["flops_ratio"][0] <= 0.9 + 1e-6
+    assert json.loads((tmp_path / "runs" / "train" / "select_0.5" / "seed1" / "pyramid_config.json").read_text())[
+        "strategy"]["name"] == "routed_selection"
     assert rows["fastv:0.5 (fine-tuned)"]["kept_tokens"][0] == 72.0 and rows["fastv:0.5 (fine-tuned)"]["family"] == \
         "fastv (fine-tuned)"
     # One position mode for every row (keep, the default): the fine-tunes and the training-free evaluations.
@@ -66,7 +70,8 @@ def test_compare_runs_every_strategy_and_writes_the_page(setup, tmp_path):
     assert rows["dpn @ 0.9 FLOPs"]["flops_ratio"][0] <= 0.9 + 1e-6
     page = (tmp_path / "docs" / "RESULTS.md").read_text()
     assert "```bash\ndpn compare --test\n```" in page and "| fastv:0.5 |" in page and "## Ablations" in page
-    assert "## Is dpn (fitted) on the Pareto frontier?" in page and "Oracle on the fitted models' own paths" in page
+    assert "## Is dpn (fitted) on the Pareto frontier?" in page and "## Is select on the Pareto frontier?" in page
+    assert "Oracle on the fitted models' own paths" in page
     assert "![pareto_hard](img/pareto_hard.png)" in page and "Not evaluated: dpn @ 0.05 FLOPs" in page
     # The routers' learning, from each DPN variant's training logs: one row per logged step (2 steps).
     learning = page.split("## Do the routers learn?")[1]
@@ -140,6 +145,27 @@ def test_dominance_is_stated_both_ways():
     assert "- projector:2x2 (0.300 FLOPs, 47.0%): no DPN point at or below its FLOPs" in lines
     assert lines[-1] == ("- dpn (0.650 FLOPs, 48.0%) is matched or beaten at no more FLOPs by: "
                          "static:2x2 (0.450, 50.0%)")
+
+
+def test_routed_presets_are_judged_as_dpn_rows_and_may_not_double_a_peer():
+    from dpn.lab.compare import check_routed_specs, dominance, goal_check
+
+    def row(name, family, flops, accuracy, routed=False):
+        return {"name": name, "family": family, "ablation": False, "flops_ratio": [flops, 0.0],
+                "accuracy": [accuracy, 0.0], "routed": routed, "kept_hard_easy": None}
+
+    rows = [row("vanilla", "vanilla", 1.0, 0.9), row("fastv:0.5", "fastv", 0.68, 0.80),
+            row("select:0.2", "select", 0.60, 0.86, routed=True), row("static:2x2", "static", 0.45, 0.70)]
+    lines = dominance(rows)
+    assert "- fastv:0.5 (0.680 FLOPs, 80.0%) vs select:0.2 (0.600, 86.0%): DPN at least as accurate" in lines
+    assert not any(line.startswith("- select:0.2 (") for line in lines)  # not a peer of DPN
+    goal = goal_check(rows, "select")
+    assert goal[0] == "At least as accurate as 1 of the 2 peer points with 0.45-0.85 FLOPs, at no more FLOPs (+0.02):"
+    assert "keeps 95.6% of vanilla's accuracy" in goal[-1]
+    with pytest.raises(ValueError, match="--routed fastv:0.5: also given as a training-free or fine-tuned peer"):
+        check_routed_specs(CompareOptions(base="b", train_data="t", test_data="t", routed=["fastv:0.5"]))
+    with pytest.raises(ValueError, match="names a spec twice"):
+        check_routed_specs(CompareOptions(base="b", train_data="t", test_data="t", routed=["select", "select"]))
 
 
 def test_every_registered_spec_draws_its_own_curve_and_fine_tuned_peers_are_dashed():

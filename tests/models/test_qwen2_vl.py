@@ -214,7 +214,7 @@ def test_save_and_load_reproduce_the_outputs(tmp_path):
         assert torch.equal(reloaded(**batch).logits, expected)
 
 
-STRATEGIES = ["paper", "static:2x2", "random", "projector:2x2", "fastv:0.5", "pdrop:0.5", "dart:0.5"]
+STRATEGIES = ["paper", "static:2x2", "random", "projector:2x2", "fastv:0.5", "pdrop:0.5", "dart:0.5", "select:0.2"]
 
 
 @pytest.mark.parametrize("spec", STRATEGIES)

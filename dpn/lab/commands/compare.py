@@ -31,9 +31,12 @@ def add_to(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--static", nargs="+", default=["1x2", "2x2"], help="static strides")
     compare.add_argument("--projector", nargs="+", default=["2x2", "3x3"], help="projector-side pooling strides")
     compare.add_argument("--dpn-budget", type=float, nargs="+", default=[0.8, 0.6],
-                         help="FLOPs targets for the calibrated router bias of DPN and the fitted DPN")
+                         help="FLOPs targets for the calibrated router bias of DPN, the fitted DPN and the --routed presets")
     compare.add_argument("--fine-tuned", nargs="*", default=["fastv:0.5"], metavar="SPEC",
                          help="peers also fine-tuned with their own strategy (default: fastv:0.5)")
+    compare.add_argument("--routed", nargs="*", default=[], metavar="SPEC",
+                         help="other presets with fitted routers (e.g. select:0.2, a pyramid_config.json): fine-tuned, "
+                              "then evaluated at their own routing and at each --dpn-budget, as DPN rows")
     compare.add_argument("--fit-flops-weight", type=float, default=DEFAULT_FIT_FLOPS_WEIGHT,
                          help="the fitted DPN's price of FLOPs in LM loss (higher: more compression)")
     compare.add_argument("--router-fit-samples", type=int, default=DEFAULT_ROUTER_FIT_SAMPLES,
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr, router_learning_rate=args.router_lr,
         train_limit=args.train_limit, test_limit=args.test_limit, training_free=args.training_free,
         static_strides=args.static, projector_strides=args.projector, dpn_budgets=args.dpn_budget,
-        fine_tuned=args.fine_tuned, fit_flops_weight=args.fit_flops_weight, router_fit_samples=args.router_fit_samples,
+        fine_tuned=args.fine_tuned, routed=args.routed, fit_flops_weight=args.fit_flops_weight, router_fit_samples=args.router_fit_samples,
         positions=None if args.positions == "own" else args.positions, ablations=not args.no_ablations,
         paper_ablations=args.paper_ablations, oracle=args.oracle, measure_latency=not args.no_latency,
         markdown=args.markdown, image_dir=args.image_dir, command=command_line(NAME),
