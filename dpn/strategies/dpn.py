@@ -12,6 +12,7 @@ LLM FLOPs toward a target fraction; at inference ``router_bias`` trades accuracy
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from torch import nn
 from dpn.flops import decoder_flops, segment_layer_tokens
 from dpn.geometry import ModelGeometry
 from dpn.strategies.base import (
-    StagePlan, TokenCounts, check_choice, check_finite, check_fraction, check_int, fraction_spec, plain_spec,
+    SpecBuilder, StagePlan, TokenCounts, check_choice, check_finite, check_fraction, check_int, fraction_spec, plain_spec,
     register_spec, register_strategy,
 )
 from dpn.strategies.pooling import (
@@ -442,14 +443,19 @@ def fitted_preset(geometry: ModelGeometry, fit_flops_weight: float = DEFAULT_FIT
     return {**preset(geometry, **options), "positions": "keep"}
 
 
-def _fitted_spec(geometry: ModelGeometry, argument: str | None) -> dict:
-    if not argument:
-        return fitted_preset(geometry)
-    try:
-        weight = float(argument)
-    except ValueError:
-        raise ValueError(f"pyramid spec 'fitted:{argument}': the FLOPs weight must be a number, e.g. fitted:0.5") from None
-    return fitted_preset(geometry, fit_flops_weight=weight)
+def fit_weight_spec(name: str, preset: Callable[..., dict]) -> SpecBuilder:
+    """The builder of spec ``name[:W]`` for a preset with fitted routers: ``preset(geometry)``, with
+    ``fit_flops_weight=W`` when given."""
+    def build(geometry: ModelGeometry, argument: str | None) -> dict:
+        if not argument:
+            return preset(geometry)
+        try:
+            weight = float(argument)
+        except ValueError:
+            raise ValueError(f"pyramid spec '{name}:{argument}': the FLOPs weight must be a number, e.g. {name}:0.2") \
+                from None
+        return preset(geometry, fit_flops_weight=weight)
+    return build
 
 
 def _budget_preset(geometry: ModelGeometry, budget_target: float | None = None) -> dict:
@@ -463,7 +469,7 @@ register_spec("paper", plain_spec("paper", preset), "paper (= dpn)")
 register_spec("dpn", plain_spec("dpn", preset), "dpn", plot_style="C3o-")
 register_spec("released", plain_spec("released", released_preset),
               "released (DPN as its code was released: <ROUTER> tokens, guard, global hinge)")
-register_spec("fitted", _fitted_spec, "fitted[:W] (DPN with routers fitted to per-path losses; W: FLOPs weight, "
+register_spec("fitted", fit_weight_spec("fitted", fitted_preset), "fitted[:W] (DPN with routers fitted to per-path losses; W: FLOPs weight, "
               f"default {DEFAULT_FIT_FLOPS_WEIGHT})")
 register_spec("budget", fraction_spec("budget", _budget_preset, "budget_target"),
               "budget:F (DPN trained toward F x vanilla FLOPs)")

@@ -29,7 +29,9 @@ from dpn.geometry import ModelGeometry
 from dpn.strategies.base import (
     Stage, StageInput, StagePlan, StrategyConfig, TokenPath, check_fraction, register_spec, register_strategy,
 )
-from dpn.strategies.dpn import DEFAULT_FIT_FLOPS_WEIGHT, FITTED_TEMPERATURE, DPNConfig, DynamicPyramid
+from dpn.strategies.dpn import (
+    DEFAULT_FIT_FLOPS_WEIGHT, FITTED_TEMPERATURE, DPNConfig, DynamicPyramid, fit_weight_spec,
+)
 from dpn.strategies.fastv import FASTV_LAYER, FASTV_POSITIONS
 from dpn.strategies.selection import kept_count, query_attention_scores, select_top_scored
 
@@ -151,18 +153,6 @@ def preset(geometry: ModelGeometry, fit_flops_weight: float = DEFAULT_FIT_FLOPS_
             "positions": FASTV_POSITIONS}
 
 
-def parse_spec(geometry: ModelGeometry, argument: str | None) -> dict:
-    """``select`` or ``select:W`` (the fit's FLOPs weight)."""
-    if not argument:
-        return preset(geometry)
-    try:
-        weight = float(argument)
-    except ValueError:
-        raise ValueError(f"pyramid spec 'select:{argument}': the FLOPs weight must be a number, e.g. select:0.2") \
-            from None
-    return preset(geometry, fit_flops_weight=weight)
-
-
 register_strategy("routed_selection", RoutedSelectionConfig, RoutedSelection)
-register_spec("select", parse_spec, "select[:W] (DPN's fitted routers choosing FastV-ranked keep ratios 1 / 0.5 / "
+register_spec("select", fit_weight_spec("select", preset), "select[:W] (DPN's fitted routers choosing FastV-ranked keep ratios 1 / 0.5 / "
               f"0.25; W: FLOPs weight, default {DEFAULT_FIT_FLOPS_WEIGHT})", plot_style="C1D-")
