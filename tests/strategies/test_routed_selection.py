@@ -33,6 +33,8 @@ def test_the_preset_is_one_stage_at_fastvs_layer_with_falling_keep_ratios():
     assert stage.layer == dpn.strategies.fastv.FASTV_LAYER - 1 and stage.experts == list(RATIOS)
     assert config.positions == "keep" and config.strategy.router_training == "fit"
     assert dpn.presets.from_spec("select:0.3", tiny_llava().config).strategy.fit_flops_weight == 0.3
+    with pytest.raises(ValueError, match="pyramid spec 'select:half': the FLOPs weight must be a number"):
+        dpn.presets.from_spec("select:half", tiny_llava().config)
 
 
 @pytest.mark.parametrize("expert, ratio", list(enumerate(RATIOS)))
