@@ -56,6 +56,18 @@ def test_strategies_do_not_reach_into_the_runtime_and_the_config_names_no_strate
     assert not {m for m in config_imports if m.startswith("dpn.strategies.") and m != "dpn.strategies.base"}
 
 
+def test_the_lab_engine_imports_no_tool():
+    """Layers: the engine is what the tools share (loading, answering, decoding, timing); a module
+    built on a tool (``dpn.lab.finetune`` on ``train``) is a tool itself, beside them."""
+    lab = LIBRARY / "lab"
+    shared = {"engine", "families", "data"}
+    tools = {f"dpn.lab.{p.stem}" for p in lab.glob("*.py") if p.stem != "__init__"}
+    for path in sorted((lab / "engine").glob("*.py")):
+        reached = {m for m in _imports(path) if m in tools or m.split(".")[:3] == ["dpn", "lab", "commands"]}
+        assert not reached, f"{path.name} imports the tools {sorted(reached)}"
+    assert shared <= {p.name for p in lab.iterdir() if p.is_dir()}
+
+
 def test_the_runtime_names_no_strategy():
     import dpn
 

@@ -36,7 +36,7 @@ from dpn.strategies.pooling import PoolingStage
 from dpn.lab.engine.console import console as lab_console
 from dpn.lab.evaluate import SUMMARY, EvalOptions, evaluate
 from dpn.lab.paths import PathsOptions, efficient, run_paths
-from dpn.lab.engine.finetune import Recipe, fine_tune
+from dpn.lab.finetune import Recipe, fine_tune
 from dpn.lab.train import DEFAULT_ROUTER_FIT_SAMPLES
 from dpn.strategies.dpn import DEFAULT_FIT_FLOPS_WEIGHT
 

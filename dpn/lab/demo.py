@@ -35,7 +35,7 @@ from dpn.lab.evaluate import EvalOptions, evaluate
 from dpn.flops import path_flops
 from dpn.models import geometry_of
 from dpn.strategies import PoolingStage, StaticConfig
-from dpn.lab.engine.finetune import Recipe, fine_tune
+from dpn.lab.finetune import Recipe, fine_tune
 from dpn.lab.train import PyramidTrainingArguments, TrainOptions, train
 
 BASE_CHECKPOINT = Path(__file__).parent / "assets" / "tiny-llava-base"

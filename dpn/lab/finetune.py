@@ -1,5 +1,7 @@
 """The lab's one fine-tuning recipe: what ``dpn compare`` and ``dpn demo`` give every variant.
 
+A tool built on the ``train`` tool (so it sits beside the tools, not in the engine they share).
+
 Every variant of a comparison is fine-tuned from the same base with the same data, steps, batch,
 learning rates and seed; only its pyramid differs. The schedule scales with the steps: warm-up
 over the first tenth, a log line every tenth, a checkpoint halfway and at the end (so an
