@@ -41,9 +41,10 @@ class PyramidRouting:
 
 _OUTPUT_DOC = """``LlavaCausalLMOutputWithPast`` fields plus the pyramid's.
 
-    ``logits``, ``labels`` and ``attention_mask`` are in the final (shortened, left-padded) layout:
-    ``labels`` are the input labels carried along with their tokens, so ``loss`` can be recomputed
-    from ``logits`` and ``labels`` as for any causal LM.
+    ``logits``, ``labels``, ``attention_mask`` and ``position_ids`` are in the final (shortened,
+    left-padded) layout: ``labels`` are the input labels carried along with their tokens, so ``loss``
+    can be recomputed from ``logits`` and ``labels`` as for any causal LM; ``position_ids`` are the
+    positions the last layers ran with ((3, batch, length) for M-RoPE families).
     ``routing_loss`` is computed when the call has labels or the pyramid is training.
     The KV cache is the field the installed transformers names it (``dpn.compat.CACHE_ARGUMENT``:
     ``cache`` from 5.24, ``past_key_values`` before), since ``generate`` reads it by that name;
@@ -65,6 +66,7 @@ PyramidCausalLMOutput = make_dataclass(
         ("routing", PyramidRouting | None, field(default=None)),
         ("labels", torch.Tensor | None, field(default=None)),
         ("attention_mask", torch.Tensor | None, field(default=None)),
+        ("position_ids", torch.Tensor | None, field(default=None)),
     ],
     bases=(ModelOutput,),
     namespace={"__doc__": _OUTPUT_DOC, "__module__": __name__},

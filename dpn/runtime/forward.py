@@ -136,6 +136,7 @@ def pyramid_forward(model: torch.nn.Module, force_experts: Any = None, **argumen
                  if prefill else None),
         labels=layout.labels,
         attention_mask=layout.valid.long(),
+        position_ids=layout.positions,
     )
     return output if call.return_dict is not False else output.to_tuple()
 

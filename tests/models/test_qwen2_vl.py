@@ -103,32 +103,26 @@ def test_forced_experts_give_the_documented_counts(frames):
     assert out.logits.shape[1] == int((text + out.routing.visual_tokens[:, -1]).max())  # really shorter
 
 
-def test_pooled_windows_keep_the_coordinates_of_their_first_token(monkeypatch):
+def test_pooled_windows_keep_the_coordinates_of_their_first_token():
     model = tiny_qwen_vl()
     config = pyramid(experts=[[(2, 2)], [(1, 1)], [(1, 1)]])
     batch = qwen_batch(images=[[(8, 12)]])
     mask = batch["attention_mask"]
     stock, _ = model.model.get_rope_index(batch["input_ids"], (batch["input_ids"] == QWEN_IMAGE_TOKEN).int(),
                                           image_grid_thw=batch["image_grid_thw"], attention_mask=mask)
-    dpn.apply_pyramid(model, config)
-    from dpn.runtime.segments import SegmentRunner
-
-    seen = []
-    original = SegmentRunner.run
-
-    def spy(self, segment, bounds, layout, reshaped):
-        seen.append(layout.positions.clone())
-        return original(self, segment, bounds, layout, reshaped)
-
-    monkeypatch.setattr(SegmentRunner, "run", spy)
+    dpn.apply_pyramid(model, pyramid(experts=[[(1, 1)], [(1, 1)], [(1, 1)]]))
     with torch.no_grad():
-        model(**batch)
+        unpooled = model(**batch).position_ids
+    assert torch.equal(unpooled[:, 0], stock[:, 0])  # every token kept: the stock coordinates
+    dpn.remove_pyramid(model)
+    dpn.apply_pyramid(model, config)
+    with torch.no_grad():
+        pooled = model(**batch).position_ids  # the final layout: after the one pooling stage
     image = (batch["input_ids"][0] == QWEN_IMAGE_TOKEN).nonzero().squeeze(1)
     grid = stock[:, 0, image].view(3, 4, 6)  # (t, h, w) coordinates of the 4x6 grid
     expected_image = grid[:, ::2, ::2].reshape(3, -1)  # each 2x2 window's top-left token
     text_before, text_after = stock[:, 0, : image[0]], stock[:, 0, image[-1] + 1:]
-    assert torch.equal(seen[0][:, 0], stock[:, 0])
-    assert torch.equal(seen[1][:, 0], torch.cat([text_before, expected_image, text_after], dim=1))
+    assert torch.equal(pooled[:, 0], torch.cat([text_before, expected_image, text_after], dim=1))
 
 
 @pytest.mark.parametrize("frames", [1, 2])
