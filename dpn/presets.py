@@ -23,7 +23,7 @@ from dpn.strategies import dpn as dpn_strategy
 from dpn.strategies import fastv as fastv_strategy
 from dpn.strategies import pdrop as pdrop_strategy
 from dpn.strategies import projector as projector_strategy
-from dpn.strategies import random_experts, static as static_strategy
+from dpn.strategies import random_experts, routed_selection as routed_selection_strategy, static as static_strategy
 from dpn.strategies.base import registered_specs, spec_entry
 from dpn.strategies.fastv import FASTV_KEEP_RATIO, FASTV_LAYER
 from dpn.strategies.pdrop import PDROP_KEEP_RATIO
@@ -63,6 +63,16 @@ def fitted(model: Any, fit_flops_weight: float = dpn_strategy.DEFAULT_FIT_FLOPS_
     Pooled tokens keep their window's position."""
     geometry = geometry_of(model)
     preset = dpn_strategy.fitted_preset(geometry, fit_flops_weight, **_pooling_arguments(overrides))
+    return build(preset, geometry, **overrides)
+
+
+def select(model: Any, keep_ratios: tuple[float, ...] = routed_selection_strategy.DEFAULT_KEEP_RATIOS,
+           fit_flops_weight: float = dpn_strategy.DEFAULT_FIT_FLOPS_WEIGHT, layer: int = FASTV_LAYER,
+           **overrides: Any) -> PyramidConfig:
+    """DPN's fitted routers choosing one of ``keep_ratios`` (falling; FastV-ranked tokens) per sample
+    after layer ``layer`` - 1 (see ``dpn.strategies.routed_selection``); spec ``select[:W]``."""
+    geometry = geometry_of(model)
+    preset = routed_selection_strategy.preset(geometry, fit_flops_weight=fit_flops_weight, keep_ratios=keep_ratios, layer=layer)
     return build(preset, geometry, **overrides)
 
 
@@ -152,4 +162,4 @@ def from_spec(spec: str, model: Any, **overrides: Any) -> PyramidConfig | None:
 
 
 __all__ = ["build", "fastv", "fitted", "from_spec", "paper", "pdrop", "projector", "random", "reads_router_token", "released",
-           "spec_help", "static"]
+           "select", "spec_help", "static"]

@@ -35,6 +35,10 @@ def test_the_preset_is_one_stage_at_fastvs_layer_with_falling_keep_ratios():
     assert dpn.presets.from_spec("select:0.3", tiny_llava().config).strategy.fit_flops_weight == 0.3
     with pytest.raises(ValueError, match="pyramid spec 'select:half': the FLOPs weight must be a number"):
         dpn.presets.from_spec("select:half", tiny_llava().config)
+    finer = dpn.presets.select(tiny_llava().config, keep_ratios=(1, 0.5, 0.25, 0.125), fit_flops_weight=0.2, layer=3)
+    assert (finer.stages[0].layer, finer.stages[0].experts) == (2, [1.0, 0.5, 0.25, 0.125])
+    with pytest.raises(ValueError, match="layer K must be in 1..5 for a 6-layer model"):
+        dpn.presets.select(tiny_llava().config, layer=6)
 
 
 @pytest.mark.parametrize("expert, ratio", list(enumerate(RATIOS)))
