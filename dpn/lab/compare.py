@@ -31,14 +31,14 @@ from dpn.budget import UnreachableBudgetError
 from dpn import presets
 from dpn.config import PyramidConfig
 from dpn.models import geometry_of
-from dpn.strategies.base import registered_specs, spec_entry
+from dpn.strategies.base import registered_specs, spec_entry, strategy_entry
 from dpn.strategies.pooling import PoolingStage
 from dpn.lab.engine.console import console as lab_console
 from dpn.lab.evaluate import SUMMARY, EvalOptions, evaluate
 from dpn.lab.paths import PathsOptions, efficient, run_paths
 from dpn.lab.finetune import Recipe, fine_tune
 from dpn.lab.train import DEFAULT_ROUTER_FIT_SAMPLES
-from dpn.strategies.dpn import DEFAULT_FIT_FLOPS_WEIGHT
+from dpn.strategies.dpn import DEFAULT_FIT_FLOPS_WEIGHT, DynamicPyramid
 
 # Written in an evaluation's folder instead of its summary when its FLOPs target is unreachable.
 SKIPPED = "skipped.txt"
@@ -224,8 +224,15 @@ def is_dpn_row(row: dict[str, Any]) -> bool:
     return row["family"] in DPN_FAMILIES or bool(row.get("routed"))
 
 
-def check_routed_specs(options: CompareOptions) -> None:
-    """A --routed spec is its own row: it may not also name a training-free or fine-tuned point."""
+def check_routed_specs(options: CompareOptions, model_config: Any) -> None:
+    """A --routed spec is its own row (it may not also name a training-free or fine-tuned point) and
+    a pyramid with routers to calibrate; said before any fine-tuning starts."""
+    for spec in options.routed:
+        config = presets.from_spec(spec, model_config)
+        if config is None or not issubclass(strategy_entry(config.strategy.name).strategy_class, DynamicPyramid):
+            kind = "no pyramid" if config is None else f"a {config.strategy.name} pyramid, which has no routers"
+            raise ValueError(f"--routed {spec}: {kind}; --routed takes presets whose routers can be calibrated "
+                             "(select:0.2, a saved routed pyramid); give peers with --fine-tuned")
     taken = {*options.training_free, *options.fine_tuned, "vanilla", "dpn", "random"}
     clashes = sorted(set(options.routed) & taken)
     if clashes:
@@ -252,10 +259,10 @@ def run_compare(options: CompareOptions, console: Console | None = None) -> dict
                        (Path(options.train_data), "training data"), (Path(options.test_data), "test data")):
         if not path.is_file():
             raise FileNotFoundError(f"no {what} at {path}")
-    check_routed_specs(options)
     start = time.perf_counter()
     out = Path(options.out_dir)
     model_config = LlavaConfig.from_pretrained(options.base)
+    check_routed_specs(options, model_config)
     trained = trained_variants(options, model_config, out / "configs")
     points = evaluation_points(options, trained)
     runs = len(trained) * len(options.seeds)

@@ -162,10 +162,19 @@ def test_routed_presets_are_judged_as_dpn_rows_and_may_not_double_a_peer():
     goal = goal_check(rows, "select")
     assert goal[0] == "At least as accurate as 1 of the 2 peer points with 0.45-0.85 FLOPs, at no more FLOPs (+0.02):"
     assert "keeps 95.6% of vanilla's accuracy" in goal[-1]
-    with pytest.raises(ValueError, match="--routed fastv:0.5: also given as a training-free or fine-tuned peer"):
-        check_routed_specs(CompareOptions(base="b", train_data="t", test_data="t", routed=["fastv:0.5"]))
+    model_config = zoo.build_tiny()[0].config
+    with pytest.raises(ValueError, match="--routed fastv:0.5: a fastv pyramid, which has no routers"):
+        check_routed_specs(CompareOptions(base="b", train_data="t", test_data="t", routed=["fastv:0.5"]), model_config)
+    with pytest.raises(ValueError, match="--routed none: no pyramid"):
+        check_routed_specs(CompareOptions(base="b", train_data="t", test_data="t", routed=["none"]), model_config)
+    with pytest.raises(ValueError, match="--routed fitted:0.2: also given as a training-free or fine-tuned peer"):
+        check_routed_specs(CompareOptions(base="b", train_data="t", test_data="t", routed=["fitted:0.2"],
+                                          fine_tuned=["fitted:0.2"]), model_config)
     with pytest.raises(ValueError, match="names a spec twice"):
-        check_routed_specs(CompareOptions(base="b", train_data="t", test_data="t", routed=["select", "select"]))
+        check_routed_specs(CompareOptions(base="b", train_data="t", test_data="t", routed=["select", "select"]),
+                           model_config)
+    check_routed_specs(CompareOptions(base="b", train_data="t", test_data="t", routed=["select:0.2", "fitted:0.2"]),
+                       model_config)  # routers, no clash: accepted
 
 
 def test_every_registered_spec_draws_its_own_curve_and_fine_tuned_peers_are_dashed():
