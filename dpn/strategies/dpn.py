@@ -335,9 +335,13 @@ class DynamicPyramid(GridPooling):
                 continue
             grid = (spans.rows[k], spans.cols[k])
             for e, expert in enumerate(experts):
-                rows, cols = pooled_grid(grid, expert, self.strategy_config.min_tokens_to_pool)
+                rows, cols = self.expert_grid(grid, expert)
                 kept[row[spans.sample[k]], e] += rows * cols
         return kept
+
+    def expert_grid(self, grid: tuple[int, int], expert) -> tuple[int, int]:
+        """The (rows, cols) ``expert`` leaves of ``grid`` (unchanged below ``min_tokens_to_pool``)."""
+        return pooled_grid(grid, expert, self.strategy_config.min_tokens_to_pool)
 
     @property
     def auxiliary_loss_weight(self) -> float:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from itertools import product
 from typing import Any
 
-import torch
 
 from dpn.geometry import ModelGeometry
 from dpn.strategies.base import (
@@ -76,19 +75,8 @@ class RoutedSelectionConfig(DPNConfig):
                              f"pooled value to scale by the router's probability; got {self.router_training!r}")
         super().__post_init__()
 
-    def check_stages(self, stages: list[RoutedSelectionStage]) -> None:
-        StrategyConfig.check_stages(self, stages)
-        if self.expert_scales is not None and (
-            len(self.expert_scales) != len(stages)
-            or any(len(sc) != len(st.experts) for sc, st in zip(self.expert_scales, stages))
-        ):
-            raise ValueError("expert_scales needs one list per stage with one scale per expert")
-
     def check_geometry(self, stages: list[RoutedSelectionStage], geometry: ModelGeometry) -> None:
-        StrategyConfig.check_geometry(self, stages, geometry)
-        if FASTV_POSITIONS not in geometry.position_modes:
-            raise ValueError(f"{geometry.model_type} does not support positions={FASTV_POSITIONS!r}, which "
-                             "selected tokens need")
+        StrategyConfig.check_geometry(self, stages, geometry)  # depth only: keep ratios need no grid that divides
 
     def token_paths(self, stages: list[RoutedSelectionStage], grids) -> list[TokenPath]:
         paths = []
@@ -114,17 +102,8 @@ class RoutedSelection(DynamicPyramid):
     def expert_shares(self, stage: int) -> list[float]:
         return list(self.config.stages[stage].experts)
 
-    def kept_tokens(self, stage: int, spans, samples: list[int]) -> torch.Tensor:
-        ratios = self.config.stages[stage].experts
-        kept = torch.zeros(len(samples), len(ratios))
-        row = {sample: i for i, sample in enumerate(samples)}
-        for k in range(len(spans)):
-            if spans.sample[k] in row:
-                for e, ratio in enumerate(ratios):
-                    rows, cols = _selected_grid((spans.rows[k], spans.cols[k]), ratio,
-                                                self.strategy_config.min_tokens_to_pool)
-                    kept[row[spans.sample[k]], e] += rows * cols
-        return kept
+    def expert_grid(self, grid: tuple[int, int], expert: float) -> tuple[int, int]:
+        return _selected_grid(grid, expert, self.strategy_config.min_tokens_to_pool)
 
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
         plan, eligible, choice_of_sample = self.routed_plan(stage, inputs)

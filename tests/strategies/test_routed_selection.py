@@ -8,6 +8,7 @@ import torch
 import dpn
 from dpn.budget import calibrate_router_bias
 from dpn.router_fit import fit_routers
+from dpn.spans import find_visual_spans
 from dpn.strategies.selection import kept_count
 from helpers import (
     GRID, IMAGE_TOKEN_ID, batch_of, check_cached_generation_matches_recompute, make_prompt, pixels, tiny_llava,
@@ -54,6 +55,16 @@ def test_each_expert_keeps_what_fastv_keeps_at_its_ratio(expert, ratio):
     with torch.no_grad():
         expected = reference(**batch)
     torch.testing.assert_close(routed.logits, expected.logits, atol=1e-5, rtol=0)
+
+
+def test_the_training_guard_counts_what_each_keep_ratio_leaves():
+    model = _model(seed=1, min_kept_tokens=20)
+    spans = find_visual_spans(_batch()["input_ids"] == IMAGE_TOKEN_ID, GRID)
+    kept = dpn.get_pyramid(model).kept_tokens(0, spans, [0, 1])
+    assert kept.tolist() == [[kept_count(VISUAL, r) for r in RATIOS]] * 2
+    model.train()
+    drawn = torch.cat([model(**_batch()).routing.experts[:, 0] for _ in range(10)])
+    assert set(drawn.tolist()) == {0, 1}  # 0.25 leaves 16 tokens, under the guard's 20
 
 
 def test_batched_matches_each_sample_alone_with_mixed_experts():
