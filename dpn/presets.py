@@ -23,7 +23,8 @@ from dpn.strategies import dpn as dpn_strategy
 from dpn.strategies import fastv as fastv_strategy
 from dpn.strategies import pdrop as pdrop_strategy
 from dpn.strategies import projector as projector_strategy
-from dpn.strategies import random_experts, routed_selection as routed_selection_strategy, static as static_strategy
+from dpn.strategies import mixed_experts as mixed_experts_strategy, random_experts, routed_selection as routed_selection_strategy
+from dpn.strategies import static as static_strategy
 from dpn.strategies.base import registered_specs, spec_entry
 from dpn.strategies.fastv import FASTV_KEEP_RATIO, FASTV_LAYER
 from dpn.strategies.pdrop import PDROP_KEEP_RATIO
@@ -73,6 +74,17 @@ def select(model: Any, keep_ratios: tuple[float, ...] = routed_selection_strateg
     after layer ``layer`` - 1 (see ``dpn.strategies.routed_selection``); spec ``select[:W]``."""
     geometry = geometry_of(model)
     preset = routed_selection_strategy.preset(geometry, fit_flops_weight=fit_flops_weight, keep_ratios=keep_ratios, layer=layer)
+    return build(preset, geometry, **overrides)
+
+
+def mixed(model: Any, experts: tuple[Any, ...] = mixed_experts_strategy.DEFAULT_EXPERTS,
+          fit_flops_weight: float = dpn_strategy.DEFAULT_FIT_FLOPS_WEIGHT, layer: int = FASTV_LAYER,
+          **overrides: Any) -> PyramidConfig:
+    """DPN's fitted routers choosing, per sample, one of ``experts`` (``{"pool": [kh, kw]}`` or
+    ``{"keep": r}``, from the most tokens left to the fewest) after layer ``layer`` - 1 (see
+    ``dpn.strategies.mixed_experts``); spec ``mixed[:W]``."""
+    geometry = geometry_of(model)
+    preset = mixed_experts_strategy.preset(geometry, fit_flops_weight=fit_flops_weight, experts=experts, layer=layer)
     return build(preset, geometry, **overrides)
 
 
@@ -162,4 +174,4 @@ def from_spec(spec: str, model: Any, **overrides: Any) -> PyramidConfig | None:
 
 
 __all__ = ["build", "fastv", "fitted", "from_spec", "paper", "pdrop", "projector", "random", "reads_router_token", "released",
-           "select", "spec_help", "static"]
+           "mixed", "select", "spec_help", "static"]

@@ -243,15 +243,30 @@ def save_tiny_dpn(directory):
     return model.eval(), processor
 
 
-def check_selection_flops_match_counter(config_of, keep: float | None) -> None:
-    """One forward of a selection pyramid (``config_of(model)``) on the eager test model: its counted
-    FLOPs within 2% of ``FlopCounterMode``'s over the decoder layers, and ``dpn flops``' path from the
-    config alone the same (the CPU sdpa kernel is not in the counter's registry); a one-stage
-    selection (``keep``) keeps ``kept_count`` of the image, any other the forward's counts."""
+def _forward_under_flop_counter(model, **forced):
+    """A one-prompt forward of ``model`` (eager: the CPU sdpa kernel is not in the counter's registry),
+    the batch, and the FLOPs ``FlopCounterMode`` counted over the decoder layers; the forward's own
+    count must be within 2% of it."""
     import re
 
     import pytest
     from torch.utils.flop_counter import FlopCounterMode
+
+    batch = batch_of([make_prompt(3, 5, seed=1)])
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        out = model(**batch, pixel_values=pixels(1), **forced)
+    layers = re.compile(r"language_model\.layers\.\d+$")
+    measured = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if layers.search(name))
+    assert out.routing.flops[0].item() == pytest.approx(measured, rel=0.02)
+    return out, batch
+
+
+def check_selection_flops_match_counter(config_of, keep: float | None) -> None:
+    """One forward of a selection pyramid (``config_of(model)``) on the eager test model: its counted
+    FLOPs within 2% of ``FlopCounterMode``'s over the decoder layers, and ``dpn flops``' path from the
+    config alone the same; a one-stage selection (``keep``) keeps ``kept_count`` of the image, any
+    other the forward's counts."""
+    import pytest
 
     import dpn
     from dpn.strategies.selection import kept_count
@@ -259,13 +274,25 @@ def check_selection_flops_match_counter(config_of, keep: float | None) -> None:
     visual = GRID[0] * GRID[1]
     model = tiny_llava(attn="eager")
     dpn.apply_pyramid(model, config_of(model))
-    batch = batch_of([make_prompt(3, 5, seed=1)])
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = model(**batch, pixel_values=pixels(1))
-    layers = re.compile(r"language_model\.layers\.\d+$")
-    measured = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if layers.search(name))
-    assert out.routing.flops[0].item() == pytest.approx(measured, rel=0.02)
+    out, batch = _forward_under_flop_counter(model)
     (row,) = dpn.flops.path_flops(model, dpn.get_pyramid_config(model), text_tokens=batch["input_ids"].shape[1] - visual)
     expected = out.routing.visual_tokens[0].tolist() if keep is None else [visual, kept_count(visual, keep)]
     assert row["visual_tokens"] == expected
     assert row["ratio"] == pytest.approx(out.routing.flops_ratio[0].item())
+
+
+def check_routed_flops_match_counter(spec: str, expert: int, kept: list[int]) -> None:
+    """One forward of the one-stage routed pyramid ``spec`` with ``expert`` forced, on the eager test
+    model: its counted FLOPs within 2% of ``FlopCounterMode``'s; ``dpn flops``' paths, from the config
+    alone, keep ``kept`` visual tokens, and the forced one has the forward's FLOPs ratio."""
+    import pytest
+
+    import dpn
+
+    visual = GRID[0] * GRID[1]
+    model = tiny_llava(attn="eager")
+    dpn.apply_pyramid(model, dpn.presets.from_spec(spec, model.config))
+    out, batch = _forward_under_flop_counter(model, force_experts=[expert])
+    rows = dpn.flops.path_flops(model, dpn.get_pyramid_config(model), text_tokens=batch["input_ids"].shape[1] - visual)
+    assert [row["visual_tokens"] for row in rows] == [[visual, k] for k in kept]
+    assert rows[expert]["ratio"] == pytest.approx(out.routing.flops_ratio[0].item())

@@ -210,6 +210,18 @@ class StagePlan:
             routed=torch.zeros(batch, dtype=torch.bool, device=device),
         )
 
+    def extend(self, members: list[int], grid: tuple[int, int], rows: torch.Tensor, representatives: torch.Tensor,
+               token_index: torch.Tensor) -> None:
+        """Replace the grids ``members`` (span indices; each becomes ``grid``) by ``rows`` (their new
+        tokens, concatenated), with each new token's ``representatives`` and the ``token_index`` of
+        the tokens they replace. One plan may hold grids replaced in different ways."""
+        self.spans.extend(members)
+        self.grids.extend([grid] * len(members))
+        self.rows = rows if self.rows is None else torch.cat([self.rows, rows])
+        self.representatives = (representatives if self.representatives is None
+                                else torch.cat([self.representatives, representatives]))
+        self.token_index = token_index if self.token_index is None else torch.cat([self.token_index, token_index])
+
 
 @dataclass
 class InputLayout:

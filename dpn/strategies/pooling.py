@@ -202,26 +202,24 @@ class GridPooling(Strategy):
 
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
         """Choose an expert for every sample with a poolable grid and pool its grids with it."""
+        experts = self.config.stages[stage].experts
+        plan, eligible, choice_of_sample = self.routed_plan(stage, inputs)
+        stride_of_span = {k: experts[choice_of_sample[inputs.spans.sample[k]]] for k in eligible}
+        return self.pool_spans(plan, inputs, stride_of_span)
+
+    def pool_spans(self, plan: StagePlan, inputs: StageInput, stride_of_span: dict[int, Grid]) -> StagePlan:
+        """Add to ``plan`` each grid of ``stride_of_span`` (span index -> stride) pooled with its stride,
+        scaled by its sample's ``token_scale``; a 1x1 stride without a scale leaves its grid as it is."""
         hidden, spans = inputs.hidden, inputs.spans
         batch, seq_len, width = hidden.shape
         device = hidden.device
-        experts = self.config.stages[stage].experts
-        plan, eligible, choice_of_sample = self.routed_plan(stage, inputs)
-        if not eligible:
-            return plan
-
         scale = self.token_scale(plan.expert_probability)
         groups: dict[tuple[int, int, int, int], list[int]] = {}
-        for k in eligible:
-            kernel = experts[choice_of_sample[spans.sample[k]]]
+        for k, kernel in stride_of_span.items():
             if tuple(kernel) == (1, 1) and scale is None:
                 continue  # kept as it is: the layout does not change (no copy, no rebuild)
             groups.setdefault((spans.rows[k], spans.cols[k], *kernel), []).append(k)
-        if not groups:
-            return plan
-
         flat = hidden.reshape(batch * seq_len, width)
-        rows, representatives, indices = [], [], []
         for (n_rows, n_cols, kh, kw), members in groups.items():
             index = spans.token_index(members, seq_len, device).view(len(members), n_rows * n_cols)
             tokens = flat[index].view(len(members), n_rows, n_cols, width)
@@ -229,15 +227,10 @@ class GridPooling(Strategy):
             if scale is not None:
                 member_samples = host_tensor([spans.sample[k] for k in members], device)
                 pooled = pooled * scale[member_samples].to(pooled.dtype)[:, None, None]
-            rows.append(pooled.reshape(-1, width))
-            indices.append(index.flatten())
             origins = window_origins(n_rows, n_cols, (kh, kw), device)
-            representatives.append(index[:, origins].flatten())  # each window's first (top-left) token
-            plan.spans.extend(members)
-            plan.grids.extend([pooled_grid((n_rows, n_cols), (kh, kw), 0)] * len(members))
-        plan.rows = torch.cat(rows)
-        plan.representatives = torch.cat(representatives)
-        plan.token_index = torch.cat(indices)
+            plan.extend(members, pooled_grid((n_rows, n_cols), (kh, kw), 0), pooled.reshape(-1, width),
+                        index[:, origins].flatten(),  # each window's first (top-left) token
+                        index.flatten())
         return plan
 
     def token_scale(self, probability: torch.Tensor) -> torch.Tensor | None:

@@ -83,12 +83,12 @@ class RoutedSelectionConfig(DPNConfig):
         for ratios in product(*(stage.experts for stage in stages)):
             shapes = [list(grids)]
             for ratio in ratios:
-                shapes.append([_selected_grid(grid, ratio, self.min_tokens_to_pool) for grid in shapes[-1]])
+                shapes.append([selected_grid(grid, ratio, self.min_tokens_to_pool) for grid in shapes[-1]])
             paths.append(TokenPath([f"keep {r:g}" for r in ratios], shapes))
         return paths
 
 
-def _selected_grid(grid: tuple[int, int], ratio: float, min_tokens: int) -> tuple[int, int]:
+def selected_grid(grid: tuple[int, int], ratio: float, min_tokens: int) -> tuple[int, int]:
     """A grid after keeping ``ratio`` of it: unchanged when it keeps all or is too small to route."""
     rows, cols = grid
     if ratio == 1 or rows * cols < min_tokens:
@@ -103,7 +103,7 @@ class RoutedSelection(DynamicPyramid):
         return list(self.config.stages[stage].experts)
 
     def expert_grid(self, grid: tuple[int, int], expert: float) -> tuple[int, int]:
-        return _selected_grid(grid, expert, self.strategy_config.min_tokens_to_pool)
+        return selected_grid(grid, expert, self.strategy_config.min_tokens_to_pool)
 
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
         plan, eligible, choice_of_sample = self.routed_plan(stage, inputs)

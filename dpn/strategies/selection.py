@@ -166,19 +166,13 @@ class AttentionSelection(Strategy):
 
 def select_top_scored(plan: StagePlan, hidden: torch.Tensor, spans, scores: torch.Tensor,
                       groups: dict[tuple[int, int], list[int]]) -> StagePlan:
-    """Fill ``plan`` with the ``keep`` best-scored tokens of each grid of ``groups`` ((size, keep) ->
+    """Add to ``plan`` the ``keep`` best-scored tokens of each grid of ``groups`` ((size, keep) ->
     span indices), in their original order; ``scores`` is flat (batch * length)."""
     batch, seq_len, width = hidden.shape
     flat = hidden.reshape(batch * seq_len, width)
-    rows, representatives = [], []
     for (size, keep), members in groups.items():
         index = spans.token_index(members, seq_len, hidden.device).view(len(members), size)
         top = scores[index].topk(keep, dim=1).indices.sort(dim=1).values
         chosen = index.gather(1, top).flatten()
-        rows.append(flat[chosen])
-        representatives.append(chosen)
-        plan.spans.extend(members)
-        plan.grids.extend([(1, keep)] * len(members))
-    plan.rows = torch.cat(rows)
-    plan.representatives = torch.cat(representatives)
+        plan.extend(members, (1, keep), flat[chosen], chosen, index.flatten())
     return plan

@@ -262,7 +262,10 @@ def test_save_and_load_reproduce_the_outputs(kind, tmp_path):
         assert torch.equal(reloaded(**batch).logits, expected)
 
 
-STRATEGIES = ["paper", "static:2x2", "random", "projector:2x2", "fastv:0.5", "pdrop:0.5", "dart:0.5", "select:0.2"]
+STRATEGIES = ["paper", "static:2x2", "random", "projector:2x2", "fastv:0.5", "pdrop:0.5", "dart:0.5", "select:0.2",
+              "mixed:0.2"]
+# Mixed experts forced to pool 2x2, keep 0.25 and pool 1x2 (the fourth sample has no image).
+MIXED_FORCED = torch.tensor([[3], [4], [1], [-1]])
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -271,7 +274,8 @@ def test_every_strategy_trains_and_generates_with_the_cache(kind, spec):
     model = tiny_llava_next(kind, seed=5)
     dpn.apply_pyramid(model, dpn.presets.from_spec(spec, model))
     batch = next_batch(model, labels=True)
-    forced = FORCED if spec == "random" else None  # one fixed draw for both runs
+    # random: one fixed draw for both runs; mixed: pooled and selected samples side by side
+    forced = {"random": FORCED, "mixed:0.2": MIXED_FORCED}.get(spec)
     out = check_training_and_cached_generation(model, batch, forced, [IMAGE_TOKEN_ID, VIDEO_TOKEN_ID])
     if spec.startswith(("fastv", "pdrop", "dart")):  # each grid keeps half its tokens (base grid 4x4 first)
         first = layouts(model)[0]

@@ -208,7 +208,10 @@ def test_save_and_load_reproduce_the_outputs(tmp_path):
         assert torch.equal(reloaded(**batch).logits, expected)
 
 
-STRATEGIES = ["paper", "static:2x2", "random", "projector:2x2", "fastv:0.5", "pdrop:0.5", "dart:0.5", "select:0.2"]
+STRATEGIES = ["paper", "static:2x2", "random", "projector:2x2", "fastv:0.5", "pdrop:0.5", "dart:0.5", "select:0.2",
+              "mixed:0.2"]
+# Mixed experts forced to pool 2x2, keep 0.25 and pool 1x2 (the fourth sample has no image).
+MIXED_FORCED = torch.tensor([[3], [4], [1], [-1]])
 
 
 @pytest.mark.parametrize("spec", STRATEGIES)
@@ -220,6 +223,8 @@ def test_every_strategy_trains_and_generates_with_the_cache(spec):
     forced = None
     if spec == "random":  # one fixed draw for both runs
         forced = FORCED
+    elif spec.startswith("mixed"):  # pooled and selected samples side by side
+        forced = MIXED_FORCED
     out = check_training_and_cached_generation(model, batch, forced, [QWEN_IMAGE_TOKEN, QWEN_VIDEO_TOKEN])
     if spec.startswith(("fastv", "pdrop", "dart")):
         grids = [g for grids in IMAGES for g in grids]

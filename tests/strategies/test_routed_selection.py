@@ -11,7 +11,8 @@ from dpn.router_fit import fit_routers
 from dpn.spans import find_visual_spans
 from dpn.strategies.selection import kept_count
 from helpers import (
-    GRID, IMAGE_TOKEN_ID, batch_of, check_cached_generation_matches_recompute, make_prompt, pixels, tiny_llava,
+    GRID, IMAGE_TOKEN_ID, batch_of, check_cached_generation_matches_recompute, check_routed_flops_match_counter,
+    make_prompt, pixels, tiny_llava,
 )
 
 VISUAL = GRID[0] * GRID[1]
@@ -90,20 +91,7 @@ def test_cached_generation_matches_full_recompute(attn):
 
 @pytest.mark.parametrize("expert", [1, 2])
 def test_flops_match_the_flop_counter_and_each_path_of_the_config(expert):
-    import re
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = _model(attn="eager")  # the CPU sdpa kernel is not in the counter's registry
-    batch = batch_of([make_prompt(3, 5, seed=1)])
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        out = model(**batch, pixel_values=pixels(1), force_experts=[expert])
-    layers = re.compile(r"language_model\.layers\.\d+$")
-    measured = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items() if layers.search(name))
-    assert out.routing.flops[0].item() == pytest.approx(measured, rel=0.02)
-    rows = dpn.flops.path_flops(model, dpn.get_pyramid_config(model), text_tokens=batch["input_ids"].shape[1] - VISUAL)
-    assert [row["visual_tokens"] for row in rows] == [[VISUAL, kept_count(VISUAL, r)] for r in RATIOS]
-    assert rows[expert]["ratio"] == pytest.approx(out.routing.flops_ratio[0].item())
+    check_routed_flops_match_counter("select:0.2", expert, [kept_count(VISUAL, r) for r in RATIOS])
 
 
 def test_training_draws_paths_and_fitting_then_calibration_move_only_the_routers():
