@@ -24,13 +24,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from dpn.lab.engine.pyramids import prompt_router_token
 from dpn.api import apply_pyramid, get_pyramid, has_pyramid, pyramid_disabled, remove_pyramid
 from dpn.budget import calibrate_router_bias, set_probability_scale, set_router_bias
 from dpn.models import geometry_of
-from dpn.lab.families import FamilyImages, family_images
-from dpn.lab.data.llava import LlavaCollator, LlavaDataset
-from dpn.lab.engine.decoding import greedy_answer
+from dpn.lab.families import FamilyImages
+from dpn.lab.data.llava import LlavaDataset
+from dpn.lab.engine.answering import Answer, Answerer, Prepared
 from dpn.lab.engine.loading import load_model
 from dpn.lab.engine.run_identity import claim, file_hash, weights_fingerprint
 from dpn.lab.engine.timing import paired_medians, prefill_forward
@@ -131,14 +130,12 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         with_positions(model, options.positions)
     forced = _forced_experts(options, model)
     device = next(model.parameters()).device
-    images = family_images(model.config, processor)
-    router_token = prompt_router_token(model, processor.tokenizer)
+    answerer = Answerer(model, processor)
+    images, router_token, collate = answerer.images, answerer.router_token, answerer.collate
     dataset = LlavaDataset(options.data, options.image_folder, images, for_generation=True, limit=options.limit,
                            router_token=router_token)
     dataset.check(progress=options.progress)
     claim(output_dir, _identity(options, model, dataset), RESULTS, options.overwrite)
-    tokenizer = processor.tokenizer
-    collate = LlavaCollator(pad_token_id=tokenizer.pad_token_id, images=images, padding_side="left", with_labels=False)
     if options.probability_scale is not None:
         set_probability_scale(model, options.probability_scale)
     calibration = _apply_budget(options, model, images, collate, device, router_token)
@@ -152,20 +149,18 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
         for number, start in enumerate(tqdm(batches, desc="evaluating", disable=not options.progress)):
             indices = todo[start:start + options.batch_size]
             batch = {k: v.to(device) for k, v in collate([dataset[i] for i in indices]).items()}
-            tokens, prefill = greedy_answer(
-                model, batch, options.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                **forced,
-            )
+            samples = [dataset[i] for i in indices]
+            answers = answerer.answer([Prepared.encoded(sample, options.max_new_tokens) for sample in samples], **forced)
             if options.measure_latency and has_pyramid(model) and number < options.latency_batches:
+                batch = {k: v.to(device) for k, v in collate(samples).items()}
                 vanilla, pyramid = paired_medians(
                     lambda: _without_pyramid(model, batch), lambda: prefill_forward(model, batch, **forced),
                     repeats=LATENCY_REPEATS, warmup=1, device=device,
                 )
                 latency["vanilla"].append(vanilla)
                 latency["pyramid"].append(pyramid)
-            for row, index in enumerate(indices):
-                record = dataset.records[index]
-                result = _result(record, index, tokenizer.decode(tokens[row], skip_special_tokens=True), prefill, row)
+            for index, answer in zip(indices, answers):
+                result = _result(dataset.records[index], index, answer)
                 sink.write(json.dumps(result) + "\n")
                 done[result["id"]] = result
             sink.flush()
@@ -253,21 +248,20 @@ def _read_predictions(path: Path) -> dict[str, dict]:
     return done
 
 
-def _result(record: dict, index: int, prediction: str, prefill, row: int) -> dict[str, Any]:
+def _result(record: dict, index: int, answer: Answer) -> dict[str, Any]:
     reference = record["conversations"][-1]["value"] if record["conversations"][-1]["from"] in ("gpt", "assistant") else ""
     result = {
         "id": _record_id(record, index),
         "difficulty": record.get("difficulty", "all"),
         "family": record.get("family", "all"),
-        "prediction": prediction.strip(),
+        "prediction": answer.text,
         "reference": reference,
-        "correct": normalize_answer(prediction) == normalize_answer(reference),
+        "correct": normalize_answer(answer.text) == normalize_answer(reference),
     }
-    routing = getattr(prefill, "routing", None)
-    if routing is not None:
-        result["experts"] = routing.experts[row].tolist()
-        result["visual_tokens"] = routing.visual_tokens[row].tolist()
-        result["flops_ratio"] = float(routing.flops_ratio[row])
+    if answer.experts is not None:  # a pyramid: a text-only sample keeps no visual token at any stage, at FLOPs 1
+        result["experts"] = answer.experts
+        result["visual_tokens"] = answer.visual_tokens or [0] * (len(answer.experts) + 1)
+        result["flops_ratio"] = answer.flops_ratio
     return result
 
 

@@ -14,7 +14,7 @@ from dpn.lab.engine.console import PIPED_WIDTH, console
 from dpn.lab.families import family_images
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.data.synthetic import generate_split
-from dpn.lab.engine.decoding import greedy_answer
+from dpn.lab.engine.answering import Answerer, Prepared
 from dpn.lab.evaluate import EvalOptions, evaluate, normalize_answer, summarize
 
 
@@ -31,19 +31,19 @@ def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
 
 
-def test_greedy_answer_matches_generate(setup):
+def test_the_answerer_eval_uses_matches_generate(setup):
     root, model, processor = setup
     dataset = LlavaDataset(root / "test.json", None, family_images(model.config, processor), for_generation=True)
-    batch = LlavaCollator(processor.tokenizer.pad_token_id, dataset.images, "left", with_labels=False)(
-        [dataset[i] for i in range(4)])
+    samples = [dataset[i] for i in range(4)]
+    batch = LlavaCollator(processor.tokenizer.pad_token_id, dataset.images, "left", with_labels=False)(samples)
     eos = processor.tokenizer.eos_token_id
-    tokens, prefill = greedy_answer(model, batch, 6, eos, processor.tokenizer.pad_token_id)
+    answers = Answerer(model, processor).answer([Prepared.encoded(sample, 6) for sample in samples])
     with torch.no_grad():
         generated = model.generate(**batch, max_new_tokens=6, do_sample=False, eos_token_id=eos,
                                    pad_token_id=processor.tokenizer.pad_token_id)
-    new = generated[:, batch["input_ids"].shape[1]:]
-    assert torch.equal(tokens[:, : new.shape[1]], new)
-    assert prefill.routing.experts.shape == (4, 2)
+    new = generated[:, batch["input_ids"].shape[1]:].tolist()
+    assert [a.token_ids for a in answers] == [row[:len(a.token_ids)] for a, row in zip(answers, new)]
+    assert all(len(a.experts) == 2 and a.finish_reason in ("stop", "length") for a in answers)
 
 
 def test_evaluate_writes_results_and_resumes(setup, tmp_path):

@@ -42,9 +42,19 @@ class Prepared:
     question: Question
     sample: dict[str, Any]
 
+    @classmethod
+    def encoded(cls, sample: dict[str, Any], max_new_tokens: int) -> Prepared:
+        """A sample already encoded as ``prepare`` encodes (a row of ``dpn eval``'s dataset), to be
+        answered greedily with at most ``max_new_tokens``."""
+        return cls(Question(messages=[], max_new_tokens=max_new_tokens), sample)
+
     @property
     def prompt_tokens(self) -> int:
         return len(self.sample["input_ids"])
+
+    @property
+    def has_images(self) -> bool:
+        return self.sample.get("images") is not None
 
 
 @dataclass
@@ -56,6 +66,7 @@ class Answer:
     visual_tokens: list[int] | None  # before the first stage, then after each (None: no image or no pyramid)
     flops_ratio: float | None  # LLM prefill FLOPs against the model without its pyramid (None: no pyramid)
     first_token_seconds: float  # the batch's prefill, images included
+    experts: list[int] | None = None  # per stage, the expert the pyramid took (-1: none); None: no pyramid
 
 
 class Answerer:
@@ -92,15 +103,16 @@ class Answerer:
 
     @torch.no_grad()
     def answer(self, prepared: list[Prepared], on_token: Callable[[int, int], None] | None = None,
-               generator: torch.Generator | None = None) -> list[Answer]:
+               generator: torch.Generator | None = None, **prefill_arguments: Any) -> list[Answer]:
         """Answers to ``prepared`` questions, run as one batch. ``on_token(row, token_id)`` sees each
-        new token of each row as it is decoded (for streaming)."""
+        new token of each row as it is decoded (for streaming). ``prefill_arguments`` go to the
+        prefill only (``force_experts``: decoding steps route nothing)."""
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in self.collate([p.sample for p in prepared]).items()}
         questions = [p.question for p in prepared]
         start = time.perf_counter()
         positions = prompt_positions(self.model, batch)
-        prefill = self.model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1)
+        prefill = self.model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1, **prefill_arguments)
         prefill.logits[:, -1, :1].tolist()  # waits for the prefill
         first_token_seconds = time.perf_counter() - start
 
@@ -150,8 +162,9 @@ class Answerer:
             token_ids=generated,
             finish_reason="stop" if ended else "length",
             prompt_tokens=prepared.prompt_tokens,
-            visual_tokens=routing.visual_tokens[row].tolist() if routing is not None and prepared.question.images
+            visual_tokens=routing.visual_tokens[row].tolist() if routing is not None and prepared.has_images
             else None,
             flops_ratio=float(routing.flops_ratio[row]) if routing is not None else None,
             first_token_seconds=first_token_seconds,
+            experts=routing.experts[row].tolist() if routing is not None else None,
         )

@@ -83,18 +83,3 @@ def greedy_continue(model, prefill, attention_mask: torch.Tensor, positions: tor
                     eos_token_id: int | None = None, pad_token_id: int = 0) -> torch.Tensor:
     """Greedy ``decode`` of ``steps`` tokens at most."""
     return decode(model, prefill, attention_mask, positions, steps, eos_token_id, pad_token_id)
-
-
-@torch.no_grad()
-def greedy_answer(model, batch: dict[str, torch.Tensor], max_new_tokens: int, eos_token_id: int, pad_token_id: int,
-                  **prefill_arguments):
-    """Greedy answers and the prefill output, whose ``routing`` says what the pyramid did.
-
-    The same computation as ``model.generate(do_sample=False)`` (the tests check it).
-    ``prefill_arguments`` go to the prefill only (e.g. ``force_experts``; decoding steps route nothing).
-    """
-    positions = prompt_positions(model, batch)
-    prefill = model(**batch, position_ids=positions, use_cache=True, logits_to_keep=1, **prefill_arguments)
-    tokens = greedy_continue(model, prefill, batch["attention_mask"], positions, max_new_tokens, eos_token_id,
-                             pad_token_id)
-    return tokens, prefill

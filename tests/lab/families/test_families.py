@@ -16,7 +16,7 @@ from dpn.lab.cli import main
 from dpn.lab.families import family_images, tiny_builders
 from dpn.lab.data.llava import LlavaCollator, LlavaDataset
 from dpn.lab.data.synthetic import generate_split
-from dpn.lab.engine.decoding import greedy_answer
+from dpn.lab.engine.answering import Answerer, Prepared
 
 
 @pytest.fixture(scope="module")
@@ -65,20 +65,20 @@ def test_each_image_gets_as_many_placeholders_as_the_stock_model_has_features(ch
         model(**batch)  # the stock forward checks placeholders against features itself
 
 
-def test_greedy_answers_match_generate_with_and_without_a_pyramid(checkpoint, data):
-    model, processor, _, batch = _mixed_batch(checkpoint, data)
+def test_the_answerer_matches_generate_with_and_without_a_pyramid(checkpoint, data):
+    model, processor, items, batch = _mixed_batch(checkpoint, data)
     tokenizer = processor.tokenizer
     for pyramid in (None, "paper"):
         if pyramid is not None:
             dpn.apply_pyramid(model, dpn.presets.from_spec(pyramid, model.config))
-        tokens, prefill = greedy_answer(model, batch, 4, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        answers = Answerer(model, processor).answer([Prepared.encoded(item, 4) for item in items])
         with torch.no_grad():
             generated = model.generate(**batch, max_new_tokens=4, do_sample=False, eos_token_id=tokenizer.eos_token_id,
                                        pad_token_id=tokenizer.pad_token_id)
-        new = generated[:, batch["input_ids"].shape[1]:]
-        assert torch.equal(tokens[:, :new.shape[1]], new)
-    kept = prefill.routing.visual_tokens
-    assert kept[4].sum() == 0 and (kept[:4, 0] > 0).all() and (kept[:4, -1] < kept[:4, 0]).all()
+        new = generated[:, batch["input_ids"].shape[1]:].tolist()
+        assert [a.token_ids for a in answers] == [row[:len(a.token_ids)] for a, row in zip(answers, new)]
+    assert answers[4].visual_tokens is None and answers[4].experts is not None  # the text-only sample
+    assert all(a.visual_tokens[0] > a.visual_tokens[-1] for a in answers[:4])
 
 
 def test_train_and_eval_through_the_cli(checkpoint, data, tmp_path):
