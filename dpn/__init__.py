@@ -30,6 +30,7 @@ from dpn.models import geometry_of, register_adapter
 from dpn.outputs import PyramidCausalLMOutput, PyramidRouting
 from dpn.runtime import PyramidCache
 from dpn.strategies import (
+    CDPrunerConfig,
     DivPruneConfig,
     DPNConfig,
     FastVConfig,
@@ -49,6 +50,7 @@ from dpn.strategies import (
 __version__ = "0.2.0"
 
 __all__ = [
+    "CDPrunerConfig",
     "DivPruneConfig",
     "DPNConfig",
     "FastVConfig",

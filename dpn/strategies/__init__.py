@@ -1,7 +1,8 @@
 """Compression strategies, one file each, registered by name (``dpn.strategies.base``).
 
 Built in: ``dpn`` (the paper's routers), ``static``, ``random``, ``projector`` (pooling peers and
-ablations), ``fastv``, ``pdrop``, ``dart``, ``divprune``, ``vispruner``, ``visionzip`` and ``sparsevlm`` (token selection),
+ablations), ``fastv``, ``pdrop``, ``dart``, ``divprune``, ``vispruner``, ``visionzip``, ``sparsevlm`` and ``cdpruner`` (token
+selection),
 ``routed_selection`` (DPN's routers choosing keep ratios of a FastV-ranked selection), ``mixed_experts`` (DPN's
 routers choosing between pooling strides and keep ratios). A new method is one file that
 defines its stage, config and module and calls ``register_strategy`` (and ``register_spec`` for a
@@ -13,9 +14,10 @@ from dpn.strategies.base import (
     registered_strategies, strategy_entry,
 )
 from dpn.strategies import (  # noqa: F401
-    dart, divprune, dpn, fastv, mixed_experts, pdrop, projector, random_experts, routed_selection, sparsevlm, static,
+    cdpruner, dart, divprune, dpn, fastv, mixed_experts, pdrop, projector, random_experts, routed_selection, sparsevlm, static,
     visionzip, vispruner,
 )
+from dpn.strategies.cdpruner import CDPrunerConfig
 from dpn.strategies.dart import DARTConfig
 from dpn.strategies.divprune import DivPruneConfig
 from dpn.strategies.dpn import DPNConfig, DynamicPyramid, Router
@@ -33,7 +35,7 @@ from dpn.strategies.visionzip import VisionZipConfig
 from dpn.strategies.vispruner import VisPrunerConfig
 
 __all__ = [
-    "AttentionSelection", "DARTConfig", "DPNConfig", "DivPruneConfig", "DynamicPyramid", "FastVConfig", "GridPooling", "KeepExpert",
+    "AttentionSelection", "CDPrunerConfig", "DARTConfig", "DPNConfig", "DivPruneConfig", "DynamicPyramid", "FastVConfig", "GridPooling", "KeepExpert",
     "MixedExperts", "MixedExpertsConfig", "MixedExpertsStage", "PDropConfig", "PoolExpert",
     "PoolingConfig", "PoolingStage", "ProjectorConfig", "RandomConfig", "RandomPooling", "RoutedSelection", "RoutedSelectionConfig",
     "RoutedSelectionStage", "Router", "SelectionConfig",

@@ -279,7 +279,7 @@ class DynamicPyramid(GridPooling):
         """
         logits = self.routers[stage](router_hidden).float() / self.temperature
         if self.router_bias:
-            scales = self.strategy_config.scales(stage, logits.shape[-1])
+            scales = self.bias_scales(stage)
             logits = torch.log_softmax(logits, dim=-1) + self.router_bias * host_tensor(scales, logits.device,
                                                                                         logits.dtype)
         probs = torch.softmax(logits, dim=-1)
@@ -291,6 +291,11 @@ class DynamicPyramid(GridPooling):
         else:
             choice = probs.argmax(-1)
         return probs, choice
+
+    def bias_scales(self, stage: int) -> list[float]:
+        """How far ``router_bias`` moves each expert's log-probability at ``stage`` (times the bias):
+        its compression level, ``expert_scales`` or the expert's index."""
+        return self.strategy_config.scales(stage, self.num_choices(stage))
 
     def choose(self, stage, inputs, samples):
         probs, choice = self.route(stage, inputs.router_hidden(samples))

@@ -17,6 +17,7 @@ K = 2) or ``mixed:W`` (W: the FLOPs weight of the fit).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from itertools import product
 from typing import Any, Union
@@ -173,6 +174,14 @@ class MixedExperts(RoutedSelection):
 
     def expert_grid(self, grid: Grid, expert: Expert) -> Grid:
         return expert.grid_after(grid, self.strategy_config.min_tokens_to_pool)
+
+    def bias_scales(self, stage: int) -> list[float]:
+        """Without ``expert_scales``: log2 of the compression (keep all 0, a half 1, a quarter 2), so
+        the router bias moves experts that keep as many tokens alike (the index would favour one
+        kind) and, for strides and ratios of powers of two, as the other routers' index does."""
+        if self.strategy_config.expert_scales is not None:
+            return super().bias_scales(stage)
+        return [-math.log2(share) for share in self.expert_shares(stage)]
 
     def plan(self, stage: int, inputs: StageInput) -> StagePlan:
         plan, eligible, choice_of_sample = self.routed_plan(stage, inputs)

@@ -183,7 +183,7 @@ def test_every_registered_spec_draws_its_own_curve_and_fine_tuned_peers_are_dash
 
     drawn = {entry.name for entry in registered_specs() if entry.plot_style}
     assert {"dpn", "static", "projector", "random", "fastv", "pdrop", "dart", "divprune", "vispruner", "visionzip",
-            "sparsevlm"} <= drawn
+            "sparsevlm", "cdpruner", "select", "mixed"} <= drawn
     styles = plot_styles(drawn | {"vanilla", FITTED, "fastv (fine-tuned)", "someone else's"})
     assert len(set(styles.values())) == len(styles)  # no two curves alike
     assert list(styles)[:2] == ["vanilla", "dpn"]

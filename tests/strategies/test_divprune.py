@@ -12,7 +12,7 @@ import dpn
 from dpn.strategies.divprune import DIVPRUNE_KEEP_RATIO, max_min_diverse
 from dpn.strategies.selection import kept_count
 from helpers import check_selection_flops_match_counter, first_layer_input, GRID, IMAGE_TOKEN_ID, batch_of, make_prompt, pixels, \
-    tiny_llava, tiny_qwen_vl, qwen_forward
+    tiny_llava
 
 VISUAL = GRID[0] * GRID[1]
 KEEP = 0.3
@@ -54,17 +54,6 @@ def test_flops_match_the_flop_counter():
     check_selection_flops_match_counter(lambda model: dpn.presets.from_spec(f"divprune:{KEEP}", model.config), KEEP)
 
 
-
-
-def test_images_of_every_size_on_qwen2_5_vl_keep_their_share():
-    model = tiny_qwen_vl(seed=0)
-    config = dpn.presets.from_spec(f"divprune:{KEEP}", model.config)
-    assert config.positions == "keep"  # M-RoPE keeps coordinates
-    dpn.apply_pyramid(model, config)
-    grids = [(4, 6), (8, 8)]
-    out = qwen_forward(model, grids)
-    tokens = [rows * cols // 4 for rows, cols in grids]  # the 2x2 merger
-    assert out.routing.visual_tokens.tolist() == [[t, kept_count(t, KEEP)] for t in tokens]
 
 
 def test_a_stage_elsewhere_than_before_the_llm_is_a_clear_error():

@@ -166,3 +166,18 @@ def test_a_stride_that_does_not_divide_the_grid_is_refused_at_apply():
                                strategy=dpn.strategies.MixedExpertsConfig(), positions="keep")
     with pytest.raises(ValueError, match="pool 3x3 of the stage after layer 1 does not divide the 8x8 grid"):
         dpn.apply_pyramid(model, config)
+
+
+def test_the_router_bias_moves_experts_that_keep_as_many_tokens_alike():
+    model = _model(seed=6).eval()
+    pyramid = dpn.get_pyramid(model)
+    assert pyramid.bias_scales(0) == [0, 1, 1, 2, 2]  # log2 of each expert's compression
+    hidden = torch.randn(5, model.config.text_config.hidden_size)
+    probs, _ = pyramid.route(0, hidden)
+    pyramid.router_bias = 1.5
+    biased, _ = pyramid.route(0, hidden)
+    torch.testing.assert_close(biased[:, 1] / biased[:, 2], probs[:, 1] / probs[:, 2])
+    torch.testing.assert_close(biased[:, 3] / biased[:, 4], probs[:, 3] / probs[:, 4])
+    assert (biased[:, 3:].sum(1) > probs[:, 3:].sum(1)).all()
+    scaled = _model(seed=6, expert_scales=[[0, 1, 2, 3, 4]])
+    assert dpn.get_pyramid(scaled).bias_scales(0) == [0, 1, 2, 3, 4]

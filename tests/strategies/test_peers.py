@@ -1,4 +1,5 @@
-"""The peer strategies (static, random, projector, fastv, pdrop, dart, divprune, vispruner, visionzip, sparsevlm) in the pyramid runtime."""
+"""The peer strategies (static, random, projector, fastv, pdrop, dart, divprune, vispruner, visionzip, sparsevlm,
+cdpruner) in the pyramid runtime."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dpn.spans import find_visual_spans
 from dpn.strategies import AttentionSelection, StageInput
 from dpn.strategies.selection import kept_count
 from helpers import GRID, IMAGE_TOKEN_ID, batch_of, check_cached_generation_matches_recompute, make_prompt, pixels, \
-    tiny_llava, tiny_qwen_vl
+    qwen_forward, tiny_llava, tiny_qwen_vl
 
 VISUAL = GRID[0] * GRID[1]  # 64 tokens per image in the test model
 
@@ -30,10 +31,12 @@ def peer_configs(model) -> dict[str, dpn.PyramidConfig]:
         "vispruner": dpn.presets.from_spec("vispruner:0.3", model),
         "visionzip": dpn.presets.from_spec("visionzip:0.3", model),
         "sparsevlm": dpn.presets.from_spec("sparsevlm", model),
+        "cdpruner": dpn.presets.from_spec("cdpruner:0.3", model),
     }
 
 
-PEERS = ["static", "random", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner", "visionzip", "sparsevlm"]
+PEERS = ["static", "random", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner", "visionzip", "sparsevlm",
+         "cdpruner"]
 
 
 def expected_visual_tokens(name: str) -> list[int]:
@@ -42,7 +45,7 @@ def expected_visual_tokens(name: str) -> list[int]:
         return [VISUAL, 16, 4, 4]
     if name == "projector":
         return [VISUAL, 16]
-    if name in ("fastv", "dart", "divprune", "vispruner", "visionzip"):
+    if name in ("fastv", "dart", "divprune", "vispruner", "visionzip", "cdpruner"):
         return [VISUAL, kept_count(VISUAL, 0.3)]
     if name == "pdrop":
         return [VISUAL, 32, 16]
@@ -52,7 +55,7 @@ def expected_visual_tokens(name: str) -> list[int]:
 
 
 @pytest.mark.parametrize("name", ["static", "projector", "fastv", "pdrop", "dart", "divprune", "vispruner", "visionzip",
-                                  "sparsevlm"])
+                                  "sparsevlm", "cdpruner"])
 def test_kept_tokens_follow_the_definition(name):
     model = tiny_llava(seed=1)
     config = peer_configs(model)[name]
@@ -103,7 +106,7 @@ def test_batched_matches_each_sample_alone(name):
             assert together.routing.visual_tokens[row].tolist() == alone.routing.visual_tokens[0].tolist()
 
 
-@pytest.mark.parametrize("spec", ["divprune:0.3", "vispruner:0.3", "visionzip:0.3", "sparsevlm:128"])
+@pytest.mark.parametrize("spec", ["divprune:0.3", "vispruner:0.3", "visionzip:0.3", "sparsevlm:128", "cdpruner:0.3"])
 def test_new_selections_cache_with_kept_positions_and_two_images(spec):
     model = tiny_llava(seed=2)
     dpn.apply_pyramid(model, dpn.presets.from_spec(spec, model.config, positions="keep"))
@@ -351,7 +354,7 @@ def test_bad_fastv_specs_say_what_is_wrong(spec, message):
         dpn.presets.from_spec(spec, tiny_llava().config)
 
 
-@pytest.mark.parametrize("name", ["divprune", "vispruner", "visionzip"])
+@pytest.mark.parametrize("name", ["divprune", "vispruner", "visionzip", "cdpruner"])
 def test_selections_before_the_llm_take_a_budget_in_tokens(name):
     model = tiny_llava(seed=1)
     config = dpn.presets.from_spec(f"{name}:20t", model.config)
@@ -366,3 +369,15 @@ def test_selections_before_the_llm_take_a_budget_in_tokens(name):
             dpn.presets.from_spec(bad, model.config)
     with pytest.raises(ValueError, match="images vary in size, so a token count"):
         dpn.presets.from_spec(f"{name}:20t", tiny_qwen_vl().config)
+
+
+@pytest.mark.parametrize("name", ["divprune", "cdpruner"])
+def test_selections_before_the_llm_keep_their_share_of_images_of_every_size_on_qwen2_5_vl(name):
+    model = tiny_qwen_vl(seed=0)
+    config = dpn.presets.from_spec(f"{name}:0.3", model.config)
+    assert config.positions == "keep"  # M-RoPE keeps coordinates
+    dpn.apply_pyramid(model, config)
+    grids = [(4, 6), (8, 8)]
+    out = qwen_forward(model, grids)
+    tokens = [rows * cols // 4 for rows, cols in grids]  # the 2x2 merger
+    assert out.routing.visual_tokens.tolist() == [[t, kept_count(t, 0.3)] for t in tokens]
