@@ -8,8 +8,11 @@ run in its own folder (resumable).
 
 From the per-sample answers it computes the **oracle frontier**: at each price ``w`` of a unit of
 FLOPs ratio in accuracy, every sample takes the path that maximises ``correct - w x FLOPs`` (the
-best any router could do with these paths). With a DPN, the routers' own choices are evaluated too
-and their **regret** is the oracle's accuracy at no more FLOPs minus theirs.
+best any router could do with these paths). That oracle also knows which answers happen to come out
+right on a path, so it overstates what a router can reach; the **difficulty oracle** sends every
+question of a difficulty down the same path (the one best for that difficulty on average): the best
+a router could do that reads only how hard the question is. With a DPN, the routers' own choices are
+evaluated too and their **regret** is each oracle's accuracy at no more FLOPs minus theirs.
 """
 
 from __future__ import annotations
@@ -125,13 +128,16 @@ def summarise_mode(mode: str, folder: Path, paths: list[tuple[int, ...]], runs: 
     per_difficulty = {d: oracle_frontier(correct[:, [i for i, x in enumerate(difficulty) if x == d]],
                                          flops[:, [i for i, x in enumerate(difficulty) if x == d]])
                       for d in DIFFICULTIES if d in difficulty}
+    by_difficulty_path = efficient(difficulty_oracle_points(correct, flops, difficulty))
     result: dict[str, Any] = {"mode": mode, "rows": rows, "oracle": frontier, "oracle_by_price": by_price,
-                              "oracle_by_difficulty": per_difficulty}
+                              "oracle_by_difficulty": per_difficulty, "difficulty_oracle": by_difficulty_path}
     if router is not None:
         accuracy, ratio = router["overall"]["accuracy"], router["overall"]["flops_ratio"]
         result["router"] = {"accuracy": accuracy, "flops_ratio": ratio,
                             "oracle_accuracy": oracle_accuracy_at(frontier, ratio),
-                            "regret": oracle_accuracy_at(frontier, ratio) - accuracy}
+                            "regret": oracle_accuracy_at(frontier, ratio) - accuracy,
+                            "difficulty_oracle_accuracy": oracle_accuracy_at(by_difficulty_path, ratio),
+                            "difficulty_regret": oracle_accuracy_at(by_difficulty_path, ratio) - accuracy}
     return result
 
 
@@ -146,6 +152,23 @@ def oracle_points(correct: torch.Tensor, flops: torch.Tensor) -> list[dict[str, 
     for price in ORACLE_PRICES:
         # Among equal scores the cheaper path wins: a tiny extra price breaks the tie.
         choice = (correct - (price + 1e-6) * flops).argmax(0)
+        points.append({"price": price, "accuracy": float(correct[choice, columns].mean()),
+                       "flops_ratio": float(flops[choice, columns].mean())})
+    return points
+
+
+def difficulty_oracle_points(correct: torch.Tensor, flops: torch.Tensor, difficulty: list[str]) -> list[dict[str, float]]:
+    """As ``oracle_points``, but at each price every sample of a difficulty takes the same path: the
+    one whose mean correct - price x FLOPs over that difficulty's samples is highest (ties: the cheaper)."""
+    if correct.shape[1] == 0:
+        return []
+    groups = [torch.tensor([i for i, d in enumerate(difficulty) if d == name]) for name in dict.fromkeys(difficulty)]
+    columns = torch.arange(correct.shape[1])
+    points = []
+    for price in ORACLE_PRICES:
+        choice = torch.empty(correct.shape[1], dtype=torch.long)
+        for members in groups:
+            choice[members] = (correct[:, members] - (price + 1e-6) * flops[:, members]).mean(1).argmax()
         points.append({"price": price, "accuracy": float(correct[choice, columns].mean()),
                        "flops_ratio": float(flops[choice, columns].mean())})
     return points
@@ -188,10 +211,14 @@ def paths_page(report: dict[str, Any]) -> str:
                          + " | ".join(cells) + " |")
         lines += ["", "Oracle frontier: " + ", ".join(f"{p['accuracy']:.1%} at {p['flops_ratio']:.3f}"
                                                      for p in mode["oracle"])]
+        lines += ["", "Difficulty oracle (one path per difficulty): " + ", ".join(
+            f"{p['accuracy']:.1%} at {p['flops_ratio']:.3f}" for p in mode["difficulty_oracle"])]
         if "router" in mode:
             router = mode["router"]
             lines += ["", f"Routers: {router['accuracy']:.1%} at {router['flops_ratio']:.3f} FLOPs; the oracle reaches "
-                          f"{router['oracle_accuracy']:.1%} at no more FLOPs (regret {router['regret']:.1%})."]
+                          f"{router['oracle_accuracy']:.1%} at no more FLOPs (regret {router['regret']:.1%}), the "
+                          f"difficulty oracle {router['difficulty_oracle_accuracy']:.1%} (regret "
+                          f"{router['difficulty_regret']:.1%})."]
         lines.append("")
     return "\n".join(lines)
 

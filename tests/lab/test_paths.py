@@ -10,7 +10,9 @@ from helpers import save_tiny_dpn
 
 from dpn.lab.cli import main
 from dpn.lab.data.synthetic import generate_split
-from dpn.lab.paths import PathsOptions, efficient, oracle_accuracy_at, oracle_frontier, oracle_points
+from dpn.lab.paths import (
+    PathsOptions, difficulty_oracle_points, efficient, oracle_accuracy_at, oracle_frontier, oracle_points,
+)
 
 
 def test_the_oracle_takes_each_samples_cheapest_correct_path_and_trades_by_price():
@@ -24,6 +26,22 @@ def test_the_oracle_takes_each_samples_cheapest_correct_path_and_trades_by_price
     assert oracle_accuracy_at(frontier, 0.42) == pytest.approx(2 / 3) and oracle_accuracy_at(frontier, 0.3) == 0.0
     assert efficient([{"flops_ratio": 0.5, "accuracy": 0.9}, {"flops_ratio": 0.6, "accuracy": 0.8}]) == \
         [{"flops_ratio": 0.5, "accuracy": 0.9}]
+
+
+def test_the_difficulty_oracle_sends_every_question_of_a_difficulty_down_one_path():
+    # Two easy samples, each right on a different cheap path; one hard sample right only on the full path.
+    correct = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])  # (paths, samples)
+    flops = torch.tensor([[1.0] * 3, [0.5] * 3, [0.4] * 3])
+    difficulty = ["easy", "easy", "hard"]
+    points = {p["price"]: p for p in difficulty_oracle_points(correct, flops, difficulty)}
+    assert points[0.0]["accuracy"] == 1.0 and points[0.0]["flops_ratio"] == pytest.approx(1.0)  # no cheap path fits both
+    # At price 1 the easy pair's mean score is 0.0 on the full path, 0.0 on path 1, 0.1 on path 2; hard keeps the full.
+    assert points[1.0]["accuracy"] == pytest.approx(2 / 3) and points[1.0]["flops_ratio"] == pytest.approx(0.6)
+    per_sample = {p["price"]: p for p in oracle_points(correct, flops)}
+    assert per_sample[0.0]["flops_ratio"] == pytest.approx((0.5 + 0.4 + 1.0) / 3)  # it knows each sample's lucky path
+    for price, point in points.items():  # the per-sample choice is never worse at the price it optimises
+        assert per_sample[price]["accuracy"] - price * per_sample[price]["flops_ratio"] >= \
+            point["accuracy"] - price * point["flops_ratio"] - 1e-9
 
 
 def test_every_path_is_evaluated_and_the_routers_are_judged(tmp_path, capsys):
@@ -41,6 +59,8 @@ def test_every_path_is_evaluated_and_the_routers_are_judged(tmp_path, capsys):
     assert all(json.loads(line)["experts"] == [2, 1] for line in predictions)
     router = mode["router"]  # the saved routers, evaluated unforced, never beat the oracle at their FLOPs
     assert router["regret"] >= 0 and router["oracle_accuracy"] >= router["accuracy"]
+    assert router["difficulty_regret"] == pytest.approx(router["difficulty_oracle_accuracy"] - router["accuracy"])
+    assert "Difficulty oracle (one path per difficulty): " in (tmp_path / "paths" / "PATHS.md").read_text()
     assert (tmp_path / "paths" / "PATHS.md").read_text().count("| path |") == 1
     assert (tmp_path / "paths" / "paths.png").stat().st_size > 1000
 

@@ -46,9 +46,11 @@ def run(args: argparse.Namespace) -> int:
         console.print(table)
         console.print("oracle frontier: " + ", ".join(f"{p['accuracy']:.1%} at {p['flops_ratio']:.3f}"
                                                       for p in mode["oracle"]))
+        console.print("difficulty oracle (one path per difficulty): " + ", ".join(
+            f"{p['accuracy']:.1%} at {p['flops_ratio']:.3f}" for p in mode["difficulty_oracle"]))
         if "router" in mode:
             router = mode["router"]
             console.print(f"routers: {router['accuracy']:.1%} at {router['flops_ratio']:.3f} FLOPs; regret "
-                          f"{router['regret']:.1%}")
+                          f"{router['regret']:.1%} (against the difficulty oracle: {router['difficulty_regret']:.1%})")
     console.print(f"results in {args.output} (PATHS.md, paths.json, paths.png)")
     return 0
