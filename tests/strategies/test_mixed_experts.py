@@ -131,15 +131,6 @@ def test_the_training_guard_counts_what_each_expert_leaves():
     assert dpn.get_pyramid(model).kept_tokens(0, spans, [0, 1]).tolist() == [KEPT] * 2
 
 
-def test_save_and_load_give_the_same_choices(tmp_path):
-    model = _model(seed=5).eval()
-    dpn.save_pyramid(model, tmp_path)
-    reloaded = dpn.load_pyramid(tiny_llava(seed=5), tmp_path)
-    assert isinstance(dpn.get_pyramid(reloaded), dpn.strategies.MixedExperts)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded(**_batch()).logits, model(**_batch()).logits, atol=0, rtol=0)
-
-
 @pytest.mark.parametrize("experts, message", [
     ([{"keep": 0.5}, {"pool": [1, 1]}], "must leave fewer or as many tokens"),
     ([{"keep": 1.5}], "the keep ratio of expert 0 of the stage after layer 1"),

@@ -1,4 +1,5 @@
-"""Routed selection: DPN's fitted routers choosing how many FastV-ranked tokens each sample keeps."""
+"""Routed selection: DPN's fitted routers choosing how many FastV-ranked tokens each sample keeps (saving and
+loading: mixed experts too)."""
 
 from __future__ import annotations
 
@@ -121,11 +122,14 @@ def test_training_draws_paths_and_fitting_then_calibration_move_only_the_routers
     assert bias == pyramid.router_bias and measured == pytest.approx(ratio) and ratio <= 0.7
 
 
-def test_save_and_load_give_the_same_choices(tmp_path):
-    model = _model(seed=5).eval()
+@pytest.mark.parametrize("spec, kind", [("select:0.2", "RoutedSelection"), ("mixed:0.2", "MixedExperts")])
+def test_save_and_load_give_the_same_choices(tmp_path, spec, kind):
+    model = tiny_llava(seed=5)
+    dpn.apply_pyramid(model, dpn.presets.from_spec(spec, model.config))
+    model.eval()
     dpn.save_pyramid(model, tmp_path)
     reloaded = dpn.load_pyramid(tiny_llava(seed=5), tmp_path)
-    assert isinstance(dpn.get_pyramid(reloaded), dpn.strategies.RoutedSelection)
+    assert type(dpn.get_pyramid(reloaded)) is getattr(dpn.strategies, kind)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**_batch()).logits, model(**_batch()).logits, atol=0, rtol=0)
 
