@@ -28,6 +28,7 @@ from dpn.strategies.base import (
     StageInput, check_choice, fraction_spec, register_spec, register_strategy,
 )
 from dpn.strategies.selection import ImageByImage, SelectionConfig, SelectionStage, kept_count
+from dpn.strategies.fastv import check_layer_k
 
 # The reference's defaults for LLaVA-1.5: prune from layer K = 2 on, keep 128 of 576 visual tokens
 # (a 77.8% reduction), 4 image pivots and 4 text pivots scored by the L1 norm of their keys.
@@ -148,10 +149,7 @@ def preset(geometry: ModelGeometry, keep_ratio: float = DART_KEEP_RATIO, layer: 
            **options) -> dict:
     """DART at layer K = ``layer`` (its stage after layer K - 1), keeping ``keep_ratio`` of each image,
     with kept tokens at their original positions."""
-    if not 1 <= layer < geometry.num_layers:
-        raise ValueError(
-            f"dart's layer K must be in 1..{geometry.num_layers - 1} for a {geometry.num_layers}-layer model, got {layer}"
-        )
+    check_layer_k("dart", layer, geometry)
     return {"stages": [SelectionStage(layer - 1, keep_ratio=keep_ratio)], "strategy": DARTConfig(**options),
             "positions": "keep"}
 

@@ -36,12 +36,18 @@ class FastVConfig(SelectionConfig):
             raise ValueError(f"fastv prunes once: give one stage, got {len(stages)} (use pdrop for several)")
 
 
-def preset(geometry: ModelGeometry, keep_ratio: float = FASTV_KEEP_RATIO, layer: int = FASTV_LAYER, **options) -> dict:
-    """Layers before ``layer`` (FastV's K) see every token; from ``layer`` on, ``keep_ratio`` (1 - R) of them."""
+def check_layer_k(name: str, layer: int, geometry: ModelGeometry) -> None:
+    """A ValueError naming ``name`` unless ``layer`` can be FastV's K for this model: a stage after
+    layer K - 1 needs a layer before it and one after it."""
     if not 1 <= layer < geometry.num_layers:
         raise ValueError(
-            f"fastv's layer K must be in 1..{geometry.num_layers - 1} for a {geometry.num_layers}-layer model, got {layer}"
+            f"{name}'s layer K must be in 1..{geometry.num_layers - 1} for a {geometry.num_layers}-layer model, got {layer}"
         )
+
+
+def preset(geometry: ModelGeometry, keep_ratio: float = FASTV_KEEP_RATIO, layer: int = FASTV_LAYER, **options) -> dict:
+    """Layers before ``layer`` (FastV's K) see every token; from ``layer`` on, ``keep_ratio`` (1 - R) of them."""
+    check_layer_k("fastv", layer, geometry)
     if FASTV_POSITIONS not in geometry.position_modes:
         raise ValueError(f"{geometry.model_type} does not support positions={FASTV_POSITIONS!r}, which FastV needs")
     return {"stages": [SelectionStage(layer - 1, keep_ratio=keep_ratio)], "strategy": FastVConfig(**options),

@@ -27,7 +27,7 @@ from dpn.strategies.base import (
     Stage, StageInput, StagePlan, TokenPath, check_fraction, register_spec, register_strategy,
 )
 from dpn.strategies.dpn import DEFAULT_FIT_FLOPS_WEIGHT, fit_weight_spec
-from dpn.strategies.fastv import FASTV_LAYER, FASTV_POSITIONS
+from dpn.strategies.fastv import FASTV_LAYER, FASTV_POSITIONS, check_layer_k
 from dpn.strategies.pooling import Grid, checked_stride, divides, pooled_grid
 from dpn.strategies.routed_selection import RoutedSelection, RoutedSelectionConfig, selected_grid
 from dpn.strategies.selection import kept_count, query_attention_scores, select_top_scored
@@ -211,9 +211,7 @@ def preset(geometry: ModelGeometry, fit_flops_weight: float = DEFAULT_FIT_FLOPS_
     """One routed stage where FastV prunes (after layer K - 1, K = 2) with ``experts`` (pooling strides
     that do not divide the model's fixed grids are left out), routers fitted with ``fit_flops_weight``;
     positions kept."""
-    if not 1 <= layer < geometry.num_layers:
-        raise ValueError(f"the mixed experts' layer K must be in 1..{geometry.num_layers - 1} for a "
-                         f"{geometry.num_layers}-layer model, got {layer}")
+    check_layer_k("mixed", layer, geometry)
     min_tokens = options.get("min_tokens_to_pool", MixedExpertsConfig.min_tokens_to_pool)
     parsed = [parse_expert(e, "an expert of the mixed preset") for e in experts]
     usable = [e for e in parsed if not isinstance(e, PoolExpert)

@@ -31,7 +31,7 @@ from dpn.strategies.base import (
 from dpn.strategies.dpn import (
     DEFAULT_FIT_FLOPS_WEIGHT, FITTED_TEMPERATURE, DPNConfig, DynamicPyramid, fit_weight_spec,
 )
-from dpn.strategies.fastv import FASTV_LAYER, FASTV_POSITIONS
+from dpn.strategies.fastv import FASTV_LAYER, FASTV_POSITIONS, check_layer_k
 from dpn.strategies.selection import kept_count, query_attention_scores, select_top_scored
 
 # The experts of the preset: keep every token, half of them (FastV's usual R = 50%), or a quarter.
@@ -124,9 +124,7 @@ def preset(geometry: ModelGeometry, fit_flops_weight: float = DEFAULT_FIT_FLOPS_
            keep_ratios: tuple[float, ...] = DEFAULT_KEEP_RATIOS, layer: int = FASTV_LAYER, **options: Any) -> dict:
     """One routed stage where FastV prunes (after layer K - 1, K = 2), experts ``keep_ratios``,
     routers fitted with ``fit_flops_weight``; positions kept (as FastV keeps them)."""
-    if not 1 <= layer < geometry.num_layers:
-        raise ValueError(f"the routed selection's layer K must be in 1..{geometry.num_layers - 1} for a "
-                         f"{geometry.num_layers}-layer model, got {layer}")
+    check_layer_k("select", layer, geometry)
     return {"stages": [RoutedSelectionStage(layer - 1, experts=list(keep_ratios))],
             "strategy": RoutedSelectionConfig(fit_flops_weight=fit_flops_weight, **options),
             "positions": FASTV_POSITIONS}
