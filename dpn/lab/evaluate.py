@@ -148,7 +148,6 @@ def evaluate(options: EvalOptions) -> dict[str, Any]:
     with predictions_path.open("a") as sink:
         for number, start in enumerate(tqdm(batches, desc="evaluating", disable=not options.progress)):
             indices = todo[start:start + options.batch_size]
-            batch = {k: v.to(device) for k, v in collate([dataset[i] for i in indices]).items()}
             samples = [dataset[i] for i in indices]
             answers = answerer.answer([Prepared.encoded(sample, options.max_new_tokens) for sample in samples], **forced)
             if options.measure_latency and has_pyramid(model) and number < options.latency_batches:
