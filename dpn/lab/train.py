@@ -72,10 +72,11 @@ class PyramidTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args: Any, router_learning_rate: float | None = None, distill_weight: float = 0.0,
-                 **kwargs: Any) -> None:
+                 full_path_weight: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.router_learning_rate = router_learning_rate
         self.distill_weight = distill_weight
+        self.full_path_weight = full_path_weight
         self._routing_history: list[dict[str, float]] = []
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -89,20 +90,30 @@ class PyramidTrainer(Trainer):
             pyramid.set_training_progress(self.state.global_step / max(1, self.state.max_steps - 1))
         outputs = model(**inputs)
         accumulation = self.current_gradient_accumulation_steps if model.training else 1
-        lm_loss = outputs.get("lm_loss", outputs["loss"])
-        if num_items_in_batch is None:
-            lm_loss = lm_loss / accumulation  # a per-batch mean
-        elif self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            lm_loss = lm_loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        lm_loss = self._step_loss(outputs.get("lm_loss", outputs["loss"]), num_items_in_batch, accumulation)
         loss = lm_loss
         routing_loss = outputs.get("routing_loss")
         if model.training and pyramid is not None:  # the routing loss is a per-batch mean
             loss = pyramid.total_loss(lm_loss, routing_loss, scale=1 / accumulation)
-            if self.distill_weight:
-                loss = loss + self.distill_weight * distillation_loss(unwrapped, inputs, outputs) / accumulation
+            if self.distill_weight or self.full_path_weight:
+                full = full_path_forward(model, unwrapped, inputs, train=bool(self.full_path_weight))
+                if self.full_path_weight:
+                    loss = loss + self.full_path_weight * self._step_loss(full.loss, num_items_in_batch, accumulation)
+                if self.distill_weight:
+                    loss = loss + self.distill_weight * distillation_loss(outputs, full.logits.detach(),
+                                                                          inputs["labels"]) / accumulation
         if model.training and outputs.get("routing") is not None:
             self._routing_history.append(routing_stats(outputs["routing"], routing_loss, difficulties))
         return (loss, outputs) if return_outputs else loss
+
+    def _step_loss(self, lm_loss: torch.Tensor, num_items_in_batch, accumulation: int) -> torch.Tensor:
+        """The model's LM loss as a share of the optimizer step's: the model normalises by the tokens of
+        the whole accumulated batch when it is given their count, else per batch."""
+        if num_items_in_batch is None:
+            return lm_loss / accumulation  # a per-batch mean
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            return lm_loss * self.accelerator.num_processes  # DDP averages gradients over processes
+        return lm_loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._routing_history and "loss" in logs:
@@ -187,15 +198,21 @@ def load_checkpoint_weights(model: PreTrainedModel, checkpoint: str | Path) -> N
         )
 
 
-def distillation_loss(model, inputs: dict[str, Any], outputs) -> torch.Tensor:
-    """KL(vanilla || pyramid) of the next-token distributions at the supervised positions, the
-    teacher being the same model with its pyramid taken off (no gradients; in the model's mode, so
-    training-time dropout applies to both). Answers are text, never pooled, so the pyramid's
-    shortened layout lists them in the same order."""
-    teacher_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
-    with torch.no_grad(), pyramid_disabled(model):
-        teacher = model(**teacher_inputs, use_cache=False).logits
-    teacher = teacher[:, :-1][inputs["labels"][:, 1:] != IGNORE_INDEX]
+def full_path_forward(model, unwrapped, inputs: dict[str, Any], train: bool):
+    """The same batch down the full-detail path: the same weights with the pyramid taken off, in the
+    model's mode (training-time dropout applies to both paths). With ``train`` it keeps its graph and
+    its LM loss (the sandwich rule's widest path); without, it runs under no_grad, a teacher only."""
+    if not train:
+        inputs = {k: v for k, v in inputs.items() if k not in ("labels", "num_items_in_batch")}
+    with torch.set_grad_enabled(train and torch.is_grad_enabled()), pyramid_disabled(unwrapped):
+        return model(**inputs, use_cache=False)
+
+
+def distillation_loss(outputs, teacher_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(full path || pyramid) of the next-token distributions at the supervised positions, the
+    teacher's ``teacher_logits`` coming from ``full_path_forward`` on the batch whose ``labels`` these
+    are. Answers are text, never pooled, so the pyramid's shortened layout lists them in the same order."""
+    teacher = teacher_logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]
     student = outputs["logits"][:, :-1][outputs["labels"][:, 1:] != IGNORE_INDEX]
     if student.shape[0] == 0:  # no answer token in the batch (cut by max_length): nothing to match
         return outputs["logits"].sum() * 0
@@ -297,6 +314,11 @@ class TrainOptions:
     distill_weight: float = field(default=0.0, metadata=_help(
         "add this weight x KL(vanilla || pyramid) on the answer tokens, the vanilla model being the same "
         "weights with the pyramid off (one more forward per step; default: 0, no distillation)"))
+    full_path_weight: float = field(default=0.0, metadata=_help(
+        "also train the full-detail path (the same weights with the pyramid off) on every batch, with this "
+        "weight x its LM loss beside the drawn path's: the sandwich rule of slimmable networks (Yu & Huang, "
+        "2019); with --distill-weight the drawn path is distilled from it. One more forward and backward per "
+        "step (default: 0, only the drawn path trains)"))
     router_fit_samples: int = field(default=DEFAULT_ROUTER_FIT_SAMPLES, metadata=_help(
         "with a pyramid whose routers are fitted after training (--pyramid fitted): how many training samples "
         "they are fitted on (each runs once per routing path)"))
@@ -438,8 +460,14 @@ def check_train_options(options: TrainOptions, args: TrainingArguments) -> None:
         problems.append(f"--warmup_steps must be at least 0, got {args.warmup_steps}")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         problems.append(f"{_flag('output_dir')} {args.output_dir} is a file; give a directory")
-    if not (math.isfinite(options.distill_weight) and options.distill_weight >= 0):
-        problems.append(f"--distill_weight must be a number >= 0, got {options.distill_weight}")
+    problems += [f"--{name} must be a number >= 0, got {value}"
+                 for name, value in (("distill_weight", options.distill_weight),
+                                     ("full_path_weight", options.full_path_weight))
+                 if not (math.isfinite(value) and value >= 0)]
+    if options.full_path_weight and args.gradient_checkpointing:
+        problems.append("--full_path_weight runs the full-detail path with the pyramid taken off; gradient "
+                        "checkpointing would recompute it with the pyramid on: drop --activation_checkpointing "
+                        "(--gradient_checkpointing)")
     if options.positions is not None and options.positions not in POSITION_MODES:
         problems.append(f"--positions must be one of {POSITION_MODES}, got {options.positions!r}")
     problems += _lora_problems(options, args)
@@ -559,6 +587,7 @@ def train(options: TrainOptions, args: PyramidTrainingArguments,
         processing_class=processor,
         router_learning_rate=options.router_learning_rate,
         distill_weight=options.distill_weight,
+        full_path_weight=options.full_path_weight,
         callbacks=callbacks,
     )
     last, incomplete = last_complete_checkpoint(output_dir)

@@ -542,19 +542,64 @@ def test_the_router_temperature_follows_its_schedule_through_training(data, tmp_
         dpn.presets.paper(model.config, router_temperature_start=0.0)
 
 
-def test_distillation_is_zero_for_an_identity_pyramid_and_trains_toward_vanilla(data, tmp_path):
-    from dpn.lab.train import distillation_loss
-
+def _pooling_batch(data, experts):
+    """A tiny LLaVA with one random-routed stage of ``experts`` at layer 1, and a batch of 4 samples."""
     model, processor = zoo.build_tiny(seed=0)
     images = family_images(model.config, processor)
     batch = LlavaCollator(processor.tokenizer.pad_token_id, images)(
         [LlavaDataset(data, None, images)[i] for i in range(4)])
     batch = {k: v for k, v in batch.items() if k != "difficulty"}
-    dpn.apply_pyramid(model, dpn.PyramidConfig(stages=[{"layer": 1, "experts": [(1, 1), (2, 2)]}],
+    dpn.apply_pyramid(model, dpn.PyramidConfig(stages=[{"layer": 1, "experts": experts}],
                                                strategy=dpn.RandomConfig()))
+    return model, batch
+
+
+def test_distillation_is_zero_for_an_identity_pyramid(data):
+    from dpn.lab.train import distillation_loss, full_path_forward
+
+    model, batch = _pooling_batch(data, [(1, 1), (2, 2)])
     with torch.no_grad():
-        kept = distillation_loss(model, batch, model(**batch, force_experts=0))
-        pooled = distillation_loss(model, batch, model(**batch, force_experts=1))
+        teacher = full_path_forward(model, model, batch, train=False).logits
+        kept = distillation_loss(model(**batch, force_experts=0), teacher, batch["labels"])
+        pooled = distillation_loss(model(**batch, force_experts=1), teacher, batch["labels"])
     assert kept == pytest.approx(0.0, abs=1e-6) and pooled > 1e-4
-    out = train(*_options(data, tmp_path / "run", distill_weight=0.5))
-    assert json.loads((out / "train_options.json").read_text())["options"]["distill_weight"] == 0.5
+    assert dpn.has_pyramid(model)  # the teacher's pass gives the pyramid back
+
+
+@pytest.mark.parametrize("weights", [dict(full_path_weight=0.5), dict(distill_weight=2.0),
+                                     dict(full_path_weight=0.5, distill_weight=2.0)])
+def test_full_path_and_distillation_terms_add_up(data, tmp_path, weights):
+    """The trainer's loss (and its gradient) is the drawn path's LM loss + w x the full-detail path's LM
+    loss + d x KL(full || drawn), the full path trained only when w > 0."""
+    from dpn.lab.train import PyramidTrainer, distillation_loss
+
+    model, batch = _pooling_batch(data, [(2, 2)])  # one expert: the drawn path is known
+    model.train()
+    trainer = PyramidTrainer(model=model, args=PyramidTrainingArguments(output_dir=str(tmp_path), report_to=[]),
+                             **weights)
+    trainer.current_gradient_accumulation_steps = 1
+    parameter = model.get_input_embeddings().weight
+    loss = trainer.compute_loss(model, batch)
+    loss.backward()
+    got = parameter.grad.clone()
+    parameter.grad = None
+    pooled = model(**batch)
+    with dpn.pyramid_disabled(model):
+        full = model(**batch)
+    expected = pooled.loss + weights.get("full_path_weight", 0) * full.loss
+    expected = expected + weights.get("distill_weight", 0) * distillation_loss(pooled, full.logits.detach(),
+                                                                               batch["labels"])
+    expected.backward()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(got, parameter.grad, rtol=1e-4, atol=1e-7)
+    assert loss.item() > pooled.loss.item()  # each term adds something
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing` is deprecated:FutureWarning")
+def test_full_path_weight_trains_and_is_recorded(data, tmp_path):
+    out = train(*_options(data, tmp_path / "run", full_path_weight=0.5, distill_weight=0.5))
+    assert json.loads((out / "train_options.json").read_text())["options"]["full_path_weight"] == 0.5
+    with pytest.raises(ValueError, match="--full_path_weight must be a number >= 0"):
+        train(*_options(data, tmp_path / "bad", full_path_weight=-1.0))
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        train(*_options(data, tmp_path / "bad", full_path_weight=1.0, gradient_checkpointing=True))
