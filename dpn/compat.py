@@ -8,6 +8,9 @@ and the rest of dpn asks this module instead of spelling the name.
 - **The cache argument.** transformers 5.24 renamed ``past_key_values`` to ``cache`` in every
   forward, in ``generate``'s model inputs and in the output classes (the old name still works with a
   deprecation warning until 5.40 in forwards; ``generate`` reads only the new one from outputs).
+- **Which positions get logits.** transformers 5.20 moved the ``logits_to_keep`` slicing of the
+  forwards into ``modeling_utils.slice_logits_to_keep`` (2D position and mask tensors added); before
+  it, each forward sliced inline (an int keeps the last positions, a 1D tensor those positions).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any
 
+import torch
+from transformers import modeling_utils
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 LEGACY_CACHE_ARGUMENT = "past_key_values"
@@ -44,3 +49,12 @@ def pop_cache(arguments: dict[str, Any]) -> Any:
     if len(passed) > 1:
         raise ValueError(f"pass the cache once, as {CACHE_ARGUMENT}= (got {' and '.join(sorted(passed))})")
     return next(iter(passed.values()), None)
+
+
+def slice_logits_to_keep(hidden: torch.Tensor, logits_to_keep: int | torch.Tensor) -> torch.Tensor:
+    """The rows of ``hidden`` (batch, length, d) the forward's ``logits_to_keep`` asks logits for, as
+    the installed release's forwards slice them."""
+    if hasattr(modeling_utils, "slice_logits_to_keep"):
+        return modeling_utils.slice_logits_to_keep(hidden, logits_to_keep)
+    rows = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+    return hidden[:, rows, :]

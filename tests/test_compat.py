@@ -1,4 +1,5 @@
-"""dpn.compat: the cache argument under the installed transformers' name, and under either name from callers."""
+"""dpn.compat: the cache argument under the installed transformers' name, and under either name from callers; the
+rows `logits_to_keep` keeps."""
 
 from __future__ import annotations
 
@@ -59,3 +60,18 @@ def test_generate_hands_the_pyramid_cache_back_on_this_release():
     finally:
         hook.remove()
     assert lengths == [batch["input_ids"].shape[1], 1, 1, 1]
+
+
+@pytest.mark.parametrize("logits_to_keep", [0, 1, 3, torch.tensor([0, 2, 4])])
+def test_logits_to_keep_rows_are_the_same_with_and_without_the_shared_helper(monkeypatch, logits_to_keep):
+    """dpn.compat.slice_logits_to_keep uses transformers' helper where the release has it (5.20 on) and
+    slices inline before: both give the rows a stock forward computes logits for."""
+    from transformers import modeling_utils
+
+    from dpn.compat import slice_logits_to_keep
+
+    hidden = torch.randn(2, 5, 4)
+    expected = hidden[:, slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep]
+    torch.testing.assert_close(slice_logits_to_keep(hidden, logits_to_keep), expected)
+    monkeypatch.delattr(modeling_utils, "slice_logits_to_keep", raising=False)
+    torch.testing.assert_close(slice_logits_to_keep(hidden, logits_to_keep), expected)

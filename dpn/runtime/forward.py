@@ -14,9 +14,8 @@ import inspect
 from typing import Any
 
 import torch
-from transformers.modeling_utils import slice_logits_to_keep
 
-from dpn.compat import cache_keyword
+from dpn.compat import cache_keyword, slice_logits_to_keep
 from dpn.models import CallInputs, get_adapter
 from dpn.outputs import PyramidCausalLMOutput
 from dpn.runtime.inputs import (
