@@ -5,6 +5,10 @@ concurrency C, C client threads send the questions of a LLaVA-format file (image
 greedy, ``max_tokens`` new tokens) until ``requests`` are answered. Reported per row: requests/s
 over the wall time, p50 / p95 latency of a request, the mean batch the server ran them in and
 the mean LLM FLOPs ratio of the answers.
+
+With ``url`` it measures a server that is already running instead (any OpenAI-compatible one, e.g.
+``vllm serve`` with or without dpn's plugin): the same requests, sent to ``url`` under the served
+model's name; the batch and FLOPs columns, which only ``dpn serve`` reports, stay empty.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class ServeBenchOptions:
     max_tokens: int = 8
     batch_window_ms: float = 20.0
     max_batch_size: int = 16
+    url: str | None = None  # an OpenAI-compatible server already running (its root, e.g. http://127.0.0.1:8000)
+    label: str | None = None  # the rows' name with ``url`` (default: the URL)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -54,7 +60,7 @@ class ServeBenchOptions:
             raise ValueError("; ".join(problems))
 
 
-def request_bodies(data: str, max_tokens: int) -> list[bytes]:
+def request_bodies(data: str, max_tokens: int, model: str = BENCH_MODEL_NAME) -> list[bytes]:
     """A chat-completions body per sample of ``data`` (its first question; its images as data URLs)."""
     records = json.loads(Path(data).read_text())
     folder = Path(data).parent
@@ -67,7 +73,7 @@ def request_bodies(data: str, max_tokens: int) -> list[bytes]:
             for name in image_files(record)
         ]
         parts.append({"type": "text", "text": question.replace("<image>", "").strip()})
-        bodies.append(json.dumps({"model": BENCH_MODEL_NAME, "messages": [{"role": "user", "content": parts}],
+        bodies.append(json.dumps({"model": model, "messages": [{"role": "user", "content": parts}],
                                   "max_tokens": max_tokens, "temperature": 0}).encode())
     if not bodies:
         raise ValueError(f"{data} holds no samples")
@@ -88,6 +94,12 @@ def _percentile(values: list[float], percent: int) -> float:
 
 
 def run_serve_bench(options: ServeBenchOptions) -> list[dict[str, Any]]:
+    if options.url is not None:  # a running server, which knows the model by the name it was served under
+        bodies = request_bodies(options.data, options.max_tokens, model=options.model)
+        url = f"{options.url.rstrip('/')}/v1/chat/completions"
+        for body in bodies[:WARMUP_REQUESTS]:
+            _send(url, body)
+        return [_measure(url, bodies, options.label or options.url, c, options) for c in options.concurrencies]
     bodies = request_bodies(options.data, options.max_tokens)
     rows = []
     for pyramid in options.pyramids:
@@ -123,13 +135,13 @@ def _measure(url: str, bodies: list[bytes], pyramid: str, concurrency: int,
     wall = time.perf_counter() - start
     bar.close()
     latencies = [seconds for seconds, _ in results]
-    extras = [reply["dpn"] for _, reply in results]
+    extras = [reply["dpn"] for _, reply in results if "dpn" in reply]  # dpn serve's own fields, if it is one
     ratios = [e["flops_ratio"] for e in extras if e["flops_ratio"] is not None]
     return {
         "pyramid": pyramid, "concurrency": concurrency, "requests": len(work), "seconds": wall,
         "requests_per_second": len(work) / wall,
         **{f"p{p}_ms": _percentile(latencies, p) * 1e3 for p in PERCENTILES},
-        "mean_batch": statistics.mean(e["batch_size"] for e in extras),
-        "flops_ratio": statistics.mean(ratios) if ratios else 1.0,
+        "mean_batch": statistics.mean(e["batch_size"] for e in extras) if extras else None,
+        "flops_ratio": (statistics.mean(ratios) if ratios else 1.0) if extras else None,
         "max_tokens": options.max_tokens,
     }

@@ -333,3 +333,19 @@ def test_serve_bench_reports_every_row(root, tmp_path, capsys):
     assert main(["serve-bench", "--model", str(root / "model"), "--data", str(root / "test.json"),
                  "--concurrency", "0"]) == 2
     assert "--concurrency must be at least 1" in capsys.readouterr().err
+
+
+def test_serve_bench_measures_a_server_that_is_already_running(root, server, tmp_path, capsys):
+    """--url: any OpenAI-compatible server (here a dpn serve started by the test, serving "tiny");
+    the columns only dpn serve reports are left empty, as for vllm serve."""
+    out = tmp_path / "bench.json"
+    assert main(["serve-bench", "--url", server.url, "--model", "tiny", "--label", "running", "--data",
+                 str(root / "test.json"), "--concurrency", "1", "3", "--requests", "6", "--max-tokens", "2",
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["pyramid"], r["concurrency"]) for r in rows] == [("running", 1), ("running", 3)]
+    assert all(r["requests"] == 6 and r["p95_ms"] >= r["p50_ms"] > 0 for r in rows)
+    assert rows[0]["mean_batch"] == 1  # a dpn serve still reports its own fields
+    assert main(["serve-bench", "--url", server.url, "--model", "tiny", "--data", str(root / "test.json"),
+                 "--pyramid", "none"]) == 2
+    assert "with --url the running server decides" in capsys.readouterr().err
