@@ -26,8 +26,10 @@ import torch
 from dpn.config import CONFIG_NAME, PyramidConfig, read_config
 from dpn.spans import pool_grid
 from dpn.strategies.base import BEFORE_FIRST_LAYER
+from dpn.strategies.divprune import DivPruneConfig, max_min_diverse
 from dpn.strategies.pooling import pooled_grid
 from dpn.strategies.projector import ProjectorConfig
+from dpn.strategies.selection import kept_count
 
 # dpn's architectures in vLLM: name -> the class vLLM imports when a model asks for it.
 ARCHITECTURES = {
@@ -65,13 +67,10 @@ class ProjectorPooling:
         if not isinstance(strategy, ProjectorConfig):
             raise ValueError(
                 f"dpn's vLLM plugin serves pyramids that act before the LLM (projector pooling, spec "
-                f"projector:KHxKW); this one is {strategy.name!r}, which changes the sequence inside the LLM, "
-                "and vLLM's KV cache manager has no per-layer token counts for it (docs/serving.md)")
-        if config.positions != positions:
-            raise ValueError(
-                f"this pyramid gives pooled tokens positions={config.positions!r}, but vLLM's model of this family "
-                f"gives them {positions!r} (a LLaVA prompt is numbered consecutively); save it with "
-                f"positions={positions!r} to serve it on vLLM")
+                f"projector:KHxKW; on LLaVA also divprune); this one is {strategy.name!r}, which it does not "
+                "serve (a strategy that changes the sequence inside the LLM would need per-layer token counts "
+                "from vLLM's KV cache manager: docs/serving.md)")
+        _check_positions(config, positions)
         (stage,) = config.stages
         assert stage.layer == BEFORE_FIRST_LAYER  # ProjectorConfig.check_stages holds this
         (stride,) = stage.experts
@@ -109,14 +108,67 @@ class ProjectorPooling:
         pooled = pool_grid(features.reshape(n, grid[0], grid[1], width), self.stride, self.pooling)
         return pooled.reshape(n, -1, width)
 
+    compress = pool  # what every before-the-LLM compression the plugin serves offers
 
-@lru_cache(maxsize=None)
+
+@dataclass(frozen=True)
+class DiverseSelection:
+    """A saved DivPrune pyramid: each image keeps its most diverse projected features (dpn's own
+    ``max_min_diverse``), in their order; a fixed count per image, so the prompt's placeholders are
+    known before the features are. Served for LLaVA only: kept tokens are renumbered there, while
+    Qwen2.5-VL's kept M-RoPE coordinates would depend on which tokens the features select."""
+
+    keep_ratio: float
+
+    def tokens(self, grid: tuple[int, int]) -> int:
+        return kept_count(grid[0] * grid[1], self.keep_ratio)
+
+    def compress(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(n, rows x cols, d) projected features of n images -> (n, tokens(grid), d)."""
+        if features.shape[1] != grid[0] * grid[1]:
+            raise ValueError(f"{features.shape[1]} features per image do not form the {grid[0]}x{grid[1]} grid")
+        keep = self.tokens(grid)
+        return torch.stack([image[max_min_diverse(image, keep)] for image in features])
+
+
+def saved_llava_compression(directory: str | Path) -> ProjectorPooling | DiverseSelection:
+    """What the pyramid saved in ``directory`` does to a LLaVA-1.5 image before the LLM, as the plugin
+    serves it: projector pooling or DivPrune, positions renumbered; anything else is refused."""
+    config = _saved_config(str(Path(directory).resolve()))
+    if isinstance(config.strategy, DivPruneConfig):
+        _check_positions(config, RENUMBERED)
+        (stage,) = config.stages
+        return DiverseSelection(stage.keep_ratio)
+    return ProjectorPooling.from_config(config, RENUMBERED)
+
+
+def _check_positions(config: PyramidConfig, positions: str) -> None:
+    if config.positions != positions:
+        raise ValueError(
+            f"this pyramid gives its tokens positions={config.positions!r}, but vLLM's model of this family "
+            f"gives them {positions!r} (a LLaVA prompt is numbered consecutively); save it with "
+            f"positions={positions!r} to serve it on vLLM")
+
+
 def _pooling_of(directory: str, positions: str) -> ProjectorPooling:
+    return ProjectorPooling.from_config(_saved_config(directory), positions)
+
+
+def _saved_config(directory: str) -> PyramidConfig:
+    """The config saved in ``directory``, read again only when the file changes (vLLM asks for each
+    request's token count)."""
     path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
+    stat = path.stat() if path.is_file() else None
+    return _read_saved_config(directory, stat and (stat.st_mtime_ns, stat.st_size))
+
+
+@lru_cache(maxsize=64)
+def _read_saved_config(directory: str, version: tuple[int, int] | None) -> PyramidConfig:
+    path = Path(directory) / CONFIG_NAME
+    if version is None:
         raise FileNotFoundError(
             f"{directory} has no {CONFIG_NAME}: dpn's vLLM architectures ({', '.join(ARCHITECTURES)}) serve a model "
-            "with a projector pyramid saved by dpn.save_pyramid (or dpn train --pyramid projector:KHxKW); serve "
-            "other models without the override")
+            "with a before-the-LLM pyramid saved by dpn.save_pyramid (e.g. dpn train --pyramid projector:KHxKW); "
+            "serve other models without the override")
     config, _ = read_config(path)
-    return ProjectorPooling.from_config(config, positions)
+    return config

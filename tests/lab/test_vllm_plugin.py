@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dpn
-from dpn.lab.vllm_plugin import ARCHITECTURES, KEPT, ProjectorPooling, register
+from dpn.lab.vllm_plugin import ARCHITECTURES, KEPT, DiverseSelection, ProjectorPooling, register, saved_llava_compression
 from helpers import GRID, batch_of, first_layer_input, make_prompt, pixels, tiny_llava
 
 TEXT_BEFORE, TEXT_AFTER = 3, 4
@@ -37,6 +37,25 @@ def test_the_plugin_pools_the_features_as_dpns_runtime_feeds_them_to_the_llm(str
     torch.testing.assert_close(pooling.pool(features, GRID), visual, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("keep_ratio", [0.25, 0.5])
+def test_the_plugin_selects_divprunes_tokens_as_dpns_runtime_feeds_them_to_the_llm(keep_ratio, tmp_path):
+    model = tiny_llava()
+    batch = {**batch_of([make_prompt(TEXT_BEFORE, TEXT_AFTER)]), "pixel_values": pixels(1)}
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=batch["pixel_values"])
+    features = features.pooler_output if hasattr(features, "pooler_output") else features
+    features = torch.cat(list(features)).reshape(1, GRID[0] * GRID[1], -1)
+    dpn.apply_pyramid(model, dpn.presets.from_spec(f"divprune:{keep_ratio}", model))
+    dpn.save_pyramid(model, tmp_path)
+    selection = saved_llava_compression(tmp_path)
+    assert selection == DiverseSelection(keep_ratio)
+    received, _ = first_layer_input(model, batch)
+    tokens = selection.tokens(GRID)
+    assert received.shape[1] == batch["input_ids"].shape[1] - GRID[0] * GRID[1] + tokens
+    torch.testing.assert_close(selection.compress(features, GRID), received[:, TEXT_BEFORE:TEXT_BEFORE + tokens],
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_a_grid_below_min_tokens_to_pool_is_served_whole():
     model = tiny_llava()
     config = dpn.presets.projector(model, (2, 2), min_tokens_to_pool=GRID[0] * GRID[1] + 1)
@@ -57,6 +76,16 @@ def test_pyramids_vllm_cannot_serve_are_refused_with_the_reason(tmp_path):
         ProjectorPooling.from_config(dpn.presets.projector(model, (2, 2)), positions=KEPT)
     with pytest.raises(FileNotFoundError, match="has no pyramid_config.json"):
         ProjectorPooling.from_model_dir(tmp_path)
+    with pytest.raises(ValueError, match="this one is 'fastv'"):
+        dpn.apply_pyramid(model, dpn.presets.fastv(model))
+        dpn.save_pyramid(model, tmp_path)
+        saved_llava_compression(tmp_path)
+    dpn.remove_pyramid(model)
+    dpn.apply_pyramid(model, dpn.presets.from_spec("divprune:0.5", model, positions="keep"))
+    dpn.save_pyramid(model, tmp_path / "kept")
+    with pytest.raises(ValueError, match="save it with positions='renumber'"):
+        saved_llava_compression(tmp_path / "kept")
+    dpn.remove_pyramid(model)
     dpn.apply_pyramid(model, dpn.presets.projector(model, (2, 2)))
     dpn.save_pyramid(model, tmp_path)
     strategy = dpn.get_pyramid_config(model).strategy
@@ -103,22 +132,31 @@ def _images(sizes, seed: int = 0):
     return [Image.fromarray((rng.rand(h, w, 3) * 255).astype("uint8")) for h, w in sizes]
 
 
-@pytest.fixture(scope="module")
-def served_llava(tmp_path_factory):
-    """The shipped tiny LLaVA with projector:2x2, saved, its images and prompts, and vLLM serving it."""
+def _served_llava(tmp_path_factory, spec: str):
+    """The shipped tiny LLaVA with ``spec``, saved, its images and prompts, and vLLM serving it."""
     pytest.importorskip("vllm", reason="vLLM is not installed (docs/serving.md: installing vLLM beside dpn)")
     from dpn.lab.demo import BASE_CHECKPOINT
     from dpn.lab.families import zoo
 
     directory = tmp_path_factory.mktemp("llava")
     model, processor = zoo.load(BASE_CHECKPOINT)  # trained: its greedy answers are not near-ties
-    dpn.apply_pyramid(model, dpn.presets.projector(model, (2, 2)))
+    dpn.apply_pyramid(model, dpn.presets.from_spec(spec, model))
     model.save_pretrained(directory)
     processor.save_pretrained(directory)
     dpn.save_pyramid(model, directory)
     side = model.config.vision_config.image_size
     prompts = [f"USER: <image>\n{q} ASSISTANT:" for q in QUESTIONS]
     return model.eval(), directory, _images([(side, side)] * len(QUESTIONS)), prompts, _engine(directory, LLAVA, 512)
+
+
+@pytest.fixture(scope="module")
+def served_llava(tmp_path_factory):
+    return _served_llava(tmp_path_factory, "projector:2x2")
+
+
+@pytest.fixture(scope="module")
+def served_llava_divprune(tmp_path_factory):
+    return _served_llava(tmp_path_factory, "divprune:0.25")
 
 
 @pytest.fixture(scope="module")
@@ -171,13 +209,12 @@ def _dpn_generate(model, directory, prompts, images):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llava", "qwen"])
+@pytest.mark.parametrize("family", ["llava", "llava_divprune", "qwen"])
 def test_vllm_serves_the_pooled_prompt_as_dpn_answers_it(family, request):
     model, directory, images, prompts, engine = request.getfixturevalue(f"served_{family}")
     expected, lengths, expected_logprobs = _dpn_generate(model, directory, prompts, images)
     answers, served_lengths, logprobs = _served(engine, prompts, images)
-    positions = KEPT if family == "qwen" else "renumber"
-    pooling = ProjectorPooling.from_model_dir(directory, positions)
+    pooling = ProjectorPooling.from_model_dir(directory, KEPT) if family == "qwen" else saved_llava_compression(directory)
     merge = getattr(model.config.vision_config, "spatial_merge_size", None)
     if merge:  # Qwen2.5-VL: each image's merged grid, from the processor's patch grid
         from transformers import AutoProcessor
