@@ -79,7 +79,7 @@ class ProjectorPooling:
     @classmethod
     def from_model_dir(cls, directory: str | Path, positions: str = RENUMBERED) -> "ProjectorPooling":
         """The pooling saved in ``directory`` (its ``pyramid_config.json``)."""
-        return _pooling_of(str(Path(directory).resolve()), positions)
+        return cls.from_config(_saved_config(str(Path(directory).resolve())), positions)
 
     def window_origins(self, grid: tuple[int, int]) -> tuple[list[int], list[int]]:
         """The row and column, in ``grid``, of each pooled token's window's first (top-left) token:
@@ -148,10 +148,6 @@ def _check_positions(config: PyramidConfig, positions: str) -> None:
             f"this pyramid gives its tokens positions={config.positions!r}, but vLLM's model of this family "
             f"gives them {positions!r} (a LLaVA prompt is numbered consecutively); save it with "
             f"positions={positions!r} to serve it on vLLM")
-
-
-def _pooling_of(directory: str, positions: str) -> ProjectorPooling:
-    return ProjectorPooling.from_config(_saved_config(directory), positions)
 
 
 def _saved_config(directory: str) -> PyramidConfig:
