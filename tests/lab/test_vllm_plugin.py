@@ -12,21 +12,27 @@ import pytest
 import torch
 
 import dpn
-from dpn.lab.vllm_plugin import ARCHITECTURES, KEPT, DiverseSelection, ProjectorPooling, register, saved_llava_compression
+from dpn.lab.vllm_plugin import KEPT, DiverseSelection, ProjectorPooling, register, saved_llava_compression
 from helpers import GRID, batch_of, first_layer_input, make_prompt, pixels, tiny_llava
 
 TEXT_BEFORE, TEXT_AFTER = 3, 4
 LLAVA, QWEN = "DpnLlavaForConditionalGeneration", "DpnQwen2_5_VLForConditionalGeneration"
 
 
-@pytest.mark.parametrize("stride", [(2, 2), (4, 4), (1, 2), (4, 1)])
-def test_the_plugin_pools_the_features_as_dpns_runtime_feeds_them_to_the_llm(stride):
+def _one_image_and_its_projected_features():
+    """A tiny LLaVA without a pyramid, a one-image batch, and the image's (1, grid tokens, d) projected
+    features: what the plugin's model hands its compression."""
     model = tiny_llava()
     batch = {**batch_of([make_prompt(TEXT_BEFORE, TEXT_AFTER)]), "pixel_values": pixels(1)}
     with torch.no_grad():
         features = model.get_image_features(pixel_values=batch["pixel_values"])
     features = features.pooler_output if hasattr(features, "pooler_output") else features
-    features = torch.cat(list(features)).reshape(1, GRID[0] * GRID[1], -1)
+    return model, batch, torch.cat(list(features)).reshape(1, GRID[0] * GRID[1], -1)
+
+
+@pytest.mark.parametrize("stride", [(2, 2), (4, 4), (1, 2), (4, 1)])
+def test_the_plugin_pools_the_features_as_dpns_runtime_feeds_them_to_the_llm(stride):
+    model, batch, features = _one_image_and_its_projected_features()
     dpn.apply_pyramid(model, dpn.presets.projector(model, stride))
     pooling = ProjectorPooling.from_config(dpn.get_pyramid_config(model))
     received, _ = first_layer_input(model, batch)
@@ -39,12 +45,7 @@ def test_the_plugin_pools_the_features_as_dpns_runtime_feeds_them_to_the_llm(str
 
 @pytest.mark.parametrize("keep_ratio", [0.25, 0.5])
 def test_the_plugin_selects_divprunes_tokens_as_dpns_runtime_feeds_them_to_the_llm(keep_ratio, tmp_path):
-    model = tiny_llava()
-    batch = {**batch_of([make_prompt(TEXT_BEFORE, TEXT_AFTER)]), "pixel_values": pixels(1)}
-    with torch.no_grad():
-        features = model.get_image_features(pixel_values=batch["pixel_values"])
-    features = features.pooler_output if hasattr(features, "pooler_output") else features
-    features = torch.cat(list(features)).reshape(1, GRID[0] * GRID[1], -1)
+    model, batch, features = _one_image_and_its_projected_features()
     dpn.apply_pyramid(model, dpn.presets.from_spec(f"divprune:{keep_ratio}", model))
     dpn.save_pyramid(model, tmp_path)
     selection = saved_llava_compression(tmp_path)
